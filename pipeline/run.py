@@ -1,0 +1,48 @@
+"""Entry point: ``python -m pipeline.run stage=iou [key=value ...]`` (Hydra).
+
+With no dataset or model given, the run generates the built-in synthetic Broden-format
+dataset, trains the small demo model, and dissects it.  Errors a user can cause print one
+line naming what to fix and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.cluster import dask_scheduler
+from pipeline.graph import Pipeline
+from storage.errors import UserError
+
+log = logging.getLogger("netdissect")
+
+
+def run(cfg: dict) -> object:
+    """Run one stage from a plain config dict (what tests and notebooks call)."""
+    stage = str(cfg.get("stage", "iou"))
+    with dask_scheduler(cfg.get("cluster") or {"kind": "none"}) as scheduler:
+        return Pipeline(cfg, scheduler).run(stage)
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("netdissect").setLevel(logging.INFO)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        print(f"error: config key {key!r}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        run(plain)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Stage ``iou``: exact intersection/union tallies (SEMANTICS.md §2–5) and result tables.
+
+The tally is a :class:`~stages.reduction.BlockReduction`: per block of images, the active
+(image, unit) pairs are upsampled and thresholded on the block's device, labels counted into
+int64 partials, and partials summed in a Dask tree.  The finish step turns the counts into
+the ``iou``, ``units`` and ``layers`` tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stages.kernels import TallyInputs, set_semantics, tally_block
+from stages.quantile import LayerBlocks
+from storage.broden import primary_category
+from storage.concepts import ConceptBlock, ConceptStore
+from storage.errors import UserError
+
+UNION_MODES = ("restricted", "global", "lite")
+PLANE_MODES = ("set", "multiset")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    quantile: float = 0.005
+    union: str = "restricted"
+    planes: str = "set"
+    categories: tuple[str, ...] | None = None
+    iou_threshold: float = 0.04
+
+    def validate(self) -> None:
+        if self.union not in UNION_MODES:
+            raise UserError(f"scoring.union={self.union!r}: choose one of {', '.join(UNION_MODES)}")
+        if self.planes not in PLANE_MODES:
+            raise UserError(f"scoring.planes={self.planes!r}: choose one of {', '.join(PLANE_MODES)}")
+        if not 0.0 < self.quantile < 1.0:
+            raise UserError(f"scoring.quantile={self.quantile}: must lie in (0, 1)")
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """Dense numbering of the scored labels: index 0 = none, 1..L = labels ascending."""
+
+    numbers: np.ndarray  # (L,) label numbers
+    names: tuple[str, ...]
+    categories: tuple[str, ...]  # selected, category.csv order
+    primary: np.ndarray  # (L,) index into categories
+    lut: np.ndarray  # label number -> dense index
+    store_category_map: np.ndarray  # store category index -> selected index or -1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.numbers)
+
+    def dense_category(self) -> np.ndarray:
+        return np.concatenate([[-1], self.primary]).astype(np.int64)
+
+
+def label_space(store: ConceptStore, categories: tuple[str, ...] | list[str] | None) -> LabelSpace:
+    """Scored labels of a concept store under a category selection (SEMANTICS.md §3)."""
+    if categories is None:
+        selected = list(store.categories)
+    else:
+        unknown = [c for c in categories if c not in store.categories]
+        if unknown:
+            raise UserError(
+                f"scoring.categories: unknown category {unknown[0]!r}; the dataset has "
+                f"{', '.join(store.categories)}"
+            )
+        selected = [c for c in store.categories if c in categories]
+    numbers, names, primary = [], [], []
+    for number in sorted(store.labels):
+        info = store.labels[number]
+        cat = primary_category(info.coverage, selected)
+        if cat is None:
+            continue
+        numbers.append(number)
+        names.append(info.name)
+        primary.append(selected.index(cat))
+    max_number = max(store.labels, default=0)
+    lut = np.zeros(max_number + 1, dtype=np.int64)
+    lut[np.array(numbers, dtype=np.int64)] = np.arange(1, len(numbers) + 1)
+    cat_map = np.array([selected.index(c) if c in selected else -1 for c in store.categories])
+    return LabelSpace(
+        np.array(numbers, dtype=np.int64), tuple(names), tuple(selected),
+        np.array(primary, dtype=np.int64), lut, cat_map,
+    )
+
+
+def tally_inputs(block: ConceptBlock, space: LabelSpace, planes: str, device: str) -> TallyInputs:
+    """Map a concept block to dense label indices, dropping unselected categories."""
+    plane_keep = (block.plane_category >= 0) & (
+        space.store_category_map[np.maximum(block.plane_category, 0)] >= 0
+    )
+    image_keep = (block.image_label_category >= 0) & (
+        space.store_category_map[np.maximum(block.image_label_category, 0)] >= 0
+    )
+    lut = torch.from_numpy(space.lut).to(device)
+    b, p = block.pixel_labels.shape[:2]
+    pixel = torch.from_numpy(block.pixel_labels).to(device).long().reshape(b, p, -1)
+    pixel = lut[pixel] * torch.from_numpy(plane_keep).to(device)[:, :, None]
+    image = lut[torch.from_numpy(block.image_labels).to(device).long()]
+    image = image * torch.from_numpy(image_keep).to(device)
+    if planes == "set":
+        pixel, image = set_semantics(pixel, image)
+    return TallyInputs(
+        pixel, image, torch.from_numpy(space.dense_category()).to(device), len(space.categories)
+    )
+
+
+@dataclass(frozen=True)
+class TallyReduction:
+    blocks: LayerBlocks
+    concept_path: str
+    thresholds: np.ndarray  # (K,) float
+    space: LabelSpace
+    scoring: ScoringConfig
+    rows: np.ndarray | None = None  # activation row -> concept row (-1 = not in the set)
+
+    def _zero(self, k: int) -> dict[str, np.ndarray]:
+        width = self.space.n_labels + 1
+        c = len(self.space.categories)
+        return {
+            "intersection": np.zeros((k, width), np.int64),
+            "unit_area": np.zeros((k, c), np.int64),
+            "label_area": np.zeros(width, np.int64),
+            "images": np.zeros((), np.int64),
+        }
+
+    def chunk(self, block: int) -> dict[str, np.ndarray]:
+        acts = self.blocks.load(block)
+        store = ConceptStore(self.concept_path)
+        start = block * self.blocks.store().block_size
+        stop = start + acts.shape[0]
+        if self.rows is None:
+            concept = store.read_block(start, stop)
+        else:
+            rows = self.rows[start:stop]
+            keep = rows >= 0
+            if not keep.any():
+                return self._zero(acts.shape[1])
+            acts = acts[torch.from_numpy(keep).to(acts.device)]
+            concept = store.read_rows(rows[keep])
+        device = str(acts.device)
+        inputs = tally_inputs(concept, self.space, self.scoring.planes, device)
+        counts = tally_block(
+            acts,
+            torch.from_numpy(self.thresholds.astype(np.float32)),
+            inputs,
+            self.space.n_labels,
+            (store.sh, store.sw),
+            self.scoring.union,
+        )
+        out = {k: v.cpu().numpy() for k, v in counts.items()}
+        out["images"] = np.array(acts.shape[0], dtype=np.int64)
+        return out
+
+    def combine(self, partials) -> dict[str, np.ndarray]:
+        return {key: np.sum([p[key] for p in partials], axis=0) for key in partials[0]}
+
+    def finish(self, partial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return partial
+
+
+def iou_frame(counts: dict[str, np.ndarray], space: LabelSpace, meta: dict) -> pd.DataFrame:
+    """Every (unit, label) pair with its counts and IoU (SEMANTICS.md §4)."""
+    inter = counts["intersection"][:, 1:]
+    k, n_labels = inter.shape
+    label_area = np.broadcast_to(counts["label_area"][1:], (k, n_labels))
+    unit_area = counts["unit_area"][:, space.primary]
+    union_area = unit_area + label_area - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union_area > 0, inter / np.maximum(union_area, 1), 0.0)
+    frame = pd.DataFrame(
+        {
+            "unit": np.repeat(np.arange(k), n_labels),
+            "label": np.tile(space.numbers, k),
+            "concept": np.tile(np.array(space.names, dtype=object), k),
+            "category": np.tile(np.array(space.categories, dtype=object)[space.primary], k),
+            "intersection": inter.reshape(-1),
+            "label_area": label_area.reshape(-1),
+            "unit_area": unit_area.reshape(-1),
+            "union_area": union_area.reshape(-1),
+            "iou": iou.reshape(-1),
+        }
+    )
+    for key, value in meta.items():
+        frame.insert(0, key, value)
+    return frame
+
+
+def units_frame(iou: pd.DataFrame, thresholds: np.ndarray, iou_threshold: float) -> pd.DataFrame:
+    """Best concept per unit (highest IoU, ties to the lowest label number) and detectors."""
+    order = iou.sort_values(["unit", "iou", "label"], ascending=[True, False, True], kind="stable")
+    best = order.drop_duplicates("unit", keep="first").set_index("unit")
+    units = best.reindex(np.arange(len(thresholds))).reset_index()
+    units["threshold"] = thresholds
+    units["is_detector"] = units["iou"] > iou_threshold
+    units["iou_threshold"] = iou_threshold
+    return units
+
+
+def layers_frame(units: pd.DataFrame, categories: tuple[str, ...], meta: dict) -> pd.DataFrame:
+    """Detectors and unique detected concepts, overall ('all') and per category."""
+    det = units[units["is_detector"]]
+    rows = [
+        {"category": "all", "units": len(units), "detectors": len(det),
+         "unique_concepts": det["label"].nunique()}
+    ]
+    for cat in categories:
+        sub = det[det["category"] == cat]
+        rows.append({"category": cat, "units": len(units), "detectors": len(sub),
+                     "unique_concepts": sub["label"].nunique()})
+    frame = pd.DataFrame(rows)
+    for key, value in meta.items():
+        frame.insert(0, key, value)
+    return frame

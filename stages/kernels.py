@@ -1,0 +1,249 @@
+"""Device-agnostic torch kernels shared by the stages.
+
+Small pure functions on tensors: exact order statistics (top-k merge, radix histograms over
+order-preserving float keys, numpy's linear interpolation) and the IoU tally (upsample
+active (image, unit) pairs, threshold, count labels).  The device is whatever the input
+tensors live on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+KEY_BITS = 32
+RADIX_WIDTHS = (11, 11, 10)  # three histogram passes pin down a float32 exactly
+
+
+# ---------------------------------------------------------------- exact quantiles
+
+
+def quantile_position(n: int, q: float) -> tuple[int, int, float]:
+    """numpy's 'linear' method for quantile ``1 - q`` of n values: (lo, hi, gamma).
+
+    lo and hi are 0-based ascending ranks; the answer is lerp(v[lo], v[hi], gamma).
+    """
+    virtual = (n - 1) * (1.0 - q)
+    lo = int(math.floor(virtual))
+    lo = min(max(lo, 0), n - 1)
+    hi = min(lo + 1, n - 1)
+    return lo, hi, float(virtual - lo)
+
+
+def lerp(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
+    """numpy's own interpolation formula (``numpy.lib._function_base_impl._lerp``)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    diff = b - a
+    out = a + diff * gamma
+    if gamma >= 0.5:
+        out = b - diff * (1 - gamma)
+    return out
+
+
+def unit_values(block: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) -> (K, B·h·w) float32: every raw value of each unit."""
+    b, k = block.shape[:2]
+    return block.float().permute(1, 0, 2, 3).reshape(k, -1)
+
+
+def top_values(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-unit largest ``k`` values, descending (k clipped to what is there)."""
+    k = min(k, values.shape[1])
+    return torch.topk(values, k, dim=1, largest=True, sorted=True).values
+
+
+def merge_top(parts: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Associative merge of per-unit top lists: keep the top ``k`` of their union."""
+    return top_values(torch.cat(parts, dim=1), k)
+
+
+def float_keys(values: torch.Tensor) -> torch.Tensor:
+    """Order-preserving map float32 -> int64 in [0, 2^32): a < b  <=>  key(a) < key(b)."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
+
+
+def keys_to_floats(keys: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`float_keys`."""
+    keys = np.asarray(keys, dtype=np.int64)
+    bits = np.where(keys >= (1 << 31), keys - (1 << 31), ((1 << 31) - 1 - keys) | (1 << 31))
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def radix_histogram(
+    keys: torch.Tensor, prefixes: torch.Tensor, done_bits: int, width: int
+) -> torch.Tensor:
+    """Per unit and target, counts of the next ``width`` key bits among keys whose top
+    ``done_bits`` equal the target's prefix.  keys (K, n); prefixes (K, T) -> (K, T, 2^width).
+    """
+    k, t = prefixes.shape
+    bins = 1 << width
+    shift = KEY_BITS - done_bits - width
+    digits = (keys >> shift) & (bins - 1)
+    out = torch.zeros((k, t, bins), dtype=torch.int64, device=keys.device)
+    unit_index = torch.arange(k, device=keys.device).unsqueeze(1).expand_as(keys)
+    for target in range(t):
+        if done_bits == 0:
+            match = torch.ones_like(keys, dtype=torch.bool)
+        else:
+            match = (keys >> (KEY_BITS - done_bits)) == prefixes[:, target : target + 1]
+        flat = unit_index[match] * bins + digits[match]
+        out[:, target] = torch.bincount(flat, minlength=k * bins).view(k, bins)
+    return out
+
+
+def radix_step(
+    hist: np.ndarray, prefixes: np.ndarray, ranks: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Descend one digit: the bucket holding each target rank, and the rank inside it."""
+    cum = np.cumsum(hist, axis=-1)
+    digit = (cum <= ranks[..., None]).sum(axis=-1)
+    before = np.where(digit > 0, np.take_along_axis(cum, np.maximum(digit - 1, 0)[..., None], -1)[..., 0], 0)
+    return (prefixes << width) | digit, ranks - before
+
+
+# ---------------------------------------------------------------- IoU tally
+
+
+@dataclass
+class TallyInputs:
+    """Labels of one image block, already mapped to dense label indices (0 = none)."""
+
+    pixel: torch.Tensor  # (B, P, S) int64 dense label index per pixel plane
+    image: torch.Tensor  # (B, Q) int64 dense index of image-level labels
+    label_category: torch.Tensor  # (L + 1,) int64 primary category index, -1 for index 0
+    n_categories: int
+
+
+def set_semantics(pixel: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop repeats so each (pixel, label) counts once: across planes, and where an
+    image-level label already covers the whole image; repeated image-level labels too."""
+    pixel = pixel.clone()
+    image = image.clone()
+    n_planes = pixel.shape[1]
+    for j in range(1, n_planes):
+        earlier = (pixel[:, j : j + 1] == pixel[:, :j]).any(dim=1)
+        pixel[:, j][earlier] = 0
+    for qi in range(image.shape[1]):
+        lab = image[:, qi]
+        if qi > 0:
+            image[:, qi] = torch.where((image[:, :qi] == lab[:, None]).any(1), 0, lab)
+        lab = image[:, qi]
+        covered = (pixel == lab[:, None, None]) & (lab[:, None, None] > 0)
+        pixel[covered] = 0
+    return pixel, image
+
+
+def label_area(inputs: TallyInputs, n_labels: int, seg_pixels: int) -> torch.Tensor:
+    """G_l over the block: pixel counts plus seg_pixels per image-level occurrence."""
+    area = torch.bincount(inputs.pixel.reshape(-1), minlength=n_labels + 1)
+    area += torch.bincount(inputs.image.reshape(-1), minlength=n_labels + 1) * seg_pixels
+    area[0] = 0
+    return area
+
+
+def image_incidence(image: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """(B, L+1) counts of each image-level label per image (column 0 zeroed)."""
+    b = image.shape[0]
+    rows = torch.arange(b, device=image.device).unsqueeze(1).expand_as(image)
+    inc = torch.zeros((b, n_labels + 1), dtype=torch.int64, device=image.device)
+    inc.index_put_((rows.reshape(-1), image.reshape(-1)), torch.ones_like(image.reshape(-1)), accumulate=True)
+    inc[:, 0] = 0
+    return inc
+
+
+def category_presence(inputs: TallyInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) bools: image carries a label of primary category c (any kind), and image
+    carries an image-level label of category c."""
+    b = inputs.pixel.shape[0]
+    c = inputs.n_categories
+    lc = inputs.label_category
+
+    def presence(labels: torch.Tensor) -> torch.Tensor:
+        cats = lc[labels.reshape(b, -1)]
+        rows = torch.arange(b, device=labels.device).unsqueeze(1).expand_as(cats)
+        keep = cats >= 0
+        hits = torch.bincount(rows[keep] * c + cats[keep], minlength=b * c).view(b, c)
+        return hits > 0
+
+    image_level = presence(inputs.image)
+    return presence(inputs.pixel) | image_level, image_level
+
+
+def upsample_masks(acts: torch.Tensor, size: tuple[int, int], thresholds: torch.Tensor) -> torch.Tensor:
+    """M = bilinear(A) > T, strict; acts (P, h, w), thresholds (P,) -> (P, sh, sw) bool."""
+    up = F.interpolate(acts[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return up > thresholds[:, None, None]
+
+
+def tally_block(
+    acts: torch.Tensor,
+    thresholds: torch.Tensor,
+    inputs: TallyInputs,
+    n_labels: int,
+    seg_size: tuple[int, int],
+    union: str,
+    pair_chunk: int = 512,
+) -> dict[str, torch.Tensor]:
+    """Exact int64 counts of one block of images for every unit and label.
+
+    acts (B, K, h, w) raw activations; thresholds (K,).  Only (image, unit) pairs whose raw
+    maximum exceeds the threshold are upsampled: a bilinear value is a convex combination
+    of raw cells, so the others have empty masks.
+    Returns intersection (K, L+1), unit_area (K, C), label_area (L+1,).
+    """
+    device = acts.device
+    b, k = acts.shape[:2]
+    c = inputs.n_categories
+    s = seg_size[0] * seg_size[1]
+    width = n_labels + 1
+    thresholds = thresholds.to(device=device, dtype=torch.float32)
+    active = acts.float().amax(dim=(2, 3)) > thresholds[None, :]
+    img_idx, unit_idx = torch.nonzero(active, as_tuple=True)
+    inter_flat = torch.zeros(k * width, dtype=torch.int64, device=device)
+    area = torch.zeros((b, k), dtype=torch.int64, device=device)
+    pixel_overlap = torch.zeros((len(img_idx), c), dtype=torch.bool, device=device)
+    pixel = inputs.pixel
+    lc = inputs.label_category
+    for start in range(0, len(img_idx), pair_chunk):
+        bi = img_idx[start : start + pair_chunk]
+        ki = unit_idx[start : start + pair_chunk]
+        masks = upsample_masks(acts[bi, ki], seg_size, thresholds[ki]).reshape(len(bi), s)
+        area[bi, ki] = masks.sum(dim=1)
+        pair, pix = torch.nonzero(masks, as_tuple=True)
+        labels = pixel[bi[pair], :, pix]  # (M, P)
+        owner = ki[pair].unsqueeze(1).expand_as(labels)
+        keep = labels > 0
+        inter_flat += torch.bincount(owner[keep] * width + labels[keep], minlength=k * width)
+        if union == "lite":
+            cats = lc[labels]
+            rows = (pair + start).unsqueeze(1).expand_as(labels)
+            ok = keep & (cats >= 0)
+            hits = torch.bincount(rows[ok] * c + cats[ok], minlength=len(img_idx) * c)
+            pixel_overlap |= hits.view(len(img_idx), c) > 0
+    intersection = inter_flat.view(k, width)
+    # image-level labels: the whole mask intersects (float64 matmul is exact here)
+    inc = image_incidence(inputs.image, n_labels)
+    intersection += torch.round(area.double().T @ inc.double()).to(torch.int64)
+    any_cat, image_cat = category_presence(inputs)
+    if union == "global":
+        unit_area = area.sum(dim=0, keepdim=True).T.expand(k, c).clone()
+    elif union == "restricted":
+        unit_area = torch.round(area.double().T @ any_cat.double()).to(torch.int64)
+    elif union == "lite":
+        indicator = pixel_overlap | image_cat[img_idx]
+        unit_area = torch.zeros((k, c), dtype=torch.int64, device=device)
+        unit_area.index_add_(0, unit_idx, area[img_idx, unit_idx][:, None] * indicator)
+    else:
+        raise ValueError(f"unknown union mode {union!r}")
+    intersection[:, 0] = 0
+    return {
+        "intersection": intersection,
+        "unit_area": unit_area,
+        "label_area": label_area(inputs, n_labels, s),
+    }

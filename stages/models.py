@@ -1,0 +1,221 @@
+"""Building models, loading checkpoints, capturing layers and preprocessing images.
+
+Shared by the extract stage and the demo-model trainer.  Nothing here reads a config file
+or a global: a :class:`ModelSpec` says everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from storage.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NETDISSECT_BGR_MEAN = (109.5388, 118.6897, 124.6901)
+PREPROCESSING = ("imagenet", "netdissect")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: a torchvision ``arch`` or a ``factory``, plus weights and layers."""
+
+    name: str
+    layers: tuple[str, ...]
+    arch: str | None = None
+    factory: str | None = None
+    weights: str | None = None  # torchvision weights name, checkpoint path, or "none"
+    seed: int = 0
+    preprocess: str = "imagenet"
+    kwargs: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> ModelSpec:
+        data = json.loads(text)
+        data["layers"] = tuple(data["layers"])
+        return ModelSpec(**data)
+
+
+def _is_path(weights: str) -> bool:
+    return "/" in weights or "\\" in weights or Path(weights).suffix in (".pt", ".pth", ".tar", ".ckpt")
+
+
+def weights_identity(spec: ModelSpec) -> str:
+    """A stable identity of the weights: file hash, torchvision weights name, or random seed."""
+    w = spec.weights
+    if w is None or str(w).lower() == "none":
+        return f"random-init-seed-{spec.seed}"
+    if _is_path(str(w)):
+        path = Path(w)
+        if not path.is_file():
+            raise UserError(f"model.weights: checkpoint {path} not found")
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
+    return f"torchvision:{w}"
+
+
+def _call_factory(spec: ModelSpec) -> nn.Module:
+    target = spec.factory or ""
+    if ":" not in target:
+        raise UserError(f"model.factory={target!r}: expected 'package.module:function'")
+    module_name, func_name = target.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"model.factory={target!r}: cannot import {module_name} ({exc})") from None
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise UserError(f"model.factory={target!r}: {module_name} has no {func_name}")
+    model = func(**spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.factory={target!r} returned {type(model).__name__}, not a torch Module")
+    return model
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Instantiate and load weights; the model is returned in eval mode."""
+    import torchvision
+
+    torch.manual_seed(spec.seed)
+    weights = None if spec.weights is None or str(spec.weights).lower() == "none" else str(spec.weights)
+    if spec.factory:
+        model = _call_factory(spec)
+        if weights is not None:
+            load_checkpoint(model, Path(weights))
+    elif spec.arch:
+        names = torchvision.models.list_models()
+        if spec.arch not in names:
+            raise UserError(
+                f"model.arch={spec.arch!r} is not a torchvision model; choose one of "
+                f"{', '.join(sorted(names)[:40])}, ..."
+            )
+        if weights is not None and not _is_path(weights):
+            try:
+                model = torchvision.models.get_model(spec.arch, weights=weights, **spec.kwargs)
+            except (ValueError, KeyError) as exc:
+                raise UserError(f"model.weights={weights!r}: {exc}") from None
+        else:
+            model = torchvision.models.get_model(spec.arch, weights=None, **spec.kwargs)
+            if weights is not None:
+                load_checkpoint(model, Path(weights))
+    else:
+        raise UserError("model: set model.arch (a torchvision name) or model.factory")
+    return model.eval()
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a plain state_dict, ``{'state_dict': ...}`` or ``module.``-prefixed keys."""
+    if not path.is_file():
+        raise UserError(f"model.weights: checkpoint {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for pickles
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            raise UserError(
+                f"{path}: holds a pickled whole model, which is not loaded for safety; convert "
+                "it once with torch.save(torch.load(path, weights_only=False).state_dict(), "
+                "'model_state.pt') and pass that file"
+            ) from None
+        raise UserError(f"{path}: not a readable torch checkpoint ({text.splitlines()[0]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{path}: state_dict does not fit the model ({detail})")
+
+
+@lru_cache(maxsize=2)
+def cached_model(spec_json: str, device: str) -> nn.Module:
+    """One model per worker process and spec, so image blocks don't rebuild it."""
+    return build_model(ModelSpec.from_json(spec_json)).to(device)
+
+
+def resolve_layers(model: nn.Module, names: tuple[str, ...] | list[str]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    found = {}
+    for name in names:
+        if name not in modules or name == "":
+            valid = [n for n in modules if n]
+            raise UserError(
+                f"model.layers: unknown layer {name!r}; valid names: {', '.join(valid)}"
+            )
+        found[name] = modules[name]
+    return found
+
+
+def as_grid(output: torch.Tensor, layer: str) -> torch.Tensor:
+    """(B, C, H, W) as is; (B, tokens, dim) from a transformer becomes (B, dim, g, g)."""
+    if isinstance(output, tuple | list):
+        output = output[0]
+    if output.dim() == 4:
+        return output
+    if output.dim() == 3:
+        b, tokens, dim = output.shape
+        for drop in (1, 0):  # class token first, then a plain token grid
+            side = math.isqrt(tokens - drop)
+            if side * side == tokens - drop and side > 0:
+                return output[:, drop:, :].transpose(1, 2).reshape(b, dim, side, side)
+    raise UserError(
+        f"model.layers: layer {layer!r} outputs shape {tuple(output.shape)}; "
+        "need (batch, units, h, w) or (batch, tokens, dim)"
+    )
+
+
+@contextmanager
+def record_layers(model: nn.Module, names: tuple[str, ...] | list[str]) -> Iterator[dict]:
+    """Capture every named layer's output during one forward pass."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in resolve_layers(model, names).items():
+        def hook(_module, _inputs, output, name=name):
+            outputs[name] = as_grid(output, name)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def preprocess(images: np.ndarray, mode: str, device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 (B, H, W, 3) RGB -> normalized float32 (B, 3, H, W) at native size."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
+    if mode == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        return (x / 255.0 - mean) / std
+    if mode == "netdissect":
+        bgr = x.flip(1)
+        mean = torch.tensor(NETDISSECT_BGR_MEAN, device=device).view(1, 3, 1, 1)
+        return (bgr - mean) / (255.0 * 0.224)
+    raise UserError(f"model.preprocess={mode!r}: choose one of {', '.join(PREPROCESSING)}")
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested

@@ -1,0 +1,154 @@
+"""Stage ``quantile``: exact per-unit thresholds T_k (SEMANTICS.md §1) as block reductions.
+
+Two exact strategies, both :class:`~stages.reduction.BlockReduction`s over image blocks:
+
+- top-k (one pass): each block keeps every unit's largest ``need = n - lo`` values, partials
+  merge by keeping the top ``need`` of their union.  Used when ``K · need`` fits the
+  candidate budget.
+- radix select (three passes): per-unit histograms of 11, 11 and 10 bits of an
+  order-preserving integer key of the float32 values; each pass narrows both target ranks
+  (lo and hi) to one bucket, and after 32 bits the keys are the exact values.
+
+Memory per worker is bounded by one block plus ``split_every`` partials: top-k partials are
+``K · need`` float32 (at most the candidate budget), radix partials ``K · 2 · 2048`` int64,
+whatever the number of images.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.kernels import (
+    RADIX_WIDTHS,
+    float_keys,
+    keys_to_floats,
+    lerp,
+    merge_top,
+    quantile_position,
+    radix_histogram,
+    radix_step,
+    top_values,
+    unit_values,
+)
+from stages.reduction import reduce_in_process, reduce_with_dask
+from storage.activations import ActivationStore
+from storage.errors import UserError
+
+log = logging.getLogger("netdissect")
+DEFAULT_CANDIDATE_BUDGET = 1 << 24  # float32 values kept per partial (64 MiB)
+
+
+@dataclass(frozen=True)
+class LayerBlocks:
+    """Picklable loader of one layer's image blocks, with an optional per-block transform."""
+
+    store_path: str
+    layer: str
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    device: str = "cpu"
+
+    def store(self) -> ActivationStore:
+        return ActivationStore(self.store_path)
+
+    def load(self, block: int) -> torch.Tensor:
+        store = self.store()
+        values = torch.from_numpy(store.read_block(self.layer, block)).to(self.device).float()
+        if self.transform is not None:
+            values = self.transform(values).float()
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            unit = int(torch.nonzero(bad.any(dim=(0, 2, 3)))[0])
+            raise UserError(
+                f"model {store.fingerprint.get('model')!r} layer {self.layer!r} unit {unit}: "
+                f"NaN or infinite activation in {self.store_path} (image block {block})"
+            )
+        return values
+
+
+@dataclass(frozen=True)
+class TopReduction:
+    blocks: LayerBlocks
+    need: int
+
+    def chunk(self, block: int) -> np.ndarray:
+        return top_values(unit_values(self.blocks.load(block)), self.need).cpu().numpy()
+
+    def combine(self, partials) -> np.ndarray:
+        return merge_top([torch.from_numpy(p) for p in partials], self.need).numpy()
+
+    def finish(self, partial: np.ndarray) -> np.ndarray:
+        return partial
+
+
+@dataclass(frozen=True)
+class RadixReduction:
+    blocks: LayerBlocks
+    prefixes: np.ndarray  # (K, 2) int64
+    done_bits: int
+    width: int
+
+    def chunk(self, block: int) -> np.ndarray:
+        values = unit_values(self.blocks.load(block))
+        prefixes = torch.from_numpy(self.prefixes).to(values.device)
+        return radix_histogram(float_keys(values), prefixes, self.done_bits, self.width).cpu().numpy()
+
+    def combine(self, partials) -> np.ndarray:
+        return np.sum(partials, axis=0)
+
+    def finish(self, partial: np.ndarray) -> np.ndarray:
+        return partial
+
+
+def _reduce(reduction, n_blocks: int, scheduler: Any, desc: str, progress: bool, split_every: int):
+    blocks = list(range(n_blocks))
+    if scheduler is None:
+        return reduce_in_process(reduction, blocks)
+    return reduce_with_dask(reduction, blocks, scheduler, desc, split_every, progress)
+
+
+def exact_thresholds(
+    blocks: LayerBlocks,
+    q: float,
+    scheduler: Any = None,
+    candidate_budget: int = DEFAULT_CANDIDATE_BUDGET,
+    progress: bool = False,
+) -> np.ndarray:
+    """T_k = numpy.quantile(all values of unit k, 1 - q, method='linear'), exactly.
+
+    ``scheduler=None`` runs in-process; otherwise a Dask scheduler name or Client.
+    """
+    if not 0.0 < q < 1.0:
+        raise UserError(f"scoring.quantile={q}: must lie in (0, 1)")
+    store = blocks.store()
+    n_blocks = store.n_blocks()
+    sample = blocks.load(0)
+    k, h, w = sample.shape[1:]
+    n = store.n_images * h * w
+    lo, hi, gamma = quantile_position(n, q)
+    need = n - lo
+    desc = f"quantile {blocks.layer}"
+    if k * need <= candidate_budget:
+        split_every = max(2, min(8, candidate_budget // max(k * need, 1)))
+        tops = _reduce(TopReduction(blocks, need), n_blocks, scheduler, desc, progress, split_every)
+        v_lo = tops[:, n - 1 - lo]
+        v_hi = tops[:, n - 1 - hi]
+    else:
+        ranks = np.tile(np.array([lo, hi], dtype=np.int64), (k, 1))
+        prefixes = np.zeros((k, 2), dtype=np.int64)
+        done = 0
+        for i, width in enumerate(RADIX_WIDTHS):
+            hist = _reduce(
+                RadixReduction(blocks, prefixes, done, width), n_blocks, scheduler,
+                f"{desc} pass {i + 1}/{len(RADIX_WIDTHS)}", progress, 8,
+            )
+            prefixes, ranks = radix_step(hist, prefixes, ranks, width)
+            done += width
+        values = keys_to_floats(prefixes)
+        v_lo, v_hi = values[:, 0], values[:, 1]
+    return lerp(v_lo, v_hi, gamma)

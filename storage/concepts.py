@@ -1,0 +1,239 @@
+"""Concept store: every label plane of a Broden dataset decoded once into Zarr.
+
+Contract (a Zarr v3 group, ``<workdir>/concepts/<dataset-id>.zarr``):
+
+- ``pixel_labels``  int32 (image, plane, y, x): label numbers (R + 256·G) of every pixel
+  plane of the image, all categories, planes packed from slot 0, zero-filled after.
+- ``plane_category`` int8 (image, plane): index into ``attrs['categories']``, -1 = empty slot.
+- ``image_labels``  int32 (image, slot): image-level label numbers, 0 = empty slot.
+- ``image_label_category`` int8 (image, slot): category index, -1 = empty slot.
+- ``image``  str (image,): index.csv image paths in row order.
+- ``blocks_done`` uint8 (block,): 1 once a block of images is fully written (resume marker).
+- attributes: ``fingerprint`` (of the dataset CSVs), ``categories``, ``labels`` (number,
+  name, coverage and frequency per category), sizes, ``block_size``, ``complete``.
+
+Arrays are chunked by image blocks and Zstd-compressed; each block is written by exactly one
+task, so concurrent builders never share a chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from storage.broden import BrodenDataset, ImageRecord, LabelInfo, decode_plane
+from storage.errors import BrodenFormatError
+
+FORMAT_VERSION = 1
+
+
+def _compressors() -> list:
+    return [zarr.codecs.ZstdCodec(level=3)]
+
+
+@dataclass(frozen=True)
+class ConceptBlock:
+    """The decoded labels of a contiguous or gathered set of images."""
+
+    pixel_labels: np.ndarray  # (B, P, sh, sw) int32
+    plane_category: np.ndarray  # (B, P) int8
+    image_labels: np.ndarray  # (B, Q) int32
+    image_label_category: np.ndarray  # (B, Q) int8
+
+
+class ConceptStore:
+    """Read access to a finished concept store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.group = zarr.open_group(str(self.path), mode="r")
+        attrs = dict(self.group.attrs)
+        self.attrs = attrs
+        self.categories: list[str] = list(attrs["categories"])
+        self.sh, self.sw = int(attrs["sh"]), int(attrs["sw"])
+        self.ih, self.iw = int(attrs["ih"]), int(attrs["iw"])
+        self.n_images = int(attrs["n_images"])
+        self.block_size = int(attrs["block_size"])
+        self.fingerprint: str = attrs["fingerprint"]
+        self.labels: dict[int, LabelInfo] = {
+            int(d["number"]): LabelInfo(int(d["number"]), d["name"], d["coverage"], d["frequency"])
+            for d in attrs["labels"]
+        }
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    def image_paths(self) -> list[str]:
+        return [str(p) for p in self.group["image"][:]]
+
+    def read_block(self, start: int, stop: int) -> ConceptBlock:
+        return ConceptBlock(
+            self.group["pixel_labels"][start:stop],
+            self.group["plane_category"][start:stop],
+            self.group["image_labels"][start:stop],
+            self.group["image_label_category"][start:stop],
+        )
+
+    def read_rows(self, rows: np.ndarray) -> ConceptBlock:
+        """Gather arbitrary image rows (used when a concept set is matched to a cache)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        sorted_rows = rows[order]
+        parts = [
+            self.group[name].get_orthogonal_selection((sorted_rows,))[inverse]
+            for name in ("pixel_labels", "plane_category", "image_labels", "image_label_category")
+        ]
+        return ConceptBlock(*parts)
+
+
+def plane_slots(images: list[ImageRecord]) -> tuple[int, int]:
+    """(max pixel planes, max image-level labels) over all images, at least 1 each."""
+    planes = max((sum(len(v) for v in r.planes.values()) for r in images), default=0)
+    scalars = max((sum(len(v) for v in r.scalars.values()) for r in images), default=0)
+    return max(planes, 1), max(scalars, 1)
+
+
+def create_store(path: Path, dataset: BrodenDataset, block_size: int) -> None:
+    """Create empty arrays and attributes (not yet complete)."""
+    ih, iw, sh, sw = dataset.uniform_sizes()
+    n = len(dataset.images)
+    n_planes, n_scalars = plane_slots(dataset.images)
+    group = zarr.open_group(str(path), mode="w")
+    common = {"compressors": _compressors()}
+    group.create_array(
+        "pixel_labels", shape=(n, n_planes, sh, sw), chunks=(block_size, n_planes, sh, sw),
+        dtype="int32", fill_value=0, dimension_names=["image", "plane", "y", "x"], **common,
+    )
+    group.create_array(
+        "plane_category", shape=(n, n_planes), chunks=(block_size, n_planes), dtype="int8",
+        fill_value=-1, dimension_names=["image", "plane"], **common,
+    )
+    group.create_array(
+        "image_labels", shape=(n, n_scalars), chunks=(block_size, n_scalars), dtype="int32",
+        fill_value=0, dimension_names=["image", "slot"], **common,
+    )
+    group.create_array(
+        "image_label_category", shape=(n, n_scalars), chunks=(block_size, n_scalars),
+        dtype="int8", fill_value=-1, dimension_names=["image", "slot"], **common,
+    )
+    image = group.create_array(
+        "image", shape=(n,), chunks=(max(n, 1),), dtype=str, dimension_names=["image"]
+    )
+    image[:] = np.array([r.image for r in dataset.images])
+    n_blocks = -(-n // block_size)
+    group.create_array("blocks_done", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
+    group.attrs.update(
+        {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": dataset.fingerprint(),
+            "source": str(dataset.root),
+            "categories": dataset.all_categories,
+            "labels": [
+                {"number": lab.number, "name": lab.name, "coverage": lab.coverage,
+                 "frequency": lab.frequency}
+                for lab in dataset.labels.values()
+            ],
+            "n_images": n, "ih": ih, "iw": iw, "sh": sh, "sw": sw,
+            "block_size": block_size, "complete": False,
+        }
+    )
+
+
+def store_state(path: Path, fingerprint: str) -> str:
+    """'complete', 'partial' (same inputs, resumable), 'stale' (other inputs) or 'missing'."""
+    if not (path / "zarr.json").is_file():
+        return "missing"
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - an unreadable store is rebuilt
+        return "stale"
+    if attrs.get("fingerprint") != fingerprint or attrs.get("format_version") != FORMAT_VERSION:
+        return "stale"
+    return "complete" if attrs.get("complete") else "partial"
+
+
+def missing_blocks(path: Path) -> list[int]:
+    done = zarr.open_group(str(path), mode="r")["blocks_done"][:]
+    return [int(i) for i in np.flatnonzero(done == 0)]
+
+
+def decode_block(
+    images_dir: Path,
+    records: list[ImageRecord],
+    categories: list[str],
+    listed: dict[str, frozenset[int]],
+    n_planes: int,
+    n_scalars: int,
+) -> ConceptBlock:
+    """Decode the label planes of ``records``; validates every label number."""
+    b = len(records)
+    sh, sw = records[0].sh, records[0].sw
+    pixel = np.zeros((b, n_planes, sh, sw), dtype=np.int32)
+    plane_cat = np.full((b, n_planes), -1, dtype=np.int8)
+    scal = np.zeros((b, n_scalars), dtype=np.int32)
+    scal_cat = np.full((b, n_scalars), -1, dtype=np.int8)
+    for i, rec in enumerate(records):
+        slot = 0
+        qslot = 0
+        for ci, cat in enumerate(categories):
+            for rel in rec.planes.get(cat, ()):
+                plane_path = images_dir / rel
+                plane = decode_plane(plane_path, (rec.sh, rec.sw), rec.line)
+                present = np.unique(plane)
+                present = present[present != 0]
+                unknown = [int(v) for v in present if int(v) not in listed[cat]]
+                if unknown:
+                    raise BrodenFormatError(
+                        f"{plane_path} (index.csv line {rec.line}): label {unknown[0]} is not "
+                        f"in label.csv or not listed in c_{cat}.csv"
+                    )
+                pixel[i, slot] = plane
+                plane_cat[i, slot] = ci
+                slot += 1
+            for number in rec.scalars.get(cat, ()):
+                scal[i, qslot] = number
+                scal_cat[i, qslot] = ci
+                qslot += 1
+    return ConceptBlock(pixel, plane_cat, scal, scal_cat)
+
+
+def write_block(
+    path: Path,
+    images_dir: Path,
+    records: list[ImageRecord],
+    block_index: int,
+    categories: list[str],
+    listed: dict[str, frozenset[int]],
+) -> int:
+    """Decode and write one image block, then mark it done. Returns the number of images."""
+    group = zarr.open_group(str(path), mode="r+")
+    n_planes = group["pixel_labels"].shape[1]
+    n_scalars = group["image_labels"].shape[1]
+    block = decode_block(images_dir, records, categories, listed, n_planes, n_scalars)
+    start = records[0].row
+    stop = start + len(records)
+    group["pixel_labels"][start:stop] = block.pixel_labels
+    group["plane_category"][start:stop] = block.plane_category
+    group["image_labels"][start:stop] = block.image_labels
+    group["image_label_category"][start:stop] = block.image_label_category
+    group["blocks_done"][block_index] = 1
+    return len(records)
+
+
+def mark_complete(path: Path) -> None:
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["complete"] = True
+
+
+def listed_labels(dataset: BrodenDataset) -> dict[str, frozenset[int]]:
+    """Labels each category's c_<cat>.csv lists: the only ones allowed in its planes."""
+    return {
+        cat: frozenset(n for n, lab in dataset.labels.items() if cat in lab.coverage)
+        for cat in dataset.all_categories
+    }
