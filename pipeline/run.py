@@ -31,6 +31,8 @@ def run(cfg: dict) -> object:
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("netdissect").setLevel(logging.INFO)
+    for noisy in ("distributed", "tornado", "bokeh"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:

@@ -7,8 +7,8 @@ outdoor scene drawn from resolution-independent geometry:
 
 * material (pixel): background bands (sky over ground, sometimes a third band) painted with
   material-specific colour, noise and patterns. Object pixels are 0 in the material plane,
-  with one exception: glass panes (house and car windows, boat cabins) are labelled
-  ``glass``, so the material plane is "visible surface material of background and glass".
+  with one exception: glass panes (house, car and boat-cabin windows) are labelled
+  ``glass``, so the material plane is "visible background material, plus glass".
 * object (pixel): 1-4 shapes (house, tree, car, boat, ball, sign, rock) that occlude the
   background and each other (farther objects are drawn first).
 * part (pixel): parts inside objects (roof, door, window, glass, trunk, crown, wheel, hull,
@@ -17,10 +17,22 @@ outdoor scene drawn from resolution-independent geometry:
 * color (pixel): the nearest of the 11 Broden colour names (CIELAB distance) to the mean
   colour of each seg-resolution cell of the rendered RGB image; every pixel has a colour.
 * scene (image-level, exactly one): decides the background bands and the objects.
-* texture (image-level, one or two): a pattern really drawn on the most visible object's
-  body and, for the second texture, on the ground band.
-* ``glass`` is both a part and a material; part and texture numbers are above 255 so the
-  G channel of label PNGs is used.
+* texture (image-level, one or two): a pattern really drawn on the body of the most visible
+  object (on the ground band when no body covers 1.5% of the image) and, for a second
+  texture (~20% of images), on the ground band.
+* ``glass`` is both a part (the pane nested in a house window) and a material (every glass
+  pane: house, car and boat-cabin windows, whose part label is ``window``), so the two
+  categories list it with different frequency and coverage. Part and texture numbers are
+  above 255, so the G channel of the label PNGs is used.
+
+Scenes (uniformly drawn; bands top to bottom, then objects):
+  beach      sky / water / sand;         boats on the water, ball, rock, rarely a sign
+  desert     sky / sand (high horizon);  1-3 rocks, sometimes a sign or ball
+  forest     thin sky / grass;           2-4 trees (mostly round), sometimes a rock
+  harbor     sky / water (/ wood pier);  2-3 boats, sometimes a house on the pier
+  park       sky / grass (/ brick path); balls, a sign, sometimes a tree
+  snowfield  sky / snow;                 conifers, sometimes a house, rock or ball
+  street     sky / asphalt or brick;     1-2 houses, cars, sometimes a sign
 
 ``render`` is pure per (index, seed), so tests can re-render any image; ``generate``
 writes the directory atomically (temporary sibling, then rename) with a ``.synthetic.json``
@@ -37,6 +49,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,9 +272,6 @@ class _Spec:
     ground_texture: int = 0
     ground_period: float = 0.05
     ground_angle: int = 0
-
-
-_LAND = ("grass", "sand", "brick", "asphalt", "snow", "wood")
 
 
 def _pick(rng: np.random.Generator, names: tuple[str, ...]) -> RGB:
@@ -520,7 +530,7 @@ def _object_layers(g: Grid, o: _Obj) -> list[_Layer]:
         for x0, x1 in ((-0.19, -0.04), (-0.01, 0.13)):
             win = _rect(g, by - 0.47 * s, by - 0.33 * s, cx + x0 * s, cx + x1 * s)
             L.append(
-                _Layer(win, _GLASS_RGB, part=PART["glass"], material=MATERIAL["glass"], noise=0.02)
+                _Layer(win, _GLASS_RGB, part=PART["window"], material=MATERIAL["glass"], noise=0.02)
             )
         for wx in (-0.3, 0.3):
             wheel = _ellipse(g, by - 0.1 * s, cx + wx * s, 0.1 * s, 0.1 * s)
@@ -554,7 +564,7 @@ def _object_layers(g: Grid, o: _Obj) -> list[_Layer]:
             L.append(_Layer(cabin, _WHITE, noise=0.02))
             win = _rect(g, by - 0.34 * s, by - 0.24 * s, cx - 0.23 * s, cx + 0.05 * s)
             L.append(
-                _Layer(win, _GLASS_RGB, part=PART["glass"], material=MATERIAL["glass"], noise=0.02)
+                _Layer(win, _GLASS_RGB, part=PART["window"], material=MATERIAL["glass"], noise=0.02)
             )
     elif o.kind == "ball":
         r = 0.5 * s
@@ -798,7 +808,7 @@ def _encode_plane(plane: np.ndarray) -> np.ndarray:
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
-    Image.fromarray(arr).save(path, format="PNG", compress_level=6)
+    Image.fromarray(arr).save(path, format="PNG", compress_level=1)
 
 
 def _work(args: tuple[int, int, int, int, str]) -> tuple[int, str, dict[str, str], dict]:
@@ -842,11 +852,17 @@ def _work(args: tuple[int, int, int, int, str]) -> tuple[int, str, dict[str, str
 
 
 def _results(jobs: list[tuple[int, int, int, int, str]]) -> Iterator[tuple]:
+    """Results of ``_work`` in job order, from a pool of spawned processes for large runs.
+
+    Spawn (not fork) is used because the caller may hold threads (torch, dask); as with any
+    spawn pool, a script calling ``generate`` at import time needs an
+    ``if __name__ == "__main__":`` guard.
+    """
     if len(jobs) < _PARALLEL_MIN or _WORKERS <= 1:
         yield from map(_work, jobs)
         return
-    ctx = multiprocessing.get_context("spawn")  # safe even if the parent holds threads
-    with ctx.Pool(_WORKERS) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(_WORKERS) as pool:  # leaving the block terminates the workers
         yield from pool.imap(_work, jobs, chunksize=_CHUNK)
 
 
@@ -948,8 +964,10 @@ def generate(
         union_cov: dict[int, float] = {}
         area = float(seg_size * seg_size)
         bar = tqdm(total=n_images, disable=not progress, desc="synthetic broden", unit="img")
-        with bar:
-            for index, split, cells, stats in _results(jobs):  # in index order
+        with ExitStack() as stack:
+            stack.enter_context(bar)
+            results = stack.enter_context(closing(_results(jobs)))  # stops workers on error
+            for index, split, cells, stats in results:  # in index order
                 sizes = f"{image_size},{image_size},{seg_size},{seg_size}"
                 rows[index] = ",".join(
                     [image_path(index), split, sizes, *(cells[c] for c in INDEX_COLUMNS)]

@@ -10,7 +10,7 @@ Contract (``<workdir>/activations/<dataset-id>/<model-id>.zarr``, a Zarr v3 grou
   dimension name and layers differ in size; :func:`open_layer` gives the plain
   ``(image, unit, y, x)`` view.
 - ``image``: the index.csv image paths in row order (the coordinate of ``image``).
-- ``blocks_done`` uint8 (block,): set to 1 after every layer of a block is written.
+- ``progress/blocks_done`` uint8 (block,): set to 1 after every layer of a block is written.
 - attributes: ``fingerprint`` (model, weights identity, layers, preprocessing, dataset index
   hash, dtype), ``layers``, ``block_size``, ``complete``.
 
@@ -63,7 +63,10 @@ def create_store(
                                dimension_names=["image"])
     image[:] = np.array(image_paths)
     n_blocks = -(-n // block_size)
-    group.create_array("blocks_done", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
+    group.require_group("progress").create_array(
+        "blocks_done", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0,
+        dimension_names=["block"],
+    )
     group.attrs.update(
         {
             "format_version": FORMAT_VERSION,
@@ -92,7 +95,7 @@ def store_state(path: Path, fingerprint: dict) -> str:
 
 
 def missing_blocks(path: Path) -> list[int]:
-    done = zarr.open_group(str(path), mode="r")["blocks_done"][:]
+    done = zarr.open_group(str(path), mode="r")["progress/blocks_done"][:]
     return [int(i) for i in np.flatnonzero(done == 0)]
 
 
@@ -102,7 +105,7 @@ def write_block(path: Path, block_index: int, start: int, outputs: dict[str, np.
     for layer, values in outputs.items():
         arr = group[layer]
         arr[start : start + values.shape[0]] = values.astype(arr.dtype, copy=False)
-    group["blocks_done"][block_index] = 1
+    group["progress/blocks_done"][block_index] = 1
 
 
 def mark_complete(path: Path) -> None:

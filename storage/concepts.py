@@ -8,7 +8,7 @@ Contract (a Zarr v3 group, ``<workdir>/concepts/<dataset-id>.zarr``):
 - ``image_labels``  int32 (image, slot): image-level label numbers, 0 = empty slot.
 - ``image_label_category`` int8 (image, slot): category index, -1 = empty slot.
 - ``image``  str (image,): index.csv image paths in row order.
-- ``blocks_done`` uint8 (block,): 1 once a block of images is fully written (resume marker).
+- ``progress/blocks_done`` uint8 (block,): 1 once a block of images is fully written (resume marker).
 - attributes: ``fingerprint`` (of the dataset CSVs), ``categories``, ``labels`` (number,
   name, coverage and frequency per category), sizes, ``block_size``, ``complete``.
 
@@ -127,7 +127,10 @@ def create_store(path: Path, dataset: BrodenDataset, block_size: int) -> None:
     )
     image[:] = np.array([r.image for r in dataset.images])
     n_blocks = -(-n // block_size)
-    group.create_array("blocks_done", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
+    group.require_group("progress").create_array(
+        "blocks_done", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0,
+        dimension_names=["block"],
+    )
     group.attrs.update(
         {
             "format_version": FORMAT_VERSION,
@@ -159,7 +162,7 @@ def store_state(path: Path, fingerprint: str) -> str:
 
 
 def missing_blocks(path: Path) -> list[int]:
-    done = zarr.open_group(str(path), mode="r")["blocks_done"][:]
+    done = zarr.open_group(str(path), mode="r")["progress/blocks_done"][:]
     return [int(i) for i in np.flatnonzero(done == 0)]
 
 
@@ -222,7 +225,7 @@ def write_block(
     group["plane_category"][start:stop] = block.plane_category
     group["image_labels"][start:stop] = block.image_labels
     group["image_label_category"][start:stop] = block.image_label_category
-    group["blocks_done"][block_index] = 1
+    group["progress/blocks_done"][block_index] = 1
     return len(records)
 
 
