@@ -102,7 +102,7 @@ def train_demo_model(dataset_root: Path, out_path: Path, cfg: DemoTrainConfig, p
     x_all = preprocess(images, "imagenet")
     y_all = torch.from_numpy(targets).long()
     start = time.time()
-    bar = tqdm(total=steps, desc="train demo model", unit="step", disable=not progress)
+    bar = tqdm(total=steps, desc="train demo model", unit="step", disable=None if progress else True)
     model.train()
     for _ in range(cfg.epochs):
         order = rng.permutation(train)

@@ -84,7 +84,8 @@ class _TqdmCallback(Callback):
 
     def _start_state(self, dsk, state):
         total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
-        self.bar = tqdm(total=total * self.scale, desc=self.desc, unit=self.unit, leave=False)
+        self.bar = tqdm(total=total * self.scale, desc=self.desc, unit=self.unit, leave=False,
+                        disable=None)
 
     def _posttask(self, key, result, dsk, state, worker_id):
         self.bar.update(self.scale)
@@ -126,7 +127,7 @@ def _is_client(scheduler: Any) -> bool:
 def _client_progress(futures, desc: str) -> None:
     from distributed import wait
 
-    bar = tqdm(total=len(futures), desc=desc, unit="task", leave=False)
+    bar = tqdm(total=len(futures), desc=desc, unit="task", leave=False, disable=None)
     wait(futures)
     bar.update(len(futures))
     bar.close()
@@ -153,7 +154,8 @@ def map_blocks(
 
         futures = scheduler.map(func, list(blocks), pure=False)
         results = {}
-        bar = tqdm(total=len(blocks) * unit_scale, desc=desc, unit=unit, disable=not progress)
+        bar = tqdm(total=len(blocks) * unit_scale, desc=desc, unit=unit,
+                   disable=None if progress else True)
         for fut in as_completed(futures):
             results[fut.key] = fut.result()
             bar.update(unit_scale)

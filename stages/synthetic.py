@@ -963,7 +963,7 @@ def generate(
         union_freq: dict[int, int] = {}
         union_cov: dict[int, float] = {}
         area = float(seg_size * seg_size)
-        bar = tqdm(total=n_images, disable=not progress, desc="synthetic broden", unit="img")
+        bar = tqdm(total=n_images, disable=None if progress else True, desc="synthetic broden", unit="img")
         with ExitStack() as stack:
             stack.enter_context(bar)
             results = stack.enter_context(closing(_results(jobs)))  # stops workers on error

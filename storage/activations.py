@@ -27,7 +27,7 @@ import zarr
 
 from storage.errors import StoreMismatchError, UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def layer_dims(layer: str) -> list[str]:

@@ -154,6 +154,8 @@ def _float(path: Path, line: int, column: str, text: str) -> float:
 def safe_relative_path(path: Path, line: int, column: str, text: str) -> str:
     """Reject paths that would escape ``images/`` (absolute or containing ``..``)."""
     posix = PurePosixPath(text.replace("\\", "/"))
+    if not posix.parts:
+        raise BrodenFormatError(f"{path} line {line}, column {column!r}: {text!r} is not a file path")
     if text.startswith(("/", "\\")) or posix.is_absolute() or ":" in posix.parts[0] or ".." in posix.parts:
         raise BrodenFormatError(
             f"{path} line {line}, column {column!r}: path {text!r} escapes the dataset's images/ folder"

@@ -27,7 +27,7 @@ import zarr
 from storage.broden import BrodenDataset, ImageRecord, LabelInfo, decode_plane
 from storage.errors import BrodenFormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _compressors() -> list:

@@ -50,7 +50,6 @@ def reference_counts(
     labels = sorted(primary)
     n_units = acts.shape[1]
     sh, sw = size
-    seg = sh * sw
     inter = np.zeros((n_units, len(labels)), dtype=np.int64)
     unit_area = np.zeros((n_units, len(selected)), dtype=np.int64)
     label_area = np.zeros(len(labels), dtype=np.int64)

@@ -487,11 +487,6 @@ def test_unselected_category_cells_are_not_parsed(tmp_path: Path) -> None:
         read_broden(root)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: safe_relative_path indexes posix.parts[0] of an empty path: an image or plane "
-    "path '.' or './' raises IndexError instead of BrodenFormatError",
-)
 def test_dot_image_path_is_a_format_error(tmp_path: Path) -> None:
     root = _base(tmp_path / "ds").write()
     _replace_cell(root, 2, 0, "./")

@@ -14,11 +14,11 @@ import torchvision
 import xarray as xr
 import zarr
 
+from stages.extract import ExtractConfig, run_extract
+from stages.models import ModelSpec, build_model, preprocess, resolve_layers
 from storage.activations import ActivationStore, open_layer
 from storage.broden import index_fingerprint, load_image, read_broden
 from storage.errors import StoreMismatchError, UserError
-from stages.extract import ExtractConfig, run_extract
-from stages.models import ModelSpec, build_model, preprocess, resolve_layers
 from tests.conftest import REPO, cli, cli_env
 
 
@@ -37,11 +37,12 @@ def _direct(spec: ModelSpec, root: Path) -> dict[str, np.ndarray]:
     out: dict[str, list] = {name: [] for name in spec.layers}
     for rec in ds.images:
         img = load_image(ds.images_dir / rec.image)
-        captured = {}
-        handles = [
-            modules[name].register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
-            for name in spec.layers
-        ]
+        captured: dict = {}
+
+        def keep(name, store=captured):
+            return lambda module, inputs, output: store.__setitem__(name, output)
+
+        handles = [modules[name].register_forward_hook(keep(name)) for name in spec.layers]
         with torch.no_grad():
             x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
             mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
