@@ -150,7 +150,7 @@ class TallyReduction:
         inputs = tally_inputs(concept, self.space, self.scoring.planes, device)
         counts = tally_block(
             acts,
-            torch.from_numpy(self.thresholds.astype(np.float32)),
+            torch.from_numpy(np.asarray(self.thresholds, dtype=np.float64)),
             inputs,
             self.space.n_labels,
             (store.sh, store.sw),

@@ -175,8 +175,32 @@ def category_presence(inputs: TallyInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return presence(inputs.pixel) | image_level, image_level
 
 
+def float32_below(thresholds: torch.Tensor) -> torch.Tensor:
+    """The largest float32 <= T for each float64 T: for a float32 u, u > T  <=>  u > result.
+
+    (Rounding T to nearest could round up and drop pixels equal to the rounded value.)
+    """
+    t = thresholds.double()
+    t32 = t.float()
+    lower = torch.nextafter(t32, torch.full_like(t32, -float("inf")))
+    return torch.where(t32.double() > t, lower, t32)
+
+
+def skip_bound(t32: torch.Tensor) -> torch.Tensor:
+    """Pairs whose raw max is <= this cannot produce a mask pixel.
+
+    In exact arithmetic a bilinear value never exceeds its largest corner, so max <= T
+    would do; float32 interpolation can overshoot a flat region by a few ulps, so the
+    bound keeps a margin of 16 float32 epsilons (relative).  Pairs inside the margin are
+    upsampled and tested exactly, so the skip never changes a count.
+    """
+    eps = torch.finfo(torch.float32).eps
+    return t32 - 16 * eps * t32.abs()
+
+
 def upsample_masks(acts: torch.Tensor, size: tuple[int, int], thresholds: torch.Tensor) -> torch.Tensor:
-    """M = bilinear(A) > T, strict; acts (P, h, w), thresholds (P,) -> (P, sh, sw) bool."""
+    """M = bilinear(A) > T, strict; acts (P, h, w), thresholds (P,) float32 as given by
+    :func:`float32_below` -> (P, sh, sw) bool."""
     up = F.interpolate(acts[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
     return up > thresholds[:, None, None]
 
@@ -192,9 +216,9 @@ def tally_block(
 ) -> dict[str, torch.Tensor]:
     """Exact int64 counts of one block of images for every unit and label.
 
-    acts (B, K, h, w) raw activations; thresholds (K,).  Only (image, unit) pairs whose raw
-    maximum exceeds the threshold are upsampled: a bilinear value is a convex combination
-    of raw cells, so the others have empty masks.
+    acts (B, K, h, w) raw activations; thresholds (K,) float64.  Only (image, unit) pairs
+    whose raw maximum can reach the threshold are upsampled (:func:`skip_bound`): a bilinear
+    value is a convex combination of raw cells, so the others have empty masks.
     Returns intersection (K, L+1), unit_area (K, C), label_area (L+1,).
     """
     device = acts.device
@@ -202,8 +226,8 @@ def tally_block(
     c = inputs.n_categories
     s = seg_size[0] * seg_size[1]
     width = n_labels + 1
-    thresholds = thresholds.to(device=device, dtype=torch.float32)
-    active = acts.float().amax(dim=(2, 3)) > thresholds[None, :]
+    thresholds = float32_below(thresholds.to(device=device, dtype=torch.float64))
+    active = acts.float().amax(dim=(2, 3)) > skip_bound(thresholds)[None, :]
     img_idx, unit_idx = torch.nonzero(active, as_tuple=True)
     inter_flat = torch.zeros(k * width, dtype=torch.int64, device=device)
     area = torch.zeros((b, k), dtype=torch.int64, device=device)

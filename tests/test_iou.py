@@ -557,10 +557,6 @@ def _single_unit_tally(world: World, acts: np.ndarray, thresholds: np.ndarray, n
     return counts, ref
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: tally_block skips (image, unit) pairs whose raw max <= T, but float32 bilinear "
-    "interpolation can overshoot a constant/plateau map by one ulp, so U > T where max == T "
-    "(SEMANTICS §2's 'without changing any count' does not hold in float32)"))
 def test_plateau_at_threshold_is_not_skipped(world: World) -> None:
     """A unit whose top values form a plateau: T = numpy.quantile = the plateau value."""
     value = None
@@ -580,9 +576,6 @@ def test_plateau_at_threshold_is_not_skipped(world: World) -> None:
     np.testing.assert_array_equal(counts["unit_area"], ref["unit_area"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: TallyReduction casts the float64 thresholds to float32 (round to nearest) before "
-    "comparing; when float32(T) rounds up to a value v > T, pixels with U == v are dropped"))
 def test_threshold_not_rounded_to_float32(world: World) -> None:
     a = np.float32(1.0)
     b = np.nextafter(a, np.float32(2))  # the float32 right above a
