@@ -237,7 +237,8 @@ class Pipeline:
         summaries = {}
         for layer in store.layers:
             reduction = TallyReduction(
-                self.layer_blocks(layer), str(concepts.path), thresholds[layer], space, scoring, rows
+                self.layer_blocks(layer), str(concepts.path), np.array(thresholds[layer]), space,
+                scoring, rows,
             )
             counts = self.tally(reduction, store.n_blocks(), f"iou {layer}")
             meta = {
@@ -273,6 +274,26 @@ class Pipeline:
         print("\n".join(lines))
 
     # ------------------------------------------------------------- dispatch
+    def validate(self) -> None:
+        """Check every user-set value before any work starts (fail fast, write nothing)."""
+        from pipeline.cluster import KINDS
+        from stages.extract import DTYPES
+
+        stage = str(self.cfg.get("stage"))
+        if stage not in STAGES:
+            raise UserError(f"stage={stage!r}: choose one of {', '.join(STAGES)}")
+        self.scoring  # noqa: B018 - validates scoring.*
+        kind = (self.cfg.get("cluster") or {}).get("kind", "local")
+        if kind not in KINDS:
+            raise UserError(f"cluster.kind={kind!r}: choose one of {', '.join(KINDS)}")
+        dtype = str(self.cfg.get("extract", {}).get("dtype", "float32"))
+        if dtype not in DTYPES:
+            raise UserError(f"extract.dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+        self.block_size  # noqa: B018 - validates dataset.block_size
+        path = self.cfg["dataset"].get("path")
+        if path and not Path(path).expanduser().is_dir():
+            raise UserError(f"dataset.path={path}: directory not found")
+
     def run(self, stage: str) -> Any:
         if stage == "dataset":
             return self.dataset_root

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -21,9 +22,22 @@ from storage.errors import UserError
 log = logging.getLogger("netdissect")
 
 
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The same config the command line builds, as a plain dict (for tests and notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
 def run(cfg: dict) -> object:
     """Run one stage from a plain config dict (what tests and notebooks call)."""
     stage = str(cfg.get("stage", "iou"))
+    Pipeline(cfg).validate()
     with dask_scheduler(cfg.get("cluster") or {"kind": "none"}) as scheduler:
         return Pipeline(cfg, scheduler).run(stage)
 
