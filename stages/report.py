@@ -405,13 +405,13 @@ nav a { margin-right: 10px; }
 .stat { border: 1px solid var(--line); border-radius: 8px; padding: 8px 16px; min-width: 130px;
         background: var(--soft); }
 .stat b { display: block; font-size: 24px; line-height: 1.2; }
-.stat span { color: var(--muted); font-size: 12px; text-transform: uppercase;
-             letter-spacing: .04em; }
+.stat span { color: var(--muted); font-size: 12px; }
 .note { background: #fff8c5; border: 1px solid #d4a72c; border-radius: 6px; padding: 8px 12px; }
 svg.chart text { font: 12px system-ui, sans-serif; fill: var(--fg); }
 svg.chart .axis { stroke: #8c959f; stroke-width: 1; }
 svg.chart .grid { stroke: #eaeef2; stroke-width: 1; }
 table { border-collapse: collapse; width: 100%; }
+table#units { table-layout: fixed; }
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line);
          vertical-align: middle; }
 th { font-size: 12px; text-transform: uppercase; letter-spacing: .04em; color: var(--muted);
@@ -427,7 +427,7 @@ tr.other td.concept { font-weight: 400; }
 tr.other img { filter: grayscale(100%); opacity: .55; }
 tr.sep td { background: var(--soft); color: var(--muted); font-size: 12px;
             text-transform: uppercase; letter-spacing: .04em; padding: 6px 8px; }
-td.strip img { display: block; border-radius: 3px; }
+td.strip img { display: block; border-radius: 3px; max-width: 100%; height: auto; }
 footer { margin-top: 28px; color: var(--muted); font-size: 12px; }
 """
 
@@ -532,12 +532,12 @@ def params_line(params: dict) -> str:
     return " ".join(f"{html.escape(k)} <code>{html.escape(text(v))}</code>" for k, v in shown)
 
 
-def stat_boxes(s: dict) -> str:
+def stat_boxes(s: dict, iou_threshold: Any) -> str:
     return (
         '<div class="stats">'
         f'<div class="stat" id="n-units"><b>{s["units"]}</b><span>units</span></div>'
         f'<div class="stat" id="n-detectors"><b>{s["detectors"]}</b><span>detectors '
-        f'(IoU &gt; threshold)</span></div>'
+        f'(best IoU &gt; {html.escape(text(iou_threshold))})</span></div>'
         f'<div class="stat" id="n-unique"><b>{s["unique"]}</b><span>unique concepts</span></div>'
         "</div>"
     )
@@ -589,12 +589,14 @@ def layer_page(page: Page, siblings: list[Page], colors: dict[str, str], top_n: 
     body = f"""<nav>{' '.join(nav)}</nav>
 <h1>{html.escape(page.model)} · {html.escape(page.layer)}</h1>
 <div class="params">{params_line(page.params)}</div>
-{stat_boxes(s)}
+{stat_boxes(s, page.params.get("iou_threshold"))}
 {bar_chart(s["per_category"], colors, "Unique detectors per category")}
 {note}
 <h2>Units <small style="font-weight:400;color:#656d76">— detectors first, by IoU; each strip:
 the top {top_n} images by maximum activation, dimmed outside the unit's mask</small></h2>
 <table id="units">
+<colgroup><col style="width:60px"><col style="width:140px"><col style="width:115px">
+<col style="width:72px"><col style="width:104px"><col></colgroup>
 <thead><tr><th class="num">unit</th><th>concept</th><th>category</th><th class="num">IoU</th>
 <th class="num">threshold</th><th>top images</th></tr></thead>
 <tbody>

@@ -1,0 +1,38 @@
+"""Repository contracts: the README's commands, import direction."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from tests.conftest import REPO
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"```bash\n(.+?)\n```", text)[:2]
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
+    main, tests = readme_commands()
+    assert "python -m pipeline.run stage=iou" in main
+    assert "pytest" in tests
+    assert tests in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def _imports(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_imports_run_pipeline_to_stages_to_storage():
+    for path in (REPO / "storage").glob("*.py"):
+        assert not _imports(path) & {"pipeline", "stages"}, path
+    for path in (REPO / "stages").glob("*.py"):
+        assert "pipeline" not in _imports(path), path
