@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.blocks import LayerBlocks
 from stages.concepts import ConceptsConfig, build_concept_store
 from stages.extract import ExtractConfig, run_extract
 from stages.iou import (
@@ -27,7 +28,7 @@ from stages.iou import (
     units_frame,
 )
 from stages.models import ModelSpec
-from stages.quantile import LayerBlocks, exact_thresholds
+from stages.quantile import exact_thresholds
 from stages.reduction import reduce_in_process, reduce_with_dask
 from storage.activations import ActivationStore
 from storage.broden import BrodenDataset, index_fingerprint, read_broden
@@ -37,7 +38,7 @@ from storage.tables import write_partition
 from storage.thresholds import load_thresholds, save_thresholds, threshold_path
 
 log = logging.getLogger("netdissect")
-STAGES = ("dataset", "concepts", "model", "extract", "quantile", "iou", "all")
+STAGES = ("dataset", "concepts", "model", "extract", "quantile", "iou", "rescore", "explain", "all")
 
 
 def safe_name(text: str) -> str:
@@ -273,6 +274,136 @@ class Pipeline:
         lines.append(f"Tables: {self.results_root}/{{iou,units,layers}} (Parquet, hive-partitioned)")
         print("\n".join(lines))
 
+    # ------------------------------------------------------------- re-scoring
+    def open_cache(self) -> ActivationStore:
+        """The activation cache alone: re-scoring never loads the model."""
+        path = self.activation_path
+        if not (path / "zarr.json").is_file():
+            raise UserError(
+                f"{path}: no activation cache for model {self.model_id!r} on dataset "
+                f"{self.dataset_id!r}; run stage=extract (or stage=iou) first"
+            )
+        return ActivationStore(path)
+
+    def concept_set(self) -> tuple[ConceptStore, str]:
+        """The concept store to score against: concepts.path, else the probe dataset."""
+        c = self.cfg.get("concepts") or {}
+        if not c.get("path"):
+            return self.ensure_concepts(), self.dataset_id
+        root = Path(c["path"]).expanduser().resolve()
+        if not root.is_dir():
+            raise UserError(f"concepts.path={c['path']}: directory not found")
+        name = safe_name(str(c.get("name") or root.name))
+        cfg = ConceptsConfig(root, self.workdir / "concepts" / f"set-{name}.zarr", self.block_size,
+                             self.progress)
+        return build_concept_store(cfg, self.scheduler), name
+
+    def match_rows(self, store: ActivationStore, concepts: ConceptStore) -> np.ndarray | None:
+        """Activation row -> concept row (-1 = not in the set); None when identical order."""
+        cached = store.image_paths()
+        wanted = concepts.image_paths()
+        if cached == wanted:
+            return None
+        position = {path: i for i, path in enumerate(wanted)}
+        cached_set = set(cached)
+        missing = [p for p in wanted if p not in cached_set]
+        if missing:
+            raise UserError(
+                f"{concepts.attrs.get('source')}: {len(missing)} concept-set image(s) are not in "
+                f"the activation cache {store.path} (first: {', '.join(missing[:3])})"
+            )
+        return np.array([position.get(p, -1) for p in cached], dtype=np.int64)
+
+    def run_rescore(self) -> dict[str, Any]:
+        store = self.open_cache()
+        thresholds = self.ensure_thresholds(store)
+        concepts, name = self.concept_set()
+        rows = self.match_rows(store, concepts)
+        if rows is not None:
+            log.info("rescore: %d of %d cached images are in concept set %s",
+                     int((rows >= 0).sum()), len(rows), name)
+        summaries = self.score(store, concepts, thresholds, concept_set=name, rows=rows)
+        formulas_file = (self.cfg.get("concepts") or {}).get("formulas")
+        if formulas_file:
+            self.score_formulas(store, concepts, thresholds, name, rows, Path(formulas_file))
+        return summaries
+
+    def signature_counts(self, store, concepts, thresholds, layer: str, rows):
+        from stages.explain import SignatureCounts, SignatureReduction
+
+        space = label_space(concepts, self.scoring.categories)
+        reduction = SignatureReduction(self.layer_blocks(layer), str(concepts.path),
+                                       np.array(thresholds[layer]), space, rows)
+        partial = self.tally(reduction, store.n_blocks(), f"signatures {layer}")
+        return SignatureCounts.from_partial(partial, space.n_labels), space
+
+    def score_formulas(self, store, concepts, thresholds, name: str, rows, path: Path) -> None:
+        from stages.explain import formula_frame
+        from stages.formulas import load_formulas
+
+        space = label_space(concepts, self.scoring.categories)
+        formulas = load_formulas(path, space.names)
+        index: dict[str, list[int]] = {}
+        for i, label_name in enumerate(space.names):
+            index.setdefault(label_name, []).append(i + 1)
+        for layer in store.layers:
+            sc, _ = self.signature_counts(store, concepts, thresholds, layer, rows)
+            meta = {
+                "model": self.model_id, "layer": layer, "dataset": self.dataset_id,
+                "concept_set": name, "quantile": self.scoring.quantile, "union_mode": "global",
+                "planes": "set", "transform": "none", "categories": "formula",
+            }
+            frame = formula_frame(sc, formulas, index, meta)
+            params = {k: v for k, v in meta.items() if k not in ("model", "layer")}
+            params["formulas"] = {k: str(v) for k, v in sorted(formulas.items())}
+            write_partition(self.results_root, "iou", self.model_id, layer, frame, params)
+            best = frame.sort_values("iou", ascending=False).head(3)
+            print(f"  {layer} formulas: " + ", ".join(
+                f"unit {r.unit} {r.concept} {r.iou:.3f}" for r in best.itertuples()))
+        log.info("rescore: %d formula concept(s) from %s scored", len(formulas), path)
+
+    def run_explain(self) -> dict[str, Any]:
+        import pandas as pd
+
+        from stages.explain import beam_search
+        from stages.formulas import format_formula, formula_length
+
+        e = self.cfg.get("explain") or {}
+        max_length, beam = int(e.get("max_length", 3)), int(e.get("beam", 5))
+        if max_length < 1 or beam < 1:
+            raise UserError(f"explain.max_length={max_length}, explain.beam={beam}: both must be >= 1")
+        if (self.activation_path / "zarr.json").is_file():
+            store = self.open_cache()
+        else:
+            self.ensure_concepts()
+            store = self.ensure_activations()
+        thresholds = self.ensure_thresholds(store)
+        concepts, name = self.concept_set()
+        rows = self.match_rows(store, concepts)
+        out = {}
+        for layer in store.layers:
+            sc, space = self.signature_counts(store, concepts, thresholds, layer, rows)
+            found = beam_search(sc, list(space.names), max_length, beam)
+            frame = pd.DataFrame({
+                "unit": np.arange(len(found)),
+                "formula": [format_formula(f) if f is not None else "" for f, _ in found],
+                "iou": [score for _, score in found],
+                "length": [formula_length(f) if f is not None else 0 for f, _ in found],
+            })
+            meta = {"dataset": self.dataset_id, "concept_set": name,
+                    "quantile": self.scoring.quantile, "union_mode": "global", "planes": "set",
+                    "categories": ",".join(space.categories), "beam": beam,
+                    "max_length": max_length}
+            for key, value in meta.items():
+                frame.insert(0, key, value)
+            write_partition(self.results_root, "explanations", self.model_id, layer, frame, meta)
+            top = frame.sort_values("iou", ascending=False).head(3)
+            print(f"{layer}: best explanations " + "; ".join(
+                f"unit {r.unit}: {r.formula} ({r.iou:.3f})" for r in top.itertuples()))
+            out[layer] = frame
+        print(f"Table: {self.results_root}/explanations")
+        return out
+
     # ------------------------------------------------------------- dispatch
     def validate(self) -> None:
         """Check every user-set value before any work starts (fail fast, write nothing)."""
@@ -307,4 +438,8 @@ class Pipeline:
             return self.ensure_thresholds(self.ensure_activations())
         if stage in ("iou", "all"):
             return self.run_iou()
+        if stage == "rescore":
+            return self.run_rescore()
+        if stage == "explain":
+            return self.run_explain()
         raise UserError(f"stage={stage!r}: choose one of {', '.join(STAGES)}")

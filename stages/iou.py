@@ -8,16 +8,16 @@ the ``iou``, ``units`` and ``layers`` tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from stages.kernels import TallyInputs, set_semantics, tally_block
-from stages.quantile import LayerBlocks
-from storage.broden import primary_category
-from storage.concepts import ConceptBlock, ConceptStore
+from stages.blocks import LayerBlocks
+from stages.kernels import tally_block
+from stages.labels import LabelSpace, label_space, tally_inputs  # noqa: F401 - re-exported
+from storage.concepts import ConceptStore
 from storage.errors import UserError
 
 UNION_MODES = ("restricted", "global", "lite")
@@ -39,78 +39,6 @@ class ScoringConfig:
             raise UserError(f"scoring.planes={self.planes!r}: choose one of {', '.join(PLANE_MODES)}")
         if not 0.0 < self.quantile < 1.0:
             raise UserError(f"scoring.quantile={self.quantile}: must lie in (0, 1)")
-
-
-@dataclass(frozen=True)
-class LabelSpace:
-    """Dense numbering of the scored labels: index 0 = none, 1..L = labels ascending."""
-
-    numbers: np.ndarray  # (L,) label numbers
-    names: tuple[str, ...]
-    categories: tuple[str, ...]  # selected, category.csv order
-    primary: np.ndarray  # (L,) index into categories
-    lut: np.ndarray  # label number -> dense index
-    store_category_map: np.ndarray  # store category index -> selected index or -1
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def n_labels(self) -> int:
-        return len(self.numbers)
-
-    def dense_category(self) -> np.ndarray:
-        return np.concatenate([[-1], self.primary]).astype(np.int64)
-
-
-def label_space(store: ConceptStore, categories: tuple[str, ...] | list[str] | None) -> LabelSpace:
-    """Scored labels of a concept store under a category selection (SEMANTICS.md §3)."""
-    if categories is None:
-        selected = list(store.categories)
-    else:
-        unknown = [c for c in categories if c not in store.categories]
-        if unknown:
-            raise UserError(
-                f"scoring.categories: unknown category {unknown[0]!r}; the dataset has "
-                f"{', '.join(store.categories)}"
-            )
-        selected = [c for c in store.categories if c in categories]
-    numbers, names, primary = [], [], []
-    for number in sorted(store.labels):
-        info = store.labels[number]
-        cat = primary_category(info.coverage, selected)
-        if cat is None:
-            continue
-        numbers.append(number)
-        names.append(info.name)
-        primary.append(selected.index(cat))
-    max_number = max(store.labels, default=0)
-    lut = np.zeros(max_number + 1, dtype=np.int64)
-    lut[np.array(numbers, dtype=np.int64)] = np.arange(1, len(numbers) + 1)
-    cat_map = np.array([selected.index(c) if c in selected else -1 for c in store.categories])
-    return LabelSpace(
-        np.array(numbers, dtype=np.int64), tuple(names), tuple(selected),
-        np.array(primary, dtype=np.int64), lut, cat_map,
-    )
-
-
-def tally_inputs(block: ConceptBlock, space: LabelSpace, planes: str, device: str) -> TallyInputs:
-    """Map a concept block to dense label indices, dropping unselected categories."""
-    plane_keep = (block.plane_category >= 0) & (
-        space.store_category_map[np.maximum(block.plane_category, 0)] >= 0
-    )
-    image_keep = (block.image_label_category >= 0) & (
-        space.store_category_map[np.maximum(block.image_label_category, 0)] >= 0
-    )
-    lut = torch.from_numpy(space.lut).to(device)
-    b, p = block.pixel_labels.shape[:2]
-    pixel = torch.from_numpy(block.pixel_labels).to(device).long().reshape(b, p, -1)
-    pixel = lut[pixel] * torch.from_numpy(plane_keep).to(device)[:, :, None]
-    image = lut[torch.from_numpy(block.image_labels).to(device).long()]
-    image = image * torch.from_numpy(image_keep).to(device)
-    if planes == "set":
-        pixel, image = set_semantics(pixel, image)
-    return TallyInputs(
-        pixel, image, torch.from_numpy(space.dense_category()).to(device), len(space.categories)
-    )
 
 
 @dataclass(frozen=True)

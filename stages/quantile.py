@@ -17,13 +17,13 @@ whatever the number of images.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from stages.blocks import LayerBlocks
 from stages.kernels import (
     RADIX_WIDTHS,
     float_keys,
@@ -37,38 +37,10 @@ from stages.kernels import (
     unit_values,
 )
 from stages.reduction import reduce_in_process, reduce_with_dask
-from storage.activations import ActivationStore
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
 DEFAULT_CANDIDATE_BUDGET = 1 << 24  # float32 values kept per partial (64 MiB)
-
-
-@dataclass(frozen=True)
-class LayerBlocks:
-    """Picklable loader of one layer's image blocks, with an optional per-block transform."""
-
-    store_path: str
-    layer: str
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-    device: str = "cpu"
-
-    def store(self) -> ActivationStore:
-        return ActivationStore(self.store_path)
-
-    def load(self, block: int) -> torch.Tensor:
-        store = self.store()
-        values = torch.from_numpy(store.read_block(self.layer, block)).to(self.device).float()
-        if self.transform is not None:
-            values = self.transform(values).float()
-        bad = ~torch.isfinite(values)
-        if bad.any():
-            unit = int(torch.nonzero(bad.any(dim=(0, 2, 3)))[0])
-            raise UserError(
-                f"model {store.fingerprint.get('model')!r} layer {self.layer!r} unit {unit}: "
-                f"NaN or infinite activation in {self.store_path} (image block {block})"
-            )
-        return values
 
 
 @dataclass(frozen=True)

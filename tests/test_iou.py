@@ -35,6 +35,7 @@ import pytest
 import torch
 from PIL import Image
 
+from stages.blocks import LayerBlocks
 from stages.concepts import ConceptsConfig, build_concept_store
 from stages.iou import (
     ScoringConfig,
@@ -46,7 +47,6 @@ from stages.iou import (
     units_frame,
 )
 from stages.kernels import tally_block
-from stages.quantile import LayerBlocks
 from stages.reduction import reduce_in_process, reduce_with_dask
 from storage import activations as astore
 from storage.activations import ActivationStore

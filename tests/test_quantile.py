@@ -10,8 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stages.blocks import LayerBlocks
 from stages.kernels import float_keys, keys_to_floats, quantile_position
-from stages.quantile import LayerBlocks, exact_thresholds
+from stages.quantile import exact_thresholds
 from storage import activations as astore
 from storage.errors import UserError
 

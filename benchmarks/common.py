@@ -1,0 +1,39 @@
+"""Shared helpers for benchmarks: synthetic activation stores and peak-memory measurement."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from storage import activations as astore
+
+
+def write_activations(path: Path, n_images: int, units: int = 512, hw: int = 7,
+                      block: int = 256, seed: int = 0) -> None:
+    """ReLU-like random activations (mostly zeros, a heavy tail), written block by block."""
+    rng = np.random.default_rng(seed)
+    astore.create_store(path, [f"img{i}" for i in range(n_images)], {"layer4": (units, hw, hw)},
+                        block, "float32", {"model": "bench", "n": n_images})
+    scale = rng.gamma(2.0, 1.0, size=(1, units, 1, 1)).astype(np.float32)
+    for b in range(-(-n_images // block)):
+        n = min(block, n_images - b * block)
+        x = np.maximum(rng.standard_normal((n, units, hw, hw), dtype=np.float32) - 0.5, 0) * scale
+        astore.write_block(path, b, b * block, {"layer4": x})
+    astore.mark_complete(path)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(module: str, *args: str) -> dict:
+    """Run a measurement in a fresh interpreter so peak memory is its own."""
+    out = subprocess.run([sys.executable, "-m", module, "--child", *args], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,38 @@
+"""Reading activation blocks: shared by every stage that reduces over the activation store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from storage.activations import ActivationStore
+from storage.errors import UserError
+
+
+@dataclass(frozen=True)
+class LayerBlocks:
+    """Picklable loader of one layer's image blocks, with an optional per-block transform."""
+
+    store_path: str
+    layer: str
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    device: str = "cpu"
+
+    def store(self) -> ActivationStore:
+        return ActivationStore(self.store_path)
+
+    def load(self, block: int) -> torch.Tensor:
+        store = self.store()
+        values = torch.from_numpy(store.read_block(self.layer, block)).to(self.device).float()
+        if self.transform is not None:
+            values = self.transform(values).float()
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            unit = int(torch.nonzero(bad.any(dim=(0, 2, 3)))[0])
+            raise UserError(
+                f"model {store.fingerprint.get('model')!r} layer {self.layer!r} unit {unit}: "
+                f"NaN or infinite activation in {self.store_path} (image block {block})"
+            )
+        return values

@@ -1,0 +1,382 @@
+"""stages/report.py: HTML structure, the top-N block reduction, masks, atomic writes, and the
+pages in a real headless browser (Debian chromium; skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+from html import unescape
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import stages.report as report_mod
+from stages.quantile import LayerBlocks
+from stages.reduction import reduce_with_dask
+from stages.report import (
+    ReportConfig,
+    TopImagesReduction,
+    build_report,
+    render_tile,
+    top_images,
+    unit_mask,
+)
+from storage.activations import ActivationStore, create_store, mark_complete, write_block
+from storage.errors import UserError
+from tests.test_notebook import tiny_workdir
+
+TOP_N = 5
+THUMB = 64
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    """(workdir, index.html) of the report of the shared tiny run."""
+    wd = tiny_workdir(tmp_path_factory)
+    cfg = ReportConfig(wd, wd / "datasets" / "synthetic", top_n=TOP_N, progress=False,
+                       thumb_size=THUMB)
+    return wd, build_report(cfg)
+
+
+@pytest.fixture(scope="module")
+def units(built) -> pd.DataFrame:
+    frame = pd.read_parquet(built[0] / "results" / "units")
+    frame[["model", "layer"]] = frame[["model", "layer"]].astype(str)
+    return frame
+
+
+class Page(HTMLParser):
+    """The parts of a report page the tests look at."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.links: list[str] = []
+        self.rows: list[dict] = []  # unit rows: attrs, cells text, img attrs
+        self.stats: dict[str, str] = {}
+        self.bars: list[dict] = []
+        self._row: dict | None = None
+        self._cell: list[str] | None = None
+        self._stat: str | None = None
+        self._in_b = False
+        self.feed(path.read_text(encoding="utf-8"))
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "a":
+            self.links.append(a["href"])
+        elif tag == "tr" and "unit" in a.get("class", "").split():
+            self._row = {"attrs": a, "cells": [], "imgs": []}
+            self.rows.append(self._row)
+        elif tag == "td" and self._row is not None:
+            self._cell = []
+        elif tag == "img" and self._row is not None:
+            self._row["imgs"].append(a)
+        elif tag == "div" and a.get("class") == "stat":
+            self._stat = a["id"]
+        elif tag == "b" and self._stat:
+            self._in_b = True
+        elif tag == "rect" and "bar" in a.get("class", "").split():
+            self.bars.append(a)
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None and self._row is not None:
+            self._row["cells"].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr":
+            self._row = None
+        elif tag == "b":
+            self._in_b = False
+        elif tag == "div":
+            self._stat = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._in_b and self._stat:
+            self.stats[self._stat] = self.stats.get(self._stat, "") + data
+
+
+def make_store(path: Path, acts: np.ndarray, block_size: int) -> Path:
+    """An activation store holding ``acts`` (N, K, h, w) as layer 'L', chunked by blocks."""
+    n = acts.shape[0]
+    create_store(path, [f"img{i}.png" for i in range(n)], {"L": acts.shape[1:]}, block_size,
+                 "float32", {"model": "test"})
+    for b, start in enumerate(range(0, n, block_size)):
+        write_block(path, b, start, {"L": acts[start : start + block_size]})
+    mark_complete(path)
+    return path
+
+
+def brute_force_top(acts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit, argsort of per-image maxima, descending, ties to the lower image index."""
+    maxima = acts.astype(np.float32).max(axis=(2, 3)).T  # (K, N)
+    order = np.argsort(-maxima, axis=1, kind="stable")[:, :n]
+    return order, np.take_along_axis(maxima, order, axis=1)
+
+
+def check_top(store: Path, acts: np.ndarray, n: int, scheduler=None) -> None:
+    if scheduler is None:
+        top = top_images(store, "L", n)
+    else:
+        reduction = TopImagesReduction(LayerBlocks(str(store), "L"), n)
+        blocks = list(range(ActivationStore(store).n_blocks()))
+        top = reduce_with_dask(reduction, blocks, scheduler, split_every=2, progress=False)
+    index, value = brute_force_top(acts, n)
+    np.testing.assert_array_equal(top.index, index)
+    np.testing.assert_array_equal(top.value, value)
+    k = np.arange(acts.shape[1])[:, None]
+    np.testing.assert_array_equal(top.maps, acts[index, k])
+
+
+# ---------------------------------------------------------------- HTML structure
+def test_index_links_every_layer(built, units):
+    wd, index = built
+    assert index == wd / "report" / "index.html"
+    page = Page(index)
+    expected = {f"{m}/{lay}.html" for m, lay in units[["model", "layer"]].drop_duplicates()
+                .itertuples(index=False)}
+    assert expected <= set(page.links)
+    for href in page.links:
+        assert (index.parent / href).is_file(), href
+    # the stacked chart has a bar per (layer, category) with unique detectors
+    det = units[units["is_detector"]]
+    assert len(page.bars) == det.groupby(["model", "layer", "category"]).ngroups
+
+
+@pytest.mark.parametrize("layer", ["block3", "block4"])
+def test_layer_page_lists_every_unit_detectors_first(built, units, layer):
+    wd, index = built
+    path = index.parent / "demo" / f"{layer}.html"
+    page = Page(path)
+    table = units[(units["model"] == "demo") & (units["layer"] == layer)].set_index("unit")
+    assert sorted(int(r["attrs"]["data-unit"]) for r in page.rows) == sorted(table.index)
+    flags = [int(r["attrs"]["data-detector"]) for r in page.rows]
+    assert flags == sorted(flags, reverse=True), "detectors first"
+    assert 0 < sum(flags) < len(flags)
+    for row in page.rows:
+        unit = table.loc[int(row["attrs"]["data-unit"])]
+        assert bool(int(row["attrs"]["data-detector"])) == bool(unit["is_detector"])
+        assert ("detector" if unit["is_detector"] else "other") in row["attrs"]["class"]
+        number, concept, category, iou, threshold, _ = row["cells"]
+        assert (number, unescape(concept), category) == (
+            str(row["attrs"]["data-unit"]), unit["concept"], unit["category"])
+        assert float(iou) == pytest.approx(unit["iou"], abs=5e-5)
+        assert float(threshold) == pytest.approx(unit["threshold"], rel=1e-3)
+        (img,) = row["imgs"]
+        strip = path.parent / img["src"]
+        assert strip.is_file() and img["src"].startswith(f"{layer}/")
+        with Image.open(strip) as im:
+            assert im.size == (int(img["width"]), int(img["height"]))
+            assert im.size == (TOP_N * THUMB + 3 * (TOP_N - 1), THUMB)
+    ious = [float(r["cells"][3]) for r in page.rows if r["attrs"]["data-detector"] == "1"]
+    assert ious == sorted(ious, reverse=True)
+    det = table[table["is_detector"]]
+    assert page.stats == {"n-units": str(len(table)), "n-detectors": str(len(det)),
+                          "n-unique": str(det["label"].nunique())}
+    bars = {b["data-category"]: int(b["data-value"]) for b in page.bars}
+    assert bars == {c: int(det.loc[det["category"] == c, "label"].nunique())
+                    for c in table["categories"].iloc[0].split(",")}
+
+
+def test_strips_show_the_top_images_with_their_masks(built, units):
+    """First tile of a detector's strip = its top image by max activation, masked at T_k."""
+    wd, index = built
+    store = ActivationStore(wd / "activations" / "synthetic" / "demo.zarr")
+    acts = store.array("block4")[:]
+    row = units[(units["layer"] == "block4") & units["is_detector"]].sort_values("iou").iloc[-1]
+    k = int(row["unit"])
+    order, _ = brute_force_top(acts, TOP_N)
+    with Image.open(index.parent / "demo" / "block4" / f"unit_{k:04d}.jpg") as im:
+        strip = np.asarray(im.convert("RGB")).astype(int)
+    root = wd / "datasets" / "synthetic" / "images"
+    paths = store.image_paths()
+    for j in (0, TOP_N - 1):
+        with Image.open(root / paths[order[k, j]]) as im:
+            image = np.asarray(im.convert("RGB"))
+        up = F.interpolate(torch.from_numpy(acts[order[k, j], k])[None, None], size=image.shape[:2],
+                           mode="bilinear", align_corners=False)[0, 0]
+        mask = (up > torch.tensor(row["threshold"], dtype=torch.float32)).numpy()
+        np.testing.assert_array_equal(mask, unit_mask(acts[order[k, j], k], row["threshold"],
+                                                      image.shape[:2]))
+        expected = render_tile(image, mask, THUMB).astype(int)
+        tile = strip[:, j * (THUMB + 3) : j * (THUMB + 3) + THUMB]
+        assert np.abs(tile - expected).mean() < 6  # JPEG noise only
+
+
+def test_render_tile_dims_outside_the_mask():
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 255, size=(40, 40, 3), dtype=np.uint8)
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:30, 10:30] = True
+    tile = render_tile(image, mask, 40)
+    assert tile.shape == (40, 40, 3)
+    np.testing.assert_array_equal(tile[12:28, 12:28], image[12:28, 12:28])  # inside: untouched
+    assert (tile[:8, :8] < image[:8, :8]).all()  # outside: dimmed
+    assert (tile[10, 15] == report_mod.OUTLINE).all()  # edge: outlined
+
+
+# ---------------------------------------------------------------- top-N reduction
+@pytest.mark.parametrize("block_size", [1, 5, 16, 48])
+def test_top_images_equal_brute_force_on_real_activations(built, tmp_path, block_size):
+    wd, _ = built
+    acts = ActivationStore(wd / "activations" / "synthetic" / "demo.zarr").array("block3")[:]
+    store = make_store(tmp_path / f"b{block_size}.zarr", acts, block_size)
+    check_top(store, acts, TOP_N)
+    check_top(store, acts, TOP_N, scheduler="sync")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_images=st.integers(1, 13),
+    units=st.integers(1, 4),
+    block_size=st.integers(1, 14),
+    top_n=st.integers(1, 16),
+    seed=st.integers(0, 2**16),
+    scheduler=st.sampled_from([None, "sync"]),
+)
+def test_top_images_ties_and_any_blocking(n_images, units, block_size, top_n, seed, scheduler):
+    """Values from a 3-value set force ties; the lower image index must win them."""
+    rng = np.random.default_rng(seed)
+    acts = rng.choice(np.float32([-1.0, 0.0, 2.5]), size=(n_images, units, 2, 3))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_store(Path(tmp) / "s.zarr", acts, block_size)
+        check_top(store, acts, top_n, scheduler)
+
+
+# ---------------------------------------------------------------- errors and atomicity
+def test_missing_units_table_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="run stage=iou first"):
+        build_report(ReportConfig(tmp_path, tmp_path, progress=False))
+
+
+def test_unknown_concept_set_is_a_user_error(built):
+    wd, _ = built
+    cfg = ReportConfig(wd, wd / "datasets" / "synthetic", progress=False, concept_set="nope")
+    with pytest.raises(UserError, match="concept_set='nope'.*synthetic"):
+        build_report(cfg)
+
+
+def test_rebuild_is_atomic(built, tmp_path, monkeypatch):
+    """A crash keeps the old report whole; a rebuild replaces it and leaves no temp dirs."""
+    src, _ = built
+    wd = tmp_path / "wd"
+    for part in ("results", "activations"):
+        shutil.copytree(src / part, wd / part)
+    dataset = src / "datasets" / "synthetic"
+    cfg = ReportConfig(wd, dataset, top_n=2, progress=False, thumb_size=32)
+    index = build_report(cfg)
+    before = index.read_text()
+    (index.parent / "stale.txt").write_text("x")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report_mod, "index_page", crash)
+    with pytest.raises(RuntimeError):
+        build_report(cfg)
+    assert index.read_text() == before and (index.parent / "stale.txt").exists()
+    monkeypatch.undo()
+    assert build_report(cfg) == index
+    assert not (index.parent / "stale.txt").exists()
+    assert sorted(p.name for p in wd.iterdir()) == ["activations", "report", "results"]
+
+
+def test_other_dataset_root_gives_pages_without_strips(built, tmp_path):
+    src, _ = built
+    wd = tmp_path / "wd"
+    shutil.copytree(src / "results", wd / "results")
+    shutil.copytree(src / "activations", wd / "activations")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "index.csv").write_text("image,split,ih,iw,sh,sw\n")
+    index = build_report(ReportConfig(wd, other, progress=False))
+    page = index.parent / "demo" / "block3.html"
+    assert "No image strips" in page.read_text()
+    assert not any(r["imgs"] for r in Page(page).rows)
+
+
+# ---------------------------------------------------------------- real browser
+CHECK_JS = """<script>
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const bars = Array.from(document.querySelectorAll('svg rect.bar')).map(r => {
+    const b = r.getBBox(); return {value: +r.dataset.value, w: b.width, h: b.height};
+  });
+  const out = document.createElement('pre');
+  out.id = 'check';
+  out.textContent = JSON.stringify({
+    images: imgs.length,
+    broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
+    bars: bars,
+    svgs: document.querySelectorAll('svg').length,
+    rows: document.querySelectorAll('tr.unit').length,
+  });
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def browser_check(chromium: str, url: str, profile: Path) -> dict:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+           "--dump-dom", url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    start = proc.stdout.find('<pre id="check">')
+    assert start >= 0, f"the check script did not run on {url}: {proc.stdout[-500:]}"
+    end = proc.stdout.find("</pre>", start)
+    return json.loads(unescape(proc.stdout[start + len('<pre id="check">') : end]))
+
+
+def test_pages_render_in_a_real_browser(built, units, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not found on PATH (.ci/run installs Debian's chromium package)")
+    wd, index = built
+    site = tmp_path / "site"
+    shutil.copytree(index.parent, site)
+    pages = {"index.html": None, "demo/block3.html": "block3", "demo/block4.html": "block4"}
+    for rel in pages:
+        path = site / rel
+        path.with_suffix(".check.html").write_text(
+            path.read_text(encoding="utf-8").replace("</body>", CHECK_JS + "</body>"),
+            encoding="utf-8")
+    handler = functools.partial(QuietHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/"
+        for rel, layer in pages.items():
+            url = base + rel.replace(".html", ".check.html")
+            result = browser_check(chromium, url, tmp_path / "profile")
+            assert result["broken"] == [], result["broken"][:3]
+            assert result["svgs"] == 1
+            nonzero = [b for b in result["bars"] if b["value"] > 0]
+            assert nonzero and all(b["w"] > 0 and b["h"] > 0 for b in nonzero), result["bars"]
+            if layer is not None:
+                n_units = int(((units["layer"] == layer) & (units["model"] == "demo")).sum())
+                assert result["rows"] == result["images"] == n_units
+    finally:
+        server.shutdown()
+        server.server_close()
