@@ -38,7 +38,10 @@ from storage.tables import write_partition
 from storage.thresholds import load_thresholds, save_thresholds, threshold_path
 
 log = logging.getLogger("netdissect")
-STAGES = ("dataset", "concepts", "model", "extract", "quantile", "iou", "rescore", "explain", "all")
+STAGES = (
+    "dataset", "concepts", "model", "extract", "quantile", "iou", "rescore", "explain", "report",
+    "all",
+)
 
 
 def safe_name(text: str) -> str:
@@ -274,6 +277,20 @@ class Pipeline:
         lines.append(f"Tables: {self.results_root}/{{iou,units,layers}} (Parquet, hive-partitioned)")
         print("\n".join(lines))
 
+    def run_report(self) -> Path:
+        from stages.report import ReportConfig, build_report
+
+        r = self.cfg.get("report") or {}
+        top_n = int(r.get("top_n", 8))
+        if top_n < 1:
+            raise UserError(f"report.top_n={top_n}: must be >= 1")
+        index = build_report(
+            ReportConfig(self.workdir, self.dataset_root, top_n, self.progress, r.get("concept_set")),
+            self.scheduler,
+        )
+        print(f"Report: {index}")
+        return index
+
     # ------------------------------------------------------------- re-scoring
     def open_cache(self) -> ActivationStore:
         """The activation cache alone: re-scoring never loads the model."""
@@ -436,8 +453,13 @@ class Pipeline:
             return self.ensure_activations()
         if stage == "quantile":
             return self.ensure_thresholds(self.ensure_activations())
-        if stage in ("iou", "all"):
+        if stage == "iou":
             return self.run_iou()
+        if stage == "report":
+            return self.run_report()
+        if stage == "all":
+            self.run_iou()
+            return self.run_report()
         if stage == "rescore":
             return self.run_rescore()
         if stage == "explain":

@@ -139,9 +139,20 @@ def set_semantics(pixel: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tenso
     return pixel, image
 
 
-def label_area(inputs: TallyInputs, n_labels: int, seg_pixels: int) -> torch.Tensor:
+def pixel_label_counts(pixel: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """(B, L+1) pixel count of every dense label in each image, over all its planes."""
+    b = pixel.shape[0]
+    width = n_labels + 1
+    offsets = (torch.arange(b, device=pixel.device) * width).view(b, 1, 1)
+    return torch.bincount((pixel + offsets).reshape(-1), minlength=b * width).view(b, width)
+
+
+def label_area(inputs: TallyInputs, n_labels: int, seg_pixels: int,
+               pixel_counts: torch.Tensor | None = None) -> torch.Tensor:
     """G_l over the block: pixel counts plus seg_pixels per image-level occurrence."""
-    area = torch.bincount(inputs.pixel.reshape(-1), minlength=n_labels + 1)
+    if pixel_counts is None:
+        pixel_counts = pixel_label_counts(inputs.pixel, n_labels)
+    area = pixel_counts.sum(dim=0)
     area += torch.bincount(inputs.image.reshape(-1), minlength=n_labels + 1) * seg_pixels
     area[0] = 0
     return area
@@ -157,22 +168,23 @@ def image_incidence(image: torch.Tensor, n_labels: int) -> torch.Tensor:
     return inc
 
 
-def category_presence(inputs: TallyInputs) -> tuple[torch.Tensor, torch.Tensor]:
+def category_presence(
+    inputs: TallyInputs, pixel_counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C) bools: image carries a label of primary category c (any kind), and image
     carries an image-level label of category c."""
-    b = inputs.pixel.shape[0]
     c = inputs.n_categories
     lc = inputs.label_category
-
-    def presence(labels: torch.Tensor) -> torch.Tensor:
-        cats = lc[labels.reshape(b, -1)]
-        rows = torch.arange(b, device=labels.device).unsqueeze(1).expand_as(cats)
-        keep = cats >= 0
-        hits = torch.bincount(rows[keep] * c + cats[keep], minlength=b * c).view(b, c)
-        return hits > 0
-
-    image_level = presence(inputs.image)
-    return presence(inputs.pixel) | image_level, image_level
+    n_labels = lc.shape[0] - 1
+    onehot = torch.zeros((n_labels + 1, c), dtype=torch.float64, device=lc.device)
+    known = torch.nonzero(lc >= 0)[:, 0]
+    onehot[known, lc[known]] = 1.0
+    if pixel_counts is None:
+        pixel_counts = pixel_label_counts(inputs.pixel, n_labels)
+    image_counts = image_incidence(inputs.image, n_labels)
+    image_level = (image_counts.double() @ onehot) > 0
+    pixel_level = ((pixel_counts[:, 1:] > 0).double() @ onehot[1:]) > 0
+    return pixel_level | image_level, image_level
 
 
 def float32_below(thresholds: torch.Tensor) -> torch.Tensor:
@@ -238,8 +250,8 @@ def tally_block(
         bi = img_idx[start : start + pair_chunk]
         ki = unit_idx[start : start + pair_chunk]
         masks = upsample_masks(acts[bi, ki], seg_size, thresholds[ki]).reshape(len(bi), s)
-        area[bi, ki] = masks.sum(dim=1)
         pair, pix = torch.nonzero(masks, as_tuple=True)
+        area[bi, ki] = torch.bincount(pair, minlength=len(bi))
         labels = pixel[bi[pair], :, pix]  # (M, P)
         owner = ki[pair].unsqueeze(1).expand_as(labels)
         keep = labels > 0
@@ -254,7 +266,8 @@ def tally_block(
     # image-level labels: the whole mask intersects (float64 matmul is exact here)
     inc = image_incidence(inputs.image, n_labels)
     intersection += torch.round(area.double().T @ inc.double()).to(torch.int64)
-    any_cat, image_cat = category_presence(inputs)
+    pixel_counts = pixel_label_counts(pixel, n_labels)
+    any_cat, image_cat = category_presence(inputs, pixel_counts)
     if union == "global":
         unit_area = area.sum(dim=0, keepdim=True).T.expand(k, c).clone()
     elif union == "restricted":
@@ -269,5 +282,5 @@ def tally_block(
     return {
         "intersection": intersection,
         "unit_area": unit_area,
-        "label_area": label_area(inputs, n_labels, s),
+        "label_area": label_area(inputs, n_labels, s, pixel_counts),
     }

@@ -49,8 +49,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from stages.blocks import LayerBlocks
 from stages.kernels import upsample_masks
-from stages.quantile import LayerBlocks
 from stages.reduction import reduce_in_process, reduce_with_dask
 from storage.activations import ActivationStore
 from storage.broden import index_fingerprint

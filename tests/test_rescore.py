@@ -75,7 +75,7 @@ def build_set(root: Path, variant: str, order=None) -> Path:
     root = b.write()
     from tests.broden_factory import save_rgb
 
-    for row, i in enumerate(rows):
+    for i in rows:
         save_rgb(root / "images" / f"img/{i:04d}.png", 32, 32, seed=1000 + i)
     return root
 
