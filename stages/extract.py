@@ -78,7 +78,7 @@ def extract_block(cfg: ExtractConfig, item: tuple[int, list[ImageRecord]]) -> in
     """Compute and write one image block (a Dask task)."""
     block, records = item
     device = pick_device(cfg.device)
-    model = cached_model(cfg.model.to_json(), device)
+    model, lock = cached_model(cfg.model.to_json(), device)
     batches = [records[i : i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
     parts: dict[str, list[np.ndarray]] = {name: [] for name in cfg.model.layers}
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -87,9 +87,9 @@ def extract_block(cfg: ExtractConfig, item: tuple[int, list[ImageRecord]]) -> in
             images = pending.result()
             if i + 1 < len(batches):  # decode the next batch while this one runs
                 pending = pool.submit(_decode, cfg.images_dir, batches[i + 1])
-            for name, values in forward_layers(
-                model, cfg.model.layers, images, cfg.model.preprocess, device
-            ).items():
+            with lock:
+                outputs = forward_layers(model, cfg.model.layers, images, cfg.model.preprocess, device)
+            for name, values in outputs.items():
                 parts[name].append(values)
     outputs = {name: np.concatenate(v) for name, v in parts.items()}
     for name, values in outputs.items():

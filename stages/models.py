@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -90,11 +91,21 @@ def _call_factory(spec: ModelSpec) -> nn.Module:
     return model
 
 
+# torch's default generator is process-wide: seeding and initialising must not interleave
+# between threads, or two threads building "seed 0" models get different weights.
+_INIT_LOCK = threading.Lock()
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Instantiate and load weights; the model is returned in eval mode."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return _build_model(spec)
+
+
+def _build_model(spec: ModelSpec) -> nn.Module:
     import torchvision
 
-    torch.manual_seed(spec.seed)
     weights = None if spec.weights is None or str(spec.weights).lower() == "none" else str(spec.weights)
     if spec.factory:
         model = _call_factory(spec)
@@ -148,9 +159,11 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
 
 
 @lru_cache(maxsize=2)
-def cached_model(spec_json: str, device: str) -> nn.Module:
-    """One model per worker process and spec, so image blocks don't rebuild it."""
-    return build_model(ModelSpec.from_json(spec_json)).to(device)
+def cached_model(spec_json: str, device: str) -> tuple[nn.Module, threading.Lock]:
+    """One model per worker process and spec, so image blocks don't rebuild it, with the
+    lock that serializes its forward passes: capture hooks live on the shared modules, so two
+    threads running it at once would see each other's outputs."""
+    return build_model(ModelSpec.from_json(spec_json)).to(device), threading.Lock()
 
 
 def resolve_layers(model: nn.Module, names: tuple[str, ...] | list[str]) -> dict[str, nn.Module]:
