@@ -22,7 +22,7 @@ import torch
 
 from stages.blocks import LayerBlocks
 from stages.formulas import And, Formula, Label, Not, Or, format_formula
-from stages.kernels import float32_below, skip_bound, upsample_masks
+from stages.kernels import float32_below, masked_pixels, skip_bound
 from stages.labels import LabelSpace, tally_inputs
 from storage.concepts import ConceptStore
 
@@ -54,7 +54,7 @@ class SignatureReduction:
     thresholds: np.ndarray  # (K,) float64
     space: LabelSpace
     rows: np.ndarray | None = None  # activation row -> concept row (-1 = absent)
-    pair_chunk: int = 512
+    pair_chunk: int = 4096
 
     def chunk(self, block: int) -> dict[str, np.ndarray]:
         acts = self.blocks.load(block)
@@ -83,8 +83,7 @@ class SignatureReduction:
         keys = []
         for i in range(0, len(bi_all), self.pair_chunk):
             bi, ki = bi_all[i : i + self.pair_chunk], ki_all[i : i + self.pair_chunk]
-            masks = upsample_masks(acts[bi, ki], (store.sh, store.sw), t32[ki]).reshape(len(bi), s)
-            pair, pix = torch.nonzero(masks, as_tuple=True)
+            pair, pix = masked_pixels(acts[bi, ki], t32[ki], (store.sh, store.sw))
             keys.append(ki[pair] * len(table) + sig_id[bi[pair], pix])
         flat = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
         uk, uc = torch.unique(flat, return_counts=True)

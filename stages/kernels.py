@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 KEY_BITS = 32
 RADIX_WIDTHS = (11, 11, 10)  # three histogram passes pin down a float32 exactly
+FULL_MAP_CHUNK = 512  # maps upsampled at once where row bands are not exact
 
 
 # ---------------------------------------------------------------- exact quantiles
@@ -217,6 +219,96 @@ def upsample_masks(acts: torch.Tensor, size: tuple[int, int], thresholds: torch.
     return up > thresholds[:, None, None]
 
 
+@lru_cache(maxsize=64)
+def row_bands_exact(h: int, w: int, sh: int, sw: int, device: str = "cpu") -> bool:
+    """Does interpolating a band of input rows give bit-identical output rows?
+
+    True only for integer row scale factors where torch's kernel, on this device, returns
+    the same float32 values for every band as for the full map (checked on random maps of
+    mixed magnitude over every band).  Where it doesn't, callers upsample whole maps.
+    """
+    if sh % h or h < 2:
+        return False
+    s = sh // h
+    gen = torch.Generator().manual_seed(12345)
+    maps = torch.randn((6, h, w), generator=gen) * torch.tensor([1e-3, 1, 1, 10, 1e3, 1e5]).view(6, 1, 1)
+    maps = maps.to(device)
+    full = F.interpolate(maps[:, None], size=(sh, sw), mode="bilinear", align_corners=False)[:, 0]
+    y0 = _source_rows(h, sh).to(device)
+    for lo in range(h):
+        for hi in range(lo + 1, h):  # bands of at least two rows (one row is a special case)
+            band = F.interpolate(maps[:, None, lo : hi + 1], size=((hi - lo + 1) * s, sw),
+                                 mode="bilinear", align_corners=False)[:, 0]
+            rows = torch.nonzero(_band_valid(y0, lo, hi, h, s))[:, 0]
+            if not torch.equal(band[:, rows], full[:, lo * s + rows]):
+                return False
+    return True
+
+
+def _source_rows(h: int, sh: int) -> torch.Tensor:
+    """y0 of every output row, as torch's bilinear kernel computes it (align_corners=False)."""
+    scale = torch.tensor(h / sh, dtype=torch.float32)
+    src = torch.clamp(scale * (torch.arange(sh, dtype=torch.float32) + 0.5) - 0.5, min=0)
+    return src.floor().long().clamp(max=h - 1)
+
+
+def _band_valid(y0: torch.Tensor, lo: int, hi: int, h: int, s: int) -> torch.Tensor:
+    """Rows of a band [lo, hi] whose value equals the full map's: both source rows inside
+    the band and no clamping that the full map doesn't have."""
+    rows = y0[lo * s : (hi + 1) * s]
+    return (rows >= lo) & ((rows <= hi - 1) | (hi == h - 1))
+
+
+def masked_pixels(
+    maps: torch.Tensor, t32: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair, pixel) of every output pixel with bilinear(map) > t32, exactly as a full
+    :func:`upsample_masks` would give.
+
+    Where :func:`row_bands_exact` holds, each map is upsampled only over the band of rows
+    around its hot rows (cells above :func:`skip_bound`): rows outside the band interpolate
+    cells that cannot produce a mask pixel.  Maps are grouped by band so each group is one
+    interpolate call.
+    """
+    p, h, w = maps.shape
+    sh, sw = size
+    if p == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=maps.device)
+        return empty, empty
+    if not row_bands_exact(h, w, sh, sw, maps.device.type):
+        pairs, pixels = [], []
+        for start in range(0, p, FULL_MAP_CHUNK):  # bounded memory: chunk x sh x sw floats
+            masks = upsample_masks(maps[start : start + FULL_MAP_CHUNK], size,
+                                   t32[start : start + FULL_MAP_CHUNK]).reshape(-1, sh * sw)
+            q, pix = torch.nonzero(masks, as_tuple=True)
+            pairs.append(q + start)
+            pixels.append(pix)
+        return torch.cat(pairs), torch.cat(pixels)
+    s = sh // h
+    hot = (maps > skip_bound(t32)[:, None, None]).any(dim=2)  # (P, h)
+    idx = torch.arange(h, device=maps.device)
+    lo = (torch.where(hot, idx, h).amin(dim=1) - 1).clamp(min=0)
+    hi = (torch.where(hot, idx, -1).amax(dim=1) + 1).clamp(max=h - 1)
+    single = hi <= lo  # widen one-row bands: torch treats a one-row input specially
+    lo = torch.where(single & (lo > 0), lo - 1, lo)
+    hi = torch.where(single & (lo == hi), hi + 1, hi)
+    y0 = _source_rows(h, sh).to(maps.device)
+    pairs, pixels = [], []
+    keys = lo * h + hi
+    for key in torch.unique(keys).tolist():
+        band_lo, band_hi = divmod(int(key), h)
+        sel = torch.nonzero(keys == key)[:, 0]
+        band = F.interpolate(maps[sel, band_lo : band_hi + 1][:, None].float(),
+                             size=((band_hi - band_lo + 1) * s, sw), mode="bilinear",
+                             align_corners=False)[:, 0]
+        valid = _band_valid(y0, band_lo, band_hi, h, s)
+        mask = (band > t32[sel][:, None, None]) & valid[None, :, None]
+        q, r, x = torch.nonzero(mask, as_tuple=True)
+        pairs.append(sel[q])
+        pixels.append((band_lo * s + r) * sw + x)
+    return torch.cat(pairs), torch.cat(pixels)
+
+
 def tally_block(
     acts: torch.Tensor,
     thresholds: torch.Tensor,
@@ -224,7 +316,7 @@ def tally_block(
     n_labels: int,
     seg_size: tuple[int, int],
     union: str,
-    pair_chunk: int = 512,
+    pair_chunk: int = 4096,
 ) -> dict[str, torch.Tensor]:
     """Exact int64 counts of one block of images for every unit and label.
 
@@ -249,8 +341,7 @@ def tally_block(
     for start in range(0, len(img_idx), pair_chunk):
         bi = img_idx[start : start + pair_chunk]
         ki = unit_idx[start : start + pair_chunk]
-        masks = upsample_masks(acts[bi, ki], seg_size, thresholds[ki]).reshape(len(bi), s)
-        pair, pix = torch.nonzero(masks, as_tuple=True)
+        pair, pix = masked_pixels(acts[bi, ki], thresholds[ki], seg_size)
         area[bi, ki] = torch.bincount(pair, minlength=len(bi))
         labels = pixel[bi[pair], :, pix]  # (M, P)
         owner = ki[pair].unsqueeze(1).expand_as(labels)

@@ -77,8 +77,10 @@ def tally_inputs(block: ConceptBlock, space: LabelSpace, planes: str, device: st
     )
     lut = torch.from_numpy(space.lut).to(device)
     b, p = block.pixel_labels.shape[:2]
-    pixel = torch.from_numpy(block.pixel_labels).to(device).long().reshape(b, p, -1)
-    pixel = lut[pixel] * torch.from_numpy(plane_keep).to(device)[:, :, None]
+    pixel = lut[torch.from_numpy(block.pixel_labels).to(device).reshape(b, p, -1)]
+    dropped = torch.from_numpy(~plane_keep).to(device)
+    if dropped.any():  # planes of unselected categories (empty slots are zeros already)
+        pixel[dropped] = 0
     image = lut[torch.from_numpy(block.image_labels).to(device).long()]
     image = image * torch.from_numpy(image_keep).to(device)
     if planes == "set":
