@@ -73,7 +73,7 @@ def dask_scheduler(cluster: Any) -> Iterator[Any]:
             memory_limit=cluster.get("memory_limit", "auto"),
             env=worker_env(threads),
             dashboard_address=":0",
-            silence_logs=logging.ERROR,
+            silence_logs=False,
         )
     client = Client(local)
     log.info("dask: %s with %d workers", type(local).__name__, len(local.workers))

@@ -8,6 +8,7 @@ line naming what to fix and exit with status 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,11 +43,20 @@ def run(cfg: dict) -> object:
         return Pipeline(cfg, scheduler).run(stage)
 
 
+def quiet_libraries() -> None:
+    """Dask and its web stack log every connection at INFO; keep their errors only
+    (in this process and, through the environment, in the worker processes it starts)."""
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    import distributed  # noqa: F401 - configures its loggers on import; override after
+    for name in list(logging.root.manager.loggerDict) + ["distributed", "tornado", "bokeh"]:
+        if name.split(".")[0] in ("distributed", "tornado", "bokeh"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("netdissect").setLevel(logging.INFO)
-    for noisy in ("distributed", "tornado", "bokeh"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_libraries()
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
