@@ -23,8 +23,7 @@ import torch
 from stages.blocks import LayerBlocks
 from stages.formulas import And, Formula, Label, Not, Or, format_formula
 from stages.kernels import float32_below, masked_pixels, skip_bound
-from stages.labels import LabelSpace, tally_inputs
-from storage.concepts import ConceptStore
+from stages.labels import LabelSpace, load_scoring_block, tally_inputs
 
 
 def _unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,19 +56,9 @@ class SignatureReduction:
     pair_chunk: int = 4096
 
     def chunk(self, block: int) -> dict[str, np.ndarray]:
-        acts = self.blocks.load(block)
-        store = ConceptStore(self.concept_path)
-        start = block * self.blocks.store().block_size
-        stop = start + acts.shape[0]
-        if self.rows is None:
-            concept = store.read_block(start, stop)
-        else:
-            rows = self.rows[start:stop]
-            keep = rows >= 0
-            acts = acts[torch.from_numpy(keep)]
-            if not keep.any():
-                return self._empty(acts.shape[1])
-            concept = store.read_rows(rows[keep])
+        acts, concept, store = load_scoring_block(self.blocks, self.concept_path, self.rows, block)
+        if concept is None:
+            return self._empty(acts.shape[1])
         inputs = tally_inputs(concept, self.space, "set", "cpu")
         sig = pixel_signatures(inputs.pixel, inputs.image)  # (B, S, W)
         b, s = sig.shape[:2]

@@ -16,8 +16,12 @@ import torch
 
 from stages.blocks import LayerBlocks
 from stages.kernels import tally_block
-from stages.labels import LabelSpace, label_space, tally_inputs  # noqa: F401 - re-exported
-from storage.concepts import ConceptStore
+from stages.labels import (  # noqa: F401 - label_space re-exported
+    LabelSpace,
+    label_space,
+    load_scoring_block,
+    tally_inputs,
+)
 from storage.errors import UserError
 
 UNION_MODES = ("restricted", "global", "lite")
@@ -61,19 +65,9 @@ class TallyReduction:
         }
 
     def chunk(self, block: int) -> dict[str, np.ndarray]:
-        acts = self.blocks.load(block)
-        store = ConceptStore(self.concept_path)
-        start = block * self.blocks.store().block_size
-        stop = start + acts.shape[0]
-        if self.rows is None:
-            concept = store.read_block(start, stop)
-        else:
-            rows = self.rows[start:stop]
-            keep = rows >= 0
-            if not keep.any():
-                return self._zero(acts.shape[1])
-            acts = acts[torch.from_numpy(keep).to(acts.device)]
-            concept = store.read_rows(rows[keep])
+        acts, concept, store = load_scoring_block(self.blocks, self.concept_path, self.rows, block)
+        if concept is None:
+            return self._zero(acts.shape[1])
         device = str(acts.device)
         inputs = tally_inputs(concept, self.space, self.scoring.planes, device)
         counts = tally_block(

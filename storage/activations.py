@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from storage.blocks import create_index_arrays, mark_block_done, mark_complete, missing_blocks  # noqa: F401 - part of this module's API
 from storage.errors import StoreMismatchError, UserError
 
 FORMAT_VERSION = 2
@@ -59,14 +60,7 @@ def create_store(
             compressors=[zarr.codecs.ZstdCodec(level=3)],
             dimension_names=layer_dims(layer),
         )
-    image = group.create_array("image", shape=(n,), chunks=(max(n, 1),), dtype=str,
-                               dimension_names=["image"])
-    image[:] = np.array(image_paths)
-    n_blocks = -(-n // block_size)
-    group.require_group("progress").create_array(
-        "blocks_done", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0,
-        dimension_names=["block"],
-    )
+    create_index_arrays(group, image_paths, block_size)
     group.attrs.update(
         {
             "format_version": FORMAT_VERSION,
@@ -94,9 +88,6 @@ def store_state(path: Path, fingerprint: dict) -> str:
     return "complete" if attrs.get("complete") else "partial"
 
 
-def missing_blocks(path: Path) -> list[int]:
-    done = zarr.open_group(str(path), mode="r")["progress/blocks_done"][:]
-    return [int(i) for i in np.flatnonzero(done == 0)]
 
 
 def write_block(path: Path, block_index: int, start: int, outputs: dict[str, np.ndarray]) -> None:
@@ -105,11 +96,9 @@ def write_block(path: Path, block_index: int, start: int, outputs: dict[str, np.
     for layer, values in outputs.items():
         arr = group[layer]
         arr[start : start + values.shape[0]] = values.astype(arr.dtype, copy=False)
-    group["progress/blocks_done"][block_index] = 1
+    mark_block_done(group, block_index)
 
 
-def mark_complete(path: Path) -> None:
-    zarr.open_group(str(path), mode="r+").attrs["complete"] = True
 
 
 class ActivationStore:

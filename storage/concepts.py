@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from storage.blocks import create_index_arrays, mark_block_done, mark_complete, missing_blocks  # noqa: F401 - part of this module's API
 from storage.broden import BrodenDataset, ImageRecord, LabelInfo, decode_plane
 from storage.errors import BrodenFormatError
 
@@ -122,15 +123,7 @@ def create_store(path: Path, dataset: BrodenDataset, block_size: int) -> None:
         "image_label_category", shape=(n, n_scalars), chunks=(block_size, n_scalars),
         dtype="int8", fill_value=-1, dimension_names=["image", "slot"], **common,
     )
-    image = group.create_array(
-        "image", shape=(n,), chunks=(max(n, 1),), dtype=str, dimension_names=["image"]
-    )
-    image[:] = np.array([r.image for r in dataset.images])
-    n_blocks = -(-n // block_size)
-    group.require_group("progress").create_array(
-        "blocks_done", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0,
-        dimension_names=["block"],
-    )
+    create_index_arrays(group, [r.image for r in dataset.images], block_size)
     group.attrs.update(
         {
             "format_version": FORMAT_VERSION,
@@ -161,9 +154,6 @@ def store_state(path: Path, fingerprint: str) -> str:
     return "complete" if attrs.get("complete") else "partial"
 
 
-def missing_blocks(path: Path) -> list[int]:
-    done = zarr.open_group(str(path), mode="r")["progress/blocks_done"][:]
-    return [int(i) for i in np.flatnonzero(done == 0)]
 
 
 def decode_block(
@@ -225,12 +215,10 @@ def write_block(
     group["plane_category"][start:stop] = block.plane_category
     group["image_labels"][start:stop] = block.image_labels
     group["image_label_category"][start:stop] = block.image_label_category
-    group["progress/blocks_done"][block_index] = 1
+    mark_block_done(group, block_index)
     return len(records)
 
 
-def mark_complete(path: Path) -> None:
-    group = zarr.open_group(str(path), mode="r+")
     group.attrs["complete"] = True
 
 
