@@ -26,6 +26,12 @@ def worker_env(threads: int) -> dict[str, str]:
     }
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @contextmanager
 def dask_scheduler(cluster: Any) -> Iterator[Any]:
     """Yield what stages take as ``scheduler``: None (in-process), "threads", or a Client."""
@@ -55,6 +61,9 @@ def dask_scheduler(cluster: Any) -> Iterator[Any]:
         return
     from distributed import Client
 
+    if kind == "cuda" and not _has_gpu():
+        log.info("cluster=cuda: no GPU on this machine; using a CPU LocalCluster instead")
+        kind = "local"
     if kind == "cuda":
         try:
             from dask_cuda import LocalCUDACluster

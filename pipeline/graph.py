@@ -196,8 +196,12 @@ class Pipeline:
         scoring.validate()
         return scoring
 
-    def layer_blocks(self, layer: str) -> LayerBlocks:
-        return LayerBlocks(str(self.activation_path), layer, None, "cpu")
+    def layer_blocks(self, layer: str, device: str | None = None) -> LayerBlocks:
+        """Blocks for the threshold and tally kernels: on the worker's GPU when it has one
+        (``extract.device=auto``), else CPU."""
+        if device is None:
+            device = str((self.cfg.get("extract") or {}).get("device", "auto"))
+        return LayerBlocks(str(self.activation_path), layer, None, device)
 
     def ensure_thresholds(self, store: ActivationStore) -> dict[str, np.ndarray]:
         q = self.scoring.quantile
@@ -349,7 +353,7 @@ class Pipeline:
         from stages.explain import SignatureCounts, SignatureReduction
 
         space = label_space(concepts, self.scoring.categories)
-        reduction = SignatureReduction(self.layer_blocks(layer), str(concepts.path),
+        reduction = SignatureReduction(self.layer_blocks(layer, "cpu"), str(concepts.path),
                                        np.array(thresholds[layer]), space, rows)
         partial = self.tally(reduction, store.n_blocks(), f"signatures {layer}")
         return SignatureCounts.from_partial(partial, space.n_labels), space

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -70,5 +71,49 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+HYDRA_FLAGS = ("-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info",
+               "--shell-completion", "-sc", "--version", "--config-path", "-cp",
+               "--config-name", "-cn", "--config-dir", "-cd", "--resolve", "-p", "--package")
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config once before Hydra does, so a bad key or option is one clear line
+    (Hydra's own message spans several lines and exits 1)."""
+    if any(arg.split("=")[0] in HYDRA_FLAGS for arg in argv):
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        compose_config(argv)
+    except (HydraException, OmegaConfBaseException) as exc:
+        text = f"{exc}\n{exc.__cause__ or ''}"
+        print(f"error: {config_error_line(text)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def config_error_line(text: str) -> str:
+    """One line out of Hydra's or OmegaConf's multi-line composition errors."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
+    missing = re.search(r"Missing mandatory value: ([\w.]+)", text)
+    if missing:
+        return f"config key {missing.group(1)} must be set (add {missing.group(1)}=...)"
+    if "is not in struct" in text:
+        quoted = re.search(r"Could not override '([^']+)'", text)
+        key = quoted.group(1) if quoted else key
+        return f"config key {key!r} does not exist; check its spelling (see pipeline/conf/)"
+    if "Could not find" in text:
+        options = []
+        for line in lines[1:]:
+            if line.startswith("Config search path"):
+                break
+            if not line.startswith("Available"):
+                options.append(line)
+        return f"{lines[0]}; available: {', '.join(options)}"
+    return "; ".join(lines[:2])
+
+
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
     main()

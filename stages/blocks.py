@@ -18,14 +18,20 @@ class LayerBlocks:
     store_path: str
     layer: str
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # "auto": cuda where the worker running the block has a GPU
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def store(self) -> ActivationStore:
         return ActivationStore(self.store_path)
 
     def load(self, block: int) -> torch.Tensor:
         store = self.store()
-        values = torch.from_numpy(store.read_block(self.layer, block)).to(self.device).float()
+        values = torch.from_numpy(store.read_block(self.layer, block))
+        values = values.to(self.resolved_device()).float()
         if self.transform is not None:
             values = self.transform(values).float()
         bad = ~torch.isfinite(values)

@@ -169,3 +169,17 @@ def test_bad_config_value_is_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: scoring.union='bogus'")
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("scoring.unoin=global", "config key 'scoring.unoin' does not exist"),
+    ("model=resnet19", "Could not find 'model/resnet19'; available: alexnet"),
+    ("model=torchvision", "config key model.arch must be set"),
+])
+def test_bad_config_key_is_one_line(tmp_path, override, expected):
+    res = subprocess.run(cli(override, f"workdir={tmp_path}"), cwd=REPO, env=cli_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith("error: ") and expected in res.stderr
+    assert not any(tmp_path.iterdir())
