@@ -15,7 +15,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
     main, tests = readme_commands()
-    assert "python -m pipeline.run stage=iou" in main
+    assert main.endswith("python -m pipeline.run stage=all")
     assert "pytest" in tests
     assert tests in (REPO / ".ci" / "run").read_text().splitlines()
 
