@@ -36,3 +36,15 @@ def test_imports_run_pipeline_to_stages_to_storage():
         assert not _imports(path) & {"pipeline", "stages"}, path
     for path in (REPO / "stages").glob("*.py"):
         assert "pipeline" not in _imports(path), path
+
+
+SHARED = {"blocks", "kernels", "labels", "reduction", "models", "formulas", "__init__"}
+
+
+def test_a_stage_never_imports_another_stage():
+    for path in (REPO / "stages").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
+                target = node.module.split(".")[1]
+                assert target in SHARED, f"{path.name} imports stage module {target}"
