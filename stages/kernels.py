@@ -122,19 +122,33 @@ class TallyInputs:
     n_categories: int
 
 
-def set_semantics(pixel: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def set_semantics(
+    pixel: torch.Tensor,
+    image: torch.Tensor,
+    plane_pairs: list[tuple[int, int]] | None = None,
+    image_slots: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop repeats so each (pixel, label) counts once: across planes, and where an
-    image-level label already covers the whole image; repeated image-level labels too."""
+    image-level label already covers the whole image; repeated image-level labels too.
+
+    ``plane_pairs`` (i < j) and ``image_slots`` limit the comparisons to those that can
+    find a repeat (see ``stages.labels.repeat_checks``); by default everything is compared.
+    """
     pixel = pixel.clone()
     image = image.clone()
     n_planes = pixel.shape[1]
-    for j in range(1, n_planes):
-        earlier = (pixel[:, j : j + 1] == pixel[:, :j]).any(dim=1)
-        pixel[:, j][earlier] = 0
+    if plane_pairs is None:
+        plane_pairs = [(i, j) for j in range(1, n_planes) for i in range(j)]
+    for i, j in plane_pairs:  # ordered by j, so an earlier plane keeps the label
+        plane = pixel[:, j]
+        plane[(plane == pixel[:, i]) & (plane > 0)] = 0
+    slots = set(range(image.shape[1]) if image_slots is None else image_slots)
     for qi in range(image.shape[1]):
         lab = image[:, qi]
         if qi > 0:
             image[:, qi] = torch.where((image[:, :qi] == lab[:, None]).any(1), 0, lab)
+        if qi not in slots:
+            continue
         lab = image[:, qi]
         covered = (pixel == lab[:, None, None]) & (lab[:, None, None] > 0)
         pixel[covered] = 0

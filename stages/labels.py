@@ -26,6 +26,7 @@ class LabelSpace:
     primary: np.ndarray  # (L,) index into categories
     lut: np.ndarray  # label number -> dense index
     store_category_map: np.ndarray  # store category index -> selected index or -1
+    category_share: np.ndarray  # (store cats, store cats) bool: some label listed in both
     extra: dict = field(default_factory=dict)
 
     @property
@@ -61,10 +62,39 @@ def label_space(store: ConceptStore, categories: tuple[str, ...] | list[str] | N
     lut = np.zeros(max_number + 1, dtype=np.int64)
     lut[np.array(numbers, dtype=np.int64)] = np.arange(1, len(numbers) + 1)
     cat_map = np.array([selected.index(c) if c in selected else -1 for c in store.categories])
+    n_cats = len(store.categories)
+    share = np.eye(n_cats, dtype=bool)
+    for info in store.labels.values():
+        listed = [store.categories.index(c) for c in info.coverage if c in store.categories]
+        share[np.ix_(listed, listed)] = True
     return LabelSpace(
         np.array(numbers, dtype=np.int64), tuple(names), tuple(selected),
-        np.array(primary, dtype=np.int64), lut, cat_map,
+        np.array(primary, dtype=np.int64), lut, cat_map, share,
     )
+
+
+def repeat_checks(block: ConceptBlock, share: np.ndarray) -> tuple[list[tuple[int, int]], list[int]]:
+    """Which plane pairs, and which image-level slots, can carry the same label somewhere in
+    the block.  The concept store only admits a label into a plane of a category that lists
+    it, so two planes can repeat a label only if their categories share one."""
+    pc = block.plane_category.astype(np.int64)
+    ic = block.image_label_category.astype(np.int64)
+    pairs = []
+    for j in range(1, pc.shape[1]):
+        for i in range(j):
+            ok = (pc[:, i] >= 0) & (pc[:, j] >= 0)
+            if ok.any() and share[pc[ok, i], pc[ok, j]].any():
+                pairs.append((i, j))
+    slots = []
+    for q in range(ic.shape[1]):
+        ok = ic[:, q] >= 0
+        if ok.any():
+            cats = pc[ok]
+            valid = cats >= 0
+            rows = np.broadcast_to(ic[ok, q][:, None], cats.shape)
+            if share[rows[valid], cats[valid]].any():
+                slots.append(q)
+    return pairs, slots
 
 
 def tally_inputs(block: ConceptBlock, space: LabelSpace, planes: str, device: str) -> TallyInputs:
@@ -84,7 +114,8 @@ def tally_inputs(block: ConceptBlock, space: LabelSpace, planes: str, device: st
     image = lut[torch.from_numpy(block.image_labels).to(device).long()]
     image = image * torch.from_numpy(image_keep).to(device)
     if planes == "set":
-        pixel, image = set_semantics(pixel, image)
+        pairs, slots = repeat_checks(block, space.category_share)
+        pixel, image = set_semantics(pixel, image, pairs, slots)
     return TallyInputs(
         pixel, image, torch.from_numpy(space.dense_category()).to(device), len(space.categories)
     )

@@ -59,3 +59,44 @@ def test_float32_below_is_the_exact_comparison():
     assert (t32.double() <= t).all()
     nxt = torch.nextafter(t32, torch.full_like(t32, float("inf")))
     assert (nxt.double() > t).all()
+
+
+def test_set_semantics_across_categories_sharing_a_label(tmp_path):
+    """A label listed in two categories, at the same pixel in a plane of each, counts once;
+    planes of categories that share no label are never compared (and need not be)."""
+    from stages.blocks import LayerBlocks
+    from stages.concepts import ConceptsConfig, build_concept_store
+    from stages.iou import ScoringConfig, TallyReduction
+    from stages.labels import label_space, repeat_checks
+    from stages.reduction import reduce_in_process
+    from storage import activations as astore
+    from tests.broden_factory import BrodenBuilder
+
+    b = BrodenBuilder(tmp_path / "ds", ["color", "part", "material", "scene"], sh=4, sw=4)
+    b.label(1, "red", color=1.0).label(48, "glass", part=0.2, material=0.1)
+    b.label(300, "door", part=0.3).label(40, "sky", material=0.5).label(100, "park", scene=1.0)
+    glass = np.zeros((4, 4), dtype=np.int64)
+    glass[:2, :2] = 48
+    part = np.where(glass > 0, 48, 300)
+    material = np.where(glass > 0, 48, 40)
+    for _ in range(3):
+        b.image(planes={"color": [np.ones((4, 4), int)], "part": [part, part],
+                        "material": [material]}, scalars={"scene": [100]})
+    root = b.write()
+    store = build_concept_store(ConceptsConfig(root, tmp_path / "c.zarr", 2, False), None)
+    space = label_space(store, None)
+    pairs, slots = repeat_checks(store.read_block(0, 3), space.category_share)
+    assert (0, 1) not in pairs and (1, 2) in pairs and (1, 3) in pairs and (2, 3) in pairs
+    assert slots == []
+    path = tmp_path / "a.zarr"
+    acts = np.zeros((3, 1, 4, 4), dtype=np.float32)
+    astore.create_store(path, store.image_paths(), {"l": (1, 4, 4)}, 2, "float32", {"m": 1})
+    astore.write_block(path, 0, 0, {"l": acts[:2]})
+    astore.write_block(path, 1, 2, {"l": acts[2:]})
+    astore.mark_complete(path)
+    for planes, expected in (("set", 3 * 4), ("multiset", 3 * 4 * 3)):
+        counts = reduce_in_process(
+            TallyReduction(LayerBlocks(str(path), "l"), str(store.path), np.array([1.0]), space,
+                           ScoringConfig(planes=planes)), range(2))
+        glass_index = int(space.lut[48])
+        assert counts["label_area"][glass_index] == expected
