@@ -51,13 +51,16 @@ def child(workdir: Path, n: int, scheduler: str) -> None:
         counts = reduce_with_dask(reduction, list(range(n_blocks)), client or scheduler,
                                   progress=False)
     seconds = time.perf_counter() - start
-    active = None
+    workers_peak = None
     if client is not None:
+        rss = client.run(peak_rss_mib)
+        workers_peak = max(rss.values())
         client.close()
         cluster.close()
     print(json.dumps({"images": n, "seconds": seconds, "images_per_s": n / seconds,
                       "peak_rss_mib_client": peak_rss_mib(), "labels": space.n_labels,
-                      "intersections": int(counts["intersection"].sum()), "active": active}))
+                      "intersections": int(counts["intersection"].sum()),
+                      "peak_rss_mib_worker": workers_peak}))
 
 
 def main() -> None:
@@ -88,7 +91,8 @@ def main() -> None:
         r = run_child("benchmarks.bench_iou", "--workdir", str(workdir), "--n", str(n),
                       "--scheduler", args.scheduler)
         print(f"N={n:6d} {args.scheduler:7s} {r['images_per_s']:7.0f} images/s  "
-              f"client peak RSS {r['peak_rss_mib_client']:6.0f} MiB  ({r['seconds']:.1f} s)")
+              f"client peak RSS {r['peak_rss_mib_client']:6.0f} MiB, worker peak RSS "
+              f"{r['peak_rss_mib_worker'] or 0:6.0f} MiB  ({r['seconds']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,14 @@ def write_activations(path: Path, n_images: int, units: int = 512, hw: int = 7,
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
+    """Peak resident memory of this process: VmHWM of its own address space (ru_maxrss would
+    include the parent's peak for processes started by fork + exec, like Dask workers)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -41,6 +41,7 @@ from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
 DEFAULT_CANDIDATE_BUDGET = 1 << 24  # float32 values kept per partial (64 MiB)
+RADIX_SLICE = 1 << 22  # values keyed at once in a radix pass (32 MiB of int64 keys)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,13 @@ class RadixReduction:
     def chunk(self, block: int) -> np.ndarray:
         values = unit_values(self.blocks.load(block))
         prefixes = torch.from_numpy(self.prefixes).to(values.device)
-        return radix_histogram(float_keys(values), prefixes, self.done_bits, self.width).cpu().numpy()
+        # a slice of units at a time keeps the int64 key temporaries near 2^22 elements
+        step = max(1, RADIX_SLICE // max(values.shape[1], 1))
+        return np.concatenate([
+            radix_histogram(float_keys(values[u : u + step]), prefixes[u : u + step],
+                            self.done_bits, self.width).cpu().numpy()
+            for u in range(0, values.shape[0], step)
+        ])
 
     def combine(self, partials) -> np.ndarray:
         return np.sum(partials, axis=0)

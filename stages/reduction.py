@@ -10,6 +10,7 @@ a ``distributed.Client``.  Partials are plain numpy arrays so they travel betwee
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -68,10 +69,40 @@ def reduce_with_dask(
     split_every: int = 8,
     progress: bool = True,
 ) -> Any:
-    """Tree-reduce on a Dask scheduler; the finish step runs here, on the caller."""
-    graph = reduction_graph(reduction, blocks, split_every)
-    (partial,) = compute(graph, scheduler=scheduler, desc=desc, progress=progress)
-    return reduction.finish(partial)
+    """Tree-reduce on a Dask scheduler; the finish step runs here, on the caller.
+
+    Blocks go in waves of a few per worker thread, each wave one tree whose result joins
+    the running partial: schedulers are free to run every ready chunk before any combine,
+    so one graph over all blocks could hold a partial per block; waves bound that by the
+    wave size, whatever the number of images.
+    """
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("no blocks to reduce")
+    wave = max(split_every, 8 * _parallelism(scheduler))
+    acc = None
+    bar = tqdm(total=len(blocks), desc=desc, unit="block", leave=False,
+               disable=None if progress else True)
+    for start in range(0, len(blocks), wave):
+        part_blocks = blocks[start : start + wave]
+        graph = reduction_graph(reduction, part_blocks, split_every)
+        (part,) = compute(graph, scheduler=scheduler, desc=desc, progress=False)
+        acc = part if acc is None else reduction.combine([acc, part])
+        bar.update(len(part_blocks))
+    bar.close()
+    return reduction.finish(acc)
+
+
+def _parallelism(scheduler: Any) -> int:
+    """How many chunks a scheduler runs at once (threads of all workers on a Client)."""
+    if _is_client(scheduler):
+        try:
+            return max(1, sum(scheduler.nthreads().values()))
+        except Exception:  # noqa: BLE001 - a client that cannot answer: assume a few
+            return 4
+    if scheduler in (None, "sync", "synchronous", "single-threaded"):
+        return 1
+    return os.cpu_count() or 1
 
 
 class _TqdmCallback(Callback):
