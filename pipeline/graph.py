@@ -8,7 +8,6 @@ missing upstream first, and logs one line when it skips.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +33,7 @@ from storage.activations import ActivationStore
 from storage.broden import BrodenDataset, index_fingerprint, read_broden
 from storage.concepts import ConceptStore
 from storage.errors import UserError
-from storage.tables import write_partition
+from storage.tables import safe_name, write_partition
 from storage.thresholds import load_thresholds, save_thresholds, threshold_path
 
 log = logging.getLogger("netdissect")
@@ -42,11 +41,6 @@ STAGES = (
     "dataset", "concepts", "model", "extract", "quantile", "iou", "rescore", "explain", "report",
     "all",
 )
-
-
-def safe_name(text: str) -> str:
-    """A path-safe id: letters, digits, '.', '_' and '-'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "unnamed"
 
 
 @dataclass

@@ -33,7 +33,6 @@ import html
 import logging
 import math
 import os
-import re
 import shutil
 import uuid
 from collections import OrderedDict
@@ -55,6 +54,7 @@ from stages.reduction import reduce_in_process, reduce_with_dask
 from storage.activations import ActivationStore
 from storage.broden import index_fingerprint
 from storage.errors import UserError
+from storage.tables import safe_name
 
 log = logging.getLogger("netdissect")
 
@@ -232,10 +232,6 @@ class Page:
             "per_category": {c: int(det.loc[det["category"] == c, "label"].nunique())
                              for c in self.categories},
         }
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "unnamed"
 
 
 def read_units(cfg: ReportConfig) -> tuple[pd.DataFrame, int]:

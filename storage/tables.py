@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -28,6 +29,11 @@ import pyarrow.parquet as pq
 
 TABLES = ("iou", "units", "layers", "explanations")
 PARTITIONS = ("model", "layer")
+
+
+def safe_name(text: str) -> str:
+    """A path-safe id (dataset, model, concept set): letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "unnamed"
 
 
 def run_key(params: dict) -> str:
