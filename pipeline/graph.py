@@ -8,7 +8,7 @@ missing upstream first, and logs one line when it skips.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from stages.iou import (
 )
 from stages.models import ModelSpec
 from stages.quantile import exact_thresholds
-from stages.reduction import reduce_in_process, reduce_with_dask
+from stages.reduction import reduce_blocks
 from storage.activations import ActivationStore
 from storage.broden import BrodenDataset, index_fingerprint, read_broden
 from storage.concepts import ConceptStore
@@ -149,8 +149,6 @@ class Pipeline:
         path = self.workdir / "models" / f"demo-{self.dataset_id}.pt"
         info = demo_model_info(path)
         fingerprint = self.dataset.fingerprint()
-        from dataclasses import asdict
-
         if info and info.get("dataset_fingerprint") == fingerprint and info.get("config") == asdict(train_cfg):
             log.info("model: skipped, demo model %s is current (val accuracy %.1f%%)",
                      path, 100 * info["val_accuracy"])
@@ -218,11 +216,8 @@ class Pipeline:
             result[layer] = thresholds
         return result
 
-    def tally(self, reduction: TallyReduction, n_blocks: int, desc: str) -> dict:
-        blocks = list(range(n_blocks))
-        if self.scheduler is None:
-            return reduce_in_process(reduction, blocks)
-        return reduce_with_dask(reduction, blocks, self.scheduler, desc, progress=self.progress)
+    def tally(self, reduction, n_blocks: int, desc: str) -> dict:
+        return reduce_blocks(reduction, n_blocks, self.scheduler, desc, self.progress)
 
     def run_iou(self) -> dict[str, Any]:
         """Score every cached layer against the probe dataset's own labels."""
@@ -343,14 +338,13 @@ class Pipeline:
             self.score_formulas(store, concepts, thresholds, name, rows, Path(formulas_file))
         return summaries
 
-    def signature_counts(self, store, concepts, thresholds, layer: str, rows):
+    def signature_counts(self, store, concepts, thresholds, layer: str, rows, space):
         from stages.explain import SignatureCounts, SignatureReduction
 
-        space = label_space(concepts, self.scoring.categories)
         reduction = SignatureReduction(self.layer_blocks(layer, "cpu"), str(concepts.path),
                                        np.array(thresholds[layer]), space, rows)
         partial = self.tally(reduction, store.n_blocks(), f"signatures {layer}")
-        return SignatureCounts.from_partial(partial, space.n_labels), space
+        return SignatureCounts.from_partial(partial, space.n_labels)
 
     def score_formulas(self, store, concepts, thresholds, name: str, rows, path: Path) -> None:
         from stages.explain import formula_frame
@@ -362,7 +356,7 @@ class Pipeline:
         for i, label_name in enumerate(space.names):
             index.setdefault(label_name, []).append(i + 1)
         for layer in store.layers:
-            sc, _ = self.signature_counts(store, concepts, thresholds, layer, rows)
+            sc = self.signature_counts(store, concepts, thresholds, layer, rows, space)
             meta = {
                 "model": self.model_id, "layer": layer, "dataset": self.dataset_id,
                 "concept_set": name, "quantile": self.scoring.quantile, "union_mode": "global",
@@ -395,9 +389,10 @@ class Pipeline:
         thresholds = self.ensure_thresholds(store)
         concepts, name = self.concept_set()
         rows = self.match_rows(store, concepts)
+        space = label_space(concepts, self.scoring.categories)
         out = {}
         for layer in store.layers:
-            sc, space = self.signature_counts(store, concepts, thresholds, layer, rows)
+            sc = self.signature_counts(store, concepts, thresholds, layer, rows, space)
             found = beam_search(sc, list(space.names), max_length, beam)
             frame = pd.DataFrame({
                 "unit": np.arange(len(found)),

@@ -29,8 +29,13 @@ class LayerBlocks:
         return ActivationStore(self.store_path)
 
     def load(self, block: int) -> torch.Tensor:
+        return self.load_rows(block)[0]
+
+    def load_rows(self, block: int) -> tuple[torch.Tensor, int, int]:
+        """The block's values and its image rows [start, stop), from one store open."""
         store = self.store()
-        values = torch.from_numpy(store.read_block(self.layer, block))
+        start, stop = store.block_range(block)
+        values = torch.from_numpy(store.array(self.layer)[start:stop])
         values = values.to(self.resolved_device()).float()
         if self.transform is not None:
             values = self.transform(values).float()
@@ -41,4 +46,4 @@ class LayerBlocks:
                 f"model {store.fingerprint.get('model')!r} layer {self.layer!r} unit {unit}: "
                 f"NaN or infinite activation in {self.store_path} (image block {block})"
             )
-        return values
+        return values, start, stop

@@ -131,7 +131,7 @@ def run_extract(cfg: ExtractConfig, records: list[ImageRecord], scheduler: Any =
         log.info("extract: %s -> %s", ", ".join(f"{k} {v}" for k, v in shapes.items()), cfg.store_path)
     else:
         log.info("extract: resuming %s", cfg.store_path)
-    block_size = int(astore.zarr.open_group(str(cfg.store_path), mode="r").attrs["block_size"])
+    block_size = astore.stored_block_size(cfg.store_path)  # a resumed store keeps its own
     todo = astore.missing_blocks(cfg.store_path)
     items = [(b, records[b * block_size : (b + 1) * block_size]) for b in todo]
     map_blocks(

@@ -164,10 +164,9 @@ def pixel_label_counts(pixel: torch.Tensor, n_labels: int) -> torch.Tensor:
 
 
 def label_area(inputs: TallyInputs, n_labels: int, seg_pixels: int,
-               pixel_counts: torch.Tensor | None = None) -> torch.Tensor:
-    """G_l over the block: pixel counts plus seg_pixels per image-level occurrence."""
-    if pixel_counts is None:
-        pixel_counts = pixel_label_counts(inputs.pixel, n_labels)
+               pixel_counts: torch.Tensor) -> torch.Tensor:
+    """G_l over the block: pixel counts (from :func:`pixel_label_counts`) plus seg_pixels
+    per image-level occurrence."""
     area = pixel_counts.sum(dim=0)
     area += torch.bincount(inputs.image.reshape(-1), minlength=n_labels + 1) * seg_pixels
     area[0] = 0
@@ -185,19 +184,17 @@ def image_incidence(image: torch.Tensor, n_labels: int) -> torch.Tensor:
 
 
 def category_presence(
-    inputs: TallyInputs, pixel_counts: torch.Tensor | None = None
+    inputs: TallyInputs, pixel_counts: torch.Tensor, image_counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C) bools: image carries a label of primary category c (any kind), and image
-    carries an image-level label of category c."""
+    carries an image-level label of category c.  Takes the per-image label counts of
+    :func:`pixel_label_counts` and :func:`image_incidence`."""
     c = inputs.n_categories
     lc = inputs.label_category
     n_labels = lc.shape[0] - 1
     onehot = torch.zeros((n_labels + 1, c), dtype=torch.float64, device=lc.device)
     known = torch.nonzero(lc >= 0)[:, 0]
     onehot[known, lc[known]] = 1.0
-    if pixel_counts is None:
-        pixel_counts = pixel_label_counts(inputs.pixel, n_labels)
-    image_counts = image_incidence(inputs.image, n_labels)
     image_level = (image_counts.double() @ onehot) > 0
     pixel_level = ((pixel_counts[:, 1:] > 0).double() @ onehot[1:]) > 0
     return pixel_level | image_level, image_level
@@ -372,7 +369,7 @@ def tally_block(
     inc = image_incidence(inputs.image, n_labels)
     intersection += torch.round(area.double().T @ inc.double()).to(torch.int64)
     pixel_counts = pixel_label_counts(pixel, n_labels)
-    any_cat, image_cat = category_presence(inputs, pixel_counts)
+    any_cat, image_cat = category_presence(inputs, pixel_counts, inc)
     if union == "global":
         unit_area = area.sum(dim=0, keepdim=True).T.expand(k, c).clone()
     elif union == "restricted":

@@ -5,7 +5,7 @@ Shared by the IoU tally and the formula/explanation reductions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ class LabelSpace:
     lut: np.ndarray  # label number -> dense index
     store_category_map: np.ndarray  # store category index -> selected index or -1
     category_share: np.ndarray  # (store cats, store cats) bool: some label listed in both
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_labels(self) -> int:
@@ -130,10 +129,8 @@ def load_scoring_block(
     images are left out); None means both stores list the same images in the same order.
     The concept block is None when no image of the block is in the set.
     """
-    acts = blocks.load(block)
+    acts, start, stop = blocks.load_rows(block)
     store = ConceptStore(concept_path)
-    start = block * blocks.store().block_size
-    stop = start + acts.shape[0]
     if rows is None:
         return acts, store.read_block(start, stop), store
     wanted = rows[start:stop]

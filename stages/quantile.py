@@ -36,7 +36,7 @@ from stages.kernels import (
     top_values,
     unit_values,
 )
-from stages.reduction import reduce_in_process, reduce_with_dask
+from stages.reduction import reduce_blocks
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
@@ -84,13 +84,6 @@ class RadixReduction:
         return partial
 
 
-def _reduce(reduction, n_blocks: int, scheduler: Any, desc: str, progress: bool, split_every: int):
-    blocks = list(range(n_blocks))
-    if scheduler is None:
-        return reduce_in_process(reduction, blocks)
-    return reduce_with_dask(reduction, blocks, scheduler, desc, split_every, progress)
-
-
 def exact_thresholds(
     blocks: LayerBlocks,
     q: float,
@@ -106,15 +99,15 @@ def exact_thresholds(
         raise UserError(f"scoring.quantile={q}: must lie in (0, 1)")
     store = blocks.store()
     n_blocks = store.n_blocks()
-    sample = blocks.load(0)
-    k, h, w = sample.shape[1:]
+    # a transform may change the unit count: then ask it, on the first block
+    k, h, w = blocks.load(0).shape[1:] if blocks.transform else store.shape(blocks.layer)[1:]
     n = store.n_images * h * w
     lo, hi, gamma = quantile_position(n, q)
     need = n - lo
     desc = f"quantile {blocks.layer}"
     if k * need <= candidate_budget:
         split_every = max(2, min(8, candidate_budget // max(k * need, 1)))
-        tops = _reduce(TopReduction(blocks, need), n_blocks, scheduler, desc, progress, split_every)
+        tops = reduce_blocks(TopReduction(blocks, need), n_blocks, scheduler, desc, progress, split_every)
         v_lo = tops[:, n - 1 - lo]
         v_hi = tops[:, n - 1 - hi]
     else:
@@ -122,7 +115,7 @@ def exact_thresholds(
         prefixes = np.zeros((k, 2), dtype=np.int64)
         done = 0
         for i, width in enumerate(RADIX_WIDTHS):
-            hist = _reduce(
+            hist = reduce_blocks(
                 RadixReduction(blocks, prefixes, done, width), n_blocks, scheduler,
                 f"{desc} pass {i + 1}/{len(RADIX_WIDTHS)}", progress, 8,
             )

@@ -93,6 +93,21 @@ def reduce_with_dask(
     return reduction.finish(acc)
 
 
+def reduce_blocks(
+    reduction: BlockReduction,
+    n_blocks: int,
+    scheduler: Any = None,
+    desc: str = "reduce",
+    progress: bool = True,
+    split_every: int = 8,
+) -> Any:
+    """Reduce blocks 0..n_blocks-1: in-process when ``scheduler`` is None, else on Dask."""
+    blocks = list(range(n_blocks))
+    if scheduler is None:
+        return reduce_in_process(reduction, blocks)
+    return reduce_with_dask(reduction, blocks, scheduler, desc, split_every, progress)
+
+
 def _parallelism(scheduler: Any) -> int:
     """How many chunks a scheduler runs at once (threads of all workers on a Client)."""
     if _is_client(scheduler):

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from stages.blocks import LayerBlocks
 from stages.kernels import upsample_masks
-from stages.reduction import reduce_in_process, reduce_with_dask
+from stages.reduction import reduce_blocks
 from storage.activations import ActivationStore
 from storage.broden import index_fingerprint
 from storage.errors import UserError
@@ -140,10 +140,8 @@ def top_images(
     if top_n <= 0:
         raise UserError(f"report.top_n={top_n}: must be positive")
     reduction = TopImagesReduction(LayerBlocks(str(store_path), layer, None, "cpu"), top_n)
-    blocks = list(range(ActivationStore(store_path).n_blocks()))
-    if scheduler is None:
-        return reduce_in_process(reduction, blocks)
-    return reduce_with_dask(reduction, blocks, scheduler, f"top images {layer}", progress=progress)
+    n_blocks = ActivationStore(store_path).n_blocks()
+    return reduce_blocks(reduction, n_blocks, scheduler, f"top images {layer}", progress)
 
 
 # ---------------------------------------------------------------- image tiles

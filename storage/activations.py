@@ -90,6 +90,10 @@ def store_state(path: Path, fingerprint: dict) -> str:
 
 
 
+def stored_block_size(path: Path) -> int:
+    return int(zarr.open_group(str(path), mode="r").attrs["block_size"])
+
+
 def write_block(path: Path, block_index: int, start: int, outputs: dict[str, np.ndarray]) -> None:
     """Write every layer's rows for one block, then mark the block done (the resume point)."""
     group = zarr.open_group(str(path), mode="r+")
@@ -133,10 +137,6 @@ class ActivationStore:
     def block_range(self, block: int) -> tuple[int, int]:
         start = block * self.block_size
         return start, min(start + self.block_size, self.n_images)
-
-    def read_block(self, layer: str, block: int) -> np.ndarray:
-        start, stop = self.block_range(block)
-        return self.array(layer)[start:stop]
 
     def image_paths(self) -> list[str]:
         return [str(p) for p in self.group["image"][:]]

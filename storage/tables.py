@@ -72,16 +72,16 @@ def write_partition(
 
 
 def read_table(root: Path, table: str, **filters) -> pd.DataFrame:
-    """Read a whole result table (optionally filtered on equality) into pandas."""
+    """Read a result table into pandas, keeping only rows equal to ``filters`` (pushed down
+    to pyarrow, so other models' and layers' files are not read)."""
     path = root / table
     if not path.exists():
         return pd.DataFrame()
-    frame = pd.read_parquet(path)
+    pushed = [(key, "=", value) for key, value in filters.items()]
+    frame = pd.read_parquet(path, filters=pushed or None)
     for col in PARTITIONS:
         if col in frame.columns:
             frame[col] = frame[col].astype(str)
-    for key, value in filters.items():
-        frame = frame[frame[key] == value]
     return frame.reset_index(drop=True)
 
 
