@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.graph import safe_name
+from pipeline.layout import Layout, concept_set_id, dataset_id
 from pipeline.run import compose_config, run
 from storage.tables import read_table
 
@@ -27,7 +27,7 @@ def rescore(
     ``"(water OR sea) AND NOT boat"``.  ``dataset`` is the probe dataset the cache was made
     from (default: the built-in synthetic set), ``overrides`` any other Hydra overrides
     (``["model=resnet18", "scoring.union=global"]``).  Returns the ``iou`` rows of that
-    concept set.
+    concept set and model identity.
 
     >>> frame = rescore("workdir", concepts="/data/my_labels")           # doctest: +SKIP
     >>> frame.sort_values("iou", ascending=False).head()                 # doctest: +SKIP
@@ -42,13 +42,7 @@ def rescore(
     if dataset is not None:
         args.append(f"dataset.path={Path(dataset).resolve()}")
     cfg = compose_config(args)
-    run(cfg)
-    if concepts is not None:
-        concept_set = safe_name(name or Path(concepts).resolve().name)
-    elif cfg["dataset"].get("name"):
-        concept_set = safe_name(cfg["dataset"]["name"])
-    else:
-        concept_set = safe_name(Path(dataset).resolve().name) if dataset else "synthetic"
-    model = safe_name(str(cfg["model"]["name"]))
-    return read_table(Path(workdir).resolve() / "results", "iou", model=model,
-                      concept_set=concept_set)
+    summaries = run(cfg)  # per layer, this run's `layers` rows
+    model_id = next(iter(summaries.values()))["model_id"].iloc[0]
+    return read_table(Layout.of(cfg).results, "iou", model_id=model_id,
+                      concept_set=concept_set_id(cfg), dataset=dataset_id(cfg))

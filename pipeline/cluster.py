@@ -1,5 +1,6 @@
-"""The Dask scheduler a run uses: in-process, threads, a LocalCluster, a remote scheduler,
-or dask-cuda's LocalCUDACluster.  Stages receive the result as a plain ``scheduler`` value.
+"""The Dask scheduler a run uses: in-process, threads, a LocalCluster, a remote scheduler, or
+dask-cuda's LocalCUDACluster — started on first use, so a run that finds everything current
+starts no cluster and prints no dashboard.  Stages receive a plain ``scheduler`` value.
 """
 
 from __future__ import annotations
@@ -7,13 +8,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from pipeline.config import ClusterKind, ClusterOptions
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
-KINDS = ("none", "threads", "local", "cuda")
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -26,69 +27,80 @@ def worker_env(threads: int) -> dict[str, str]:
     }
 
 
-def _has_gpu() -> bool:
+def has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-@contextmanager
-def dask_scheduler(cluster: Any) -> Iterator[Any]:
-    """Yield what stages take as ``scheduler``: None (in-process), "threads", or a Client."""
-    kind = cluster.get("kind", "local")
-    address = cluster.get("address")
-    if kind not in KINDS:
-        raise UserError(f"cluster.kind={kind!r}: choose one of {', '.join(KINDS)}")
-    if address:
+class LazyScheduler:
+    """Callable giving what stages take as ``scheduler``: None (in-process), "threads", or a
+    distributed Client, made the first time it is called and closed with the run."""
+
+    def __init__(self, options: ClusterOptions, stack: ExitStack):
+        self.options, self.stack = options, stack
+        self.value: Any = None
+        self.started = False
+
+    def __call__(self) -> Any:
+        if not self.started:
+            self.value = self._start()
+            self.started = True
+        return self.value
+
+    def _start(self) -> Any:
+        o = self.options
+        if o.address:
+            from distributed import Client
+
+            try:
+                client = Client(o.address, timeout="20s")
+            except OSError as exc:
+                raise UserError(f"cluster.address={o.address}: cannot reach the scheduler "
+                                f"({exc})") from None
+            self.stack.callback(client.close)
+            log.info("dask: scheduler %s (dashboard %s)", o.address, client.dashboard_link)
+            return client
+        if o.kind == ClusterKind.none:
+            return None
+        if o.kind == ClusterKind.threads:
+            return "threads"
+        return self._local_cluster()
+
+    def _local_cluster(self) -> Any:
         from distributed import Client
 
-        try:
-            client = Client(address, timeout="20s")
-        except OSError as exc:
-            raise UserError(f"cluster.address={address}: cannot reach the scheduler ({exc})") from None
-        log.info("dask: using scheduler %s (dashboard %s)", address, client.dashboard_link)
-        print(f"Dask dashboard: {client.dashboard_link}")
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    if kind == "none":
-        yield None
-        return
-    if kind == "threads":
-        yield "threads"
-        return
-    from distributed import Client
+        o = self.options
+        kind = o.kind
+        if kind == ClusterKind.cuda and not has_gpu():
+            log.info("cluster=cuda: no GPU on this machine; using a CPU LocalCluster instead")
+            kind = ClusterKind.local
+        if kind == ClusterKind.cuda:
+            try:
+                from dask_cuda import LocalCUDACluster
+            except ImportError:
+                raise UserError("cluster=cuda needs dask-cuda: pip install -e '.[gpu]'") from None
+            cluster = LocalCUDACluster(dashboard_address=":0")
+        else:
+            from distributed import LocalCluster
 
-    if kind == "cuda" and not _has_gpu():
-        log.info("cluster=cuda: no GPU on this machine; using a CPU LocalCluster instead")
-        kind = "local"
-    if kind == "cuda":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            raise UserError("cluster=cuda needs dask-cuda: pip install '.[gpu]'") from None
-        local = LocalCUDACluster()
-    else:
-        from distributed import LocalCluster
+            threads = o.threads_per_worker
+            n_workers = o.n_workers or max(1, (os.cpu_count() or 1) // threads)
+            cluster = LocalCluster(
+                n_workers=n_workers, threads_per_worker=threads, processes=True,
+                memory_limit=o.memory_limit, env=worker_env(threads), dashboard_address=":0",
+                silence_logs=logging.ERROR,
+            )
+        self.stack.callback(cluster.close)
+        client = Client(cluster)
+        self.stack.callback(client.close)
+        log.info("dask: %s with %d workers (dashboard %s)", type(cluster).__name__,
+                 len(cluster.workers), client.dashboard_link)
+        return client
 
-        threads = int(cluster.get("threads_per_worker") or 1)
-        n_workers = cluster.get("n_workers") or max(1, (os.cpu_count() or 1) // threads)
-        local = LocalCluster(
-            n_workers=int(n_workers),
-            threads_per_worker=threads,
-            processes=True,
-            memory_limit=cluster.get("memory_limit", "auto"),
-            env=worker_env(threads),
-            dashboard_address=":0",
-            silence_logs=False,
-        )
-    client = Client(local)
-    log.info("dask: %s with %d workers", type(local).__name__, len(local.workers))
-    print(f"Dask dashboard: {client.dashboard_link}")
-    try:
-        yield client
-    finally:
-        client.close()
-        local.close()
+
+@contextmanager
+def dask_scheduler(options: ClusterOptions) -> Iterator[LazyScheduler]:
+    """A :class:`LazyScheduler` whose cluster, if one was started, closes on exit."""
+    with ExitStack() as stack:
+        yield LazyScheduler(options, stack)

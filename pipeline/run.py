@@ -1,47 +1,119 @@
-"""Entry point: ``python -m pipeline.run stage=iou [key=value ...]`` (Hydra).
+"""Entry point: ``python -m pipeline.run stage=iou [key=value ...]`` (Hydra, sweeps with -m).
 
 With no dataset or model given, the run generates the built-in synthetic Broden-format
-dataset, trains the small demo model, and dissects it.  Errors a user can cause print one
-line naming what to fix and exit with status 2.
+dataset, trains the small demo model, and dissects it.  Every job of a run (each point of a
+``-m`` sweep) is composed and checked before the first starts: errors a user can cause print
+one line naming what to fix and exit with status 2.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
-import re
 import sys
+import warnings
+from dataclasses import fields, is_dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Any, get_type_hints
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
-from pipeline.cluster import dask_scheduler
-from pipeline.graph import Pipeline
+from pipeline.config import Config
+from pipeline.workflow import check_overrides_used, execute, preflight
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
-
-
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion",
+               "-sc", "--version", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--resolve", "-p", "--package")
+MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """The same config the command line builds, as a plain dict (for tests and notebooks)."""
+def override_keys(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The config keys (or groups) a list of command-line overrides sets."""
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The typed config the command line builds (for tests and notebooks); a bad key, value,
+    preset or an override no stage of the run reads raises a one-line :class:`UserError`."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            composed = compose(config_name="config", overrides=list(overrides))
+        cfg = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(config_error(exc)) from None
+    check_overrides_used(cfg, override_keys(overrides))
+    return cfg
 
 
-def run(cfg: dict) -> object:
-    """Run one stage from a plain config dict (what tests and notebooks call)."""
-    stage = str(cfg.get("stage", "iou"))
-    Pipeline(cfg).validate()
-    with dask_scheduler(cfg.get("cluster") or {"kind": "none"}) as scheduler:
-        return Pipeline(cfg, scheduler).run(stage)
+
+def run(cfg: Config) -> Any:
+    """Check, then run one stage of a typed config (what tests and notebooks call)."""
+    preflight(cfg)
+    return execute(cfg)
+
+
+def _choices(key: str) -> list[str]:
+    """The allowed values of an enum-typed config key, read from the dataclasses."""
+    node: Any = Config
+    for part in key.split("."):
+        if not (is_dataclass(node) and part in {f.name for f in fields(node)}):
+            return []
+        node = get_type_hints(node)[part]
+    return [m.value for m in node] if isinstance(node, type) and issubclass(node, Enum) else []
+
+
+def _known_keys(node: Any = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(node):
+        hint = get_type_hints(node)[f.name]
+        keys.append(prefix + f.name)
+        if is_dataclass(hint):
+            keys += _known_keys(hint, prefix + f.name + ".")
+    return keys
+
+
+def config_error(exc: Exception) -> str:
+    """One line from Hydra's or OmegaConf's exception objects (their attributes, not text)."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    key = getattr(cause, "full_key", None) or ""
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        return (f"Could not find '{exc.missing_cfg_file}'; available: "
+                f"{', '.join(exc.options or [])}")
+    if isinstance(cause, MissingMandatoryValue):
+        return f"config key {key} must be set (add {key}=...)"
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError):
+        close = difflib.get_close_matches(key, _known_keys(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        if key.startswith("model.kwargs."):
+            hint = f"; add a new entry with +{key}=..."
+        return f"config key {key!r} does not exist{hint}; see pipeline/config.py"
+    if isinstance(cause, ValidationError) and key:
+        choices = _choices(key)
+        value = getattr(cause, "value", None)
+        if choices:
+            return f"{key}={value!r}: choose one of {', '.join(choices)}"
+        return f"{key}={value!r}: {cause.msg.splitlines()[0] if cause.msg else 'invalid value'}"
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the override {exc.override!r}; write key=value"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def quiet_libraries() -> None:
@@ -52,68 +124,52 @@ def quiet_libraries() -> None:
     for name in list(logging.root.manager.loggerDict) + ["distributed", "tornado", "bokeh"]:
         if name.split(".")[0] in ("distributed", "tornado", "bokeh"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="zarr")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(composed: DictConfig) -> None:
     logging.getLogger("netdissect").setLevel(logging.INFO)
     quiet_libraries()
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", "") or ""
-        print(f"error: config key {key!r}: {str(exc).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        run(plain)
+        cfg = OmegaConf.to_object(composed)
+        check_overrides_used(cfg, override_keys(list(HydraConfig.get().overrides.task)))
+        run(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        fail(config_error(exc))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(exc))
 
 
-HYDRA_FLAGS = ("-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info",
-               "--shell-completion", "-sc", "--version", "--config-path", "-cp",
-               "--config-name", "-cn", "--config-dir", "-cd", "--resolve", "-p", "--package")
+def jobs(argv: list[str]) -> list[list[str]]:
+    """The override list of every job a command line runs (one, or each point of a sweep)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    overrides = [a for a in argv if a not in MULTIRUN_FLAGS]
+    if not any(a in MULTIRUN_FLAGS for a in argv):
+        return [overrides]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Compose the config once before Hydra does, so a bad key or option is one clear line
-    (Hydra's own message spans several lines and exits 1)."""
+def check_command_line(argv: list[str]) -> None:
+    """Compose and check every job before Hydra starts the first (fail before work)."""
     if any(arg.split("=")[0] in HYDRA_FLAGS for arg in argv):
         return
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
-        compose_config(argv)
+        for job in jobs(argv):
+            preflight(compose_config(job))
     except (HydraException, OmegaConfBaseException) as exc:
-        text = f"{exc}\n{exc.__cause__ or ''}"
-        print(f"error: {config_error_line(text)}", file=sys.stderr)
-        sys.exit(2)
-
-
-def config_error_line(text: str) -> str:
-    """One line out of Hydra's or OmegaConf's multi-line composition errors."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), "")
-    missing = re.search(r"Missing mandatory value: ([\w.]+)", text)
-    if missing:
-        return f"config key {missing.group(1)} must be set (add {missing.group(1)}=...)"
-    if "is not in struct" in text:
-        quoted = re.search(r"Could not override '([^']+)'", text)
-        key = quoted.group(1) if quoted else key
-        return f"config key {key!r} does not exist; check its spelling (see pipeline/conf/)"
-    if "Could not find" in text:
-        options = []
-        for line in lines[1:]:
-            if line.startswith("Config search path"):
-                break
-            if not line.startswith("Available"):
-                options.append(line)
-        return f"{lines[0]}; available: {', '.join(options)}"
-    return "; ".join(lines[:2])
+        fail(config_error(exc))
+    except UserError as exc:
+        fail(str(exc))
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv[1:])
+    check_command_line(sys.argv[1:])
     main()

@@ -7,7 +7,6 @@ takes about a minute on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -82,8 +81,19 @@ def scene_targets(dataset: BrodenDataset) -> tuple[list[int], np.ndarray]:
     return scenes, targets
 
 
-def train_demo_model(dataset_root: Path, out_path: Path, cfg: DemoTrainConfig, progress: bool = True) -> dict:
-    """Train on the ``train`` split, report accuracy on ``val``, save a state_dict."""
+@dataclass
+class TrainedDemo:
+    """A trained demo model and what a reader needs to know about it."""
+
+    model: DemoNet
+    summary: dict  # num_classes, scenes, val_accuracy, train_images, seconds, config
+
+    def save(self, path: Path) -> None:
+        torch.save(self.model.state_dict(), path)
+
+
+def train_demo_model(dataset_root: Path, cfg: DemoTrainConfig, progress: bool = True) -> TrainedDemo:
+    """Train on the ``train`` split and measure accuracy on ``val``."""
     from tqdm.auto import tqdm
 
     dataset = read_broden(dataset_root)
@@ -92,6 +102,9 @@ def train_demo_model(dataset_root: Path, out_path: Path, cfg: DemoTrainConfig, p
     split = np.array([r.split for r in dataset.images])
     train = np.flatnonzero((split == "train") & (targets >= 0))
     val = np.flatnonzero((split != "train") & (targets >= 0))
+    if len(train) == 0:
+        raise UserError(f"{dataset.root / 'index.csv'}: no training images with a scene label "
+                        "to train the demo model on")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = DemoNet(len(scenes), cfg.width)
@@ -123,29 +136,14 @@ def train_demo_model(dataset_root: Path, out_path: Path, cfg: DemoTrainConfig, p
     with torch.inference_mode():
         pred = torch.cat([model(x_all[val[i : i + 256]]).argmax(1) for i in range(0, len(val), 256)])
     accuracy = float((pred.numpy() == targets[val]).mean()) if len(val) else float("nan")
-    info = {
+    summary = {
         "num_classes": len(scenes),
         "scenes": [dataset.labels[n].name for n in scenes],
         "val_accuracy": accuracy,
         "train_images": int(len(train)),
         "seconds": round(time.time() - start, 1),
         "config": asdict(cfg),
-        "dataset_fingerprint": dataset.fingerprint(),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(out_path)
-    out_path.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    log.info(
-        "demo model: %d scenes, val accuracy %.1f%% after %.0f s -> %s",
-        len(scenes), 100 * accuracy, info["seconds"], out_path,
-    )
-    return info
-
-
-def demo_model_info(out_path: Path) -> dict | None:
-    meta = out_path.with_suffix(".json")
-    if out_path.is_file() and meta.is_file():
-        return json.loads(meta.read_text())
-    return None
+    log.info("demo model: %d scenes, val accuracy %.1f%% after %.0f s",
+             len(scenes), 100 * accuracy, summary["seconds"])
+    return TrainedDemo(model, summary)

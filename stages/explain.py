@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from stages.blocks import LayerBlocks
-from stages.formulas import And, Formula, Label, Not, Or, format_formula
+from stages.formulas import And, Formula, Label, Not, Or, format_formula, formula_length
 from stages.kernels import float32_below, masked_pixels, skip_bound
 from stages.labels import LabelSpace, load_scoring_block, tally_inputs
 
@@ -171,6 +171,19 @@ def formula_frame(sc: SignatureCounts, formulas: dict[str, Formula], index, meta
         }))
     frame = pd.concat(frames, ignore_index=True)
     frame["label_area"] = frame["label_area"].astype(np.int64)
+    for key, value in meta.items():
+        frame.insert(0, key, value)
+    return frame
+
+
+def explanation_frame(found: list[tuple[Formula | None, float]], meta: dict) -> pd.DataFrame:
+    """The explanations table: per unit its best formula, IoU and formula length."""
+    frame = pd.DataFrame({
+        "unit": np.arange(len(found)),
+        "formula": [format_formula(f) if f is not None else "" for f, _ in found],
+        "iou": [score for _, score in found],
+        "length": [formula_length(f) if f is not None else 0 for f, _ in found],
+    })
     for key, value in meta.items():
         frame.insert(0, key, value)
     return frame

@@ -1,8 +1,10 @@
-"""Stage ``extract``: run the model once and cache every requested layer in Zarr.
+"""Stage ``extract``: run the model once over the images and cache the requested layers.
 
-Image blocks are Dask tasks (one writer per chunk); inside a task a thread decodes the next
-mini-batch while the model runs on the current one.  A killed run resumes at the first block
-whose ``blocks_done`` marker is unset, and gives the same store as an uninterrupted run.
+Each layer of a store is its own artifact: a request for layers that are not cached yet runs
+one forward pass that captures and writes only those layers, never rewriting a chunk of a
+cached one.  Image blocks are Dask tasks (one writer per chunk); inside a task a thread
+decodes the next mini-batch while the model runs on the current one.  A killed run resumes,
+per layer, at the blocks whose markers are unset, and ends equal to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,15 +26,14 @@ from stages.models import (
     pick_device,
     preprocess,
     record_layers,
-    weights_identity,
 )
 from stages.reduction import map_blocks
 from storage import activations as astore
+from storage.blocks import missing_blocks
 from storage.broden import ImageRecord, load_image
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
-DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -40,25 +41,12 @@ class ExtractConfig:
     images_dir: Path
     store_path: Path
     model: ModelSpec
-    dataset_fingerprint: str  # hash of index.csv
+    fingerprint: dict  # what the activations depend on: model identity, dataset index, ...
     dtype: str = "float32"
     block_size: int = 64
     batch_size: int = 32
     device: str = "auto"
     progress: bool = True
-
-
-def extract_fingerprint(cfg: ExtractConfig, image_size: tuple[int, int]) -> dict:
-    return {
-        "model": cfg.model.name,
-        "arch": cfg.model.arch or cfg.model.factory,
-        "weights": weights_identity(cfg.model),
-        "layers": list(cfg.model.layers),
-        "preprocess": cfg.model.preprocess,
-        "dataset_index": cfg.dataset_fingerprint,
-        "dtype": cfg.dtype,
-        "image_size": list(image_size),
-    }
 
 
 def forward_layers(
@@ -74,13 +62,13 @@ def _decode(images_dir: Path, records: list[ImageRecord]) -> np.ndarray:
     return np.stack([load_image(images_dir / r.image, r.line) for r in records])
 
 
-def extract_block(cfg: ExtractConfig, item: tuple[int, list[ImageRecord]]) -> int:
-    """Compute and write one image block (a Dask task)."""
-    block, records = item
+def extract_block(cfg: ExtractConfig, item: tuple[int, list[ImageRecord], tuple[str, ...]]) -> int:
+    """Compute and write one image block of the layers that still need it (a Dask task)."""
+    block, records, layers = item
     device = pick_device(cfg.device)
     model, lock = cached_model(cfg.model.to_json(), device)
     batches = [records[i : i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in cfg.model.layers}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_decode, cfg.images_dir, batches[0])
         for i in range(len(batches)):
@@ -88,7 +76,7 @@ def extract_block(cfg: ExtractConfig, item: tuple[int, list[ImageRecord]]) -> in
             if i + 1 < len(batches):  # decode the next batch while this one runs
                 pending = pool.submit(_decode, cfg.images_dir, batches[i + 1])
             with lock:
-                outputs = forward_layers(model, cfg.model.layers, images, cfg.model.preprocess, device)
+                outputs = forward_layers(model, layers, images, cfg.model.preprocess, device)
             for name, values in outputs.items():
                 parts[name].append(values)
     outputs = {name: np.concatenate(v) for name, v in parts.items()}
@@ -103,40 +91,61 @@ def extract_block(cfg: ExtractConfig, item: tuple[int, list[ImageRecord]]) -> in
     return len(records)
 
 
-def layer_shapes(cfg: ExtractConfig, sample: ImageRecord) -> dict[str, tuple[int, int, int]]:
+def layer_shapes(cfg: ExtractConfig, sample: ImageRecord, layers: tuple[str, ...]
+                 ) -> dict[str, tuple[int, int, int]]:
     """Probe the model on one image to learn each layer's (units, h, w)."""
     model = build_model(cfg.model)
-    out = forward_layers(
-        model, cfg.model.layers, _decode(cfg.images_dir, [sample]), cfg.model.preprocess, "cpu"
-    )
+    out = forward_layers(model, layers, _decode(cfg.images_dir, [sample]), cfg.model.preprocess,
+                         "cpu")
     return {name: tuple(int(s) for s in v.shape[1:]) for name, v in out.items()}
 
 
-def run_extract(cfg: ExtractConfig, records: list[ImageRecord], scheduler: Any = "threads") -> Path:
-    """Create, resume or reuse the activation store at ``cfg.store_path``."""
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"extract.dtype={cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+def missing_layers(cfg: ExtractConfig) -> list[str]:
+    """Requested layers whose cache is not complete, in request order."""
+    return [layer for layer in cfg.model.layers
+            if not astore.layer_artifact(cfg.store_path, cfg.fingerprint, layer).is_current()]
+
+
+def run_extract(cfg: ExtractConfig, records: list[ImageRecord], scheduler: Any = "threads") -> list[str]:
+    """Create or resume the missing layers of the store at ``cfg.store_path``; returns them.
+
+    A store made from other inputs must not reach this point (the caller words that error);
+    layers already complete are left alone, chunk for chunk.
+    """
     if not records:
         raise UserError("extract: the dataset has no images")
-    fingerprint = extract_fingerprint(cfg, (records[0].ih, records[0].iw))
-    state = astore.store_state(cfg.store_path, fingerprint)
-    if state == "complete":
-        log.info("extract: skipped, %s is current", cfg.store_path)
-        return cfg.store_path
-    if state == "missing":
-        shapes = layer_shapes(cfg, records[0])
-        astore.create_store(
-            cfg.store_path, [r.image for r in records], shapes, cfg.block_size, cfg.dtype, fingerprint
-        )
-        log.info("extract: %s -> %s", ", ".join(f"{k} {v}" for k, v in shapes.items()), cfg.store_path)
-    else:
-        log.info("extract: resuming %s", cfg.store_path)
-    block_size = astore.stored_block_size(cfg.store_path)  # a resumed store keeps its own
-    todo = astore.missing_blocks(cfg.store_path)
-    items = [(b, records[b * block_size : (b + 1) * block_size]) for b in todo]
+    todo = missing_layers(cfg)
+    if not todo:
+        return []
+    store = astore.store_artifact(cfg.store_path, cfg.fingerprint)
+    # the group's metadata is shared by every layer: changed under the store's own lock, so
+    # concurrent runs adding different layers never lose one another's
+    with store.locked():
+        if not store.is_current():
+            astore.create_group(cfg.store_path, [r.image for r in records], cfg.block_size,
+                                cfg.fingerprint, str(cfg.images_dir.parent))
+        fresh = tuple(layer for layer in todo if astore.layer_artifact(
+            cfg.store_path, cfg.fingerprint, layer).state() != "partial")
+        if fresh:
+            shapes = layer_shapes(cfg, records[0], fresh)
+            for layer, shape in shapes.items():
+                astore.add_layer(cfg.store_path, layer, shape, cfg.dtype)
+            log.info("extract: %s -> %s", ", ".join(f"{k} {v}" for k, v in shapes.items()),
+                     cfg.store_path)
+    resumed = [layer for layer in todo if layer not in fresh]
+    if resumed:
+        log.info("extract: resuming %s in %s", ", ".join(resumed), cfg.store_path)
+    needs: dict[int, list[str]] = {}
+    for layer in todo:
+        for block in missing_blocks(cfg.store_path, layer):
+            needs.setdefault(block, []).append(layer)
+    size = astore.ActivationStore(cfg.store_path).block_size  # a resumed store keeps its own
+    items = [(b, records[b * size : (b + 1) * size], tuple(layers))
+             for b, layers in sorted(needs.items())]
     map_blocks(
         partial(extract_block, cfg), items, scheduler=scheduler, desc="extract",
-        progress=cfg.progress, unit_scale=block_size,
+        progress=cfg.progress, unit_scale=size,
     )
-    astore.mark_complete(cfg.store_path)
-    return cfg.store_path
+    with store.locked():
+        astore.mark_complete(cfg.store_path, todo)
+    return todo

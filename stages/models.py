@@ -6,7 +6,7 @@ or a global: a :class:`ModelSpec` says everything.
 
 from __future__ import annotations
 
-import hashlib
+import difflib
 import importlib
 import json
 import math
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from storage.artifacts import file_digest
 from storage.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,16 +61,12 @@ def weights_identity(spec: ModelSpec) -> str:
     """A stable identity of the weights: file hash, torchvision weights name, or random seed."""
     w = spec.weights
     if w is None or str(w).lower() == "none":
-        return f"random-init-seed-{spec.seed}"
+        return f"random(seed={spec.seed})"
     if _is_path(str(w)):
-        path = Path(w)
+        path = Path(w).expanduser()
         if not path.is_file():
             raise UserError(f"model.weights: checkpoint {path} not found")
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        return "sha256:" + digest.hexdigest()
+        return "sha256:" + file_digest(path)
     return f"torchvision:{w}"
 
 
@@ -85,7 +82,10 @@ def _call_factory(spec: ModelSpec) -> nn.Module:
     func = getattr(module, func_name, None)
     if func is None:
         raise UserError(f"model.factory={target!r}: {module_name} has no {func_name}")
-    model = func(**spec.kwargs)
+    try:
+        model = func(**spec.kwargs)
+    except TypeError as exc:
+        raise UserError(f"model.kwargs: {target} refuses them ({exc})") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.factory={target!r} returned {type(model).__name__}, not a torch Module")
     return model
@@ -103,32 +103,39 @@ def build_model(spec: ModelSpec) -> nn.Module:
         return _build_model(spec)
 
 
-def _build_model(spec: ModelSpec) -> nn.Module:
+def _weights(spec: ModelSpec) -> str | None:
+    return None if spec.weights is None or str(spec.weights).lower() == "none" else str(spec.weights)
+
+
+def _instantiate(spec: ModelSpec, torchvision_weights: str | None = None) -> nn.Module:
+    """The architecture, randomly initialised (or with torchvision's named weights)."""
     import torchvision
 
-    weights = None if spec.weights is None or str(spec.weights).lower() == "none" else str(spec.weights)
     if spec.factory:
-        model = _call_factory(spec)
-        if weights is not None:
-            load_checkpoint(model, Path(weights))
-    elif spec.arch:
-        names = torchvision.models.list_models()
-        if spec.arch not in names:
-            raise UserError(
-                f"model.arch={spec.arch!r} is not a torchvision model; choose one of "
-                f"{', '.join(sorted(names)[:40])}, ..."
-            )
-        if weights is not None and not _is_path(weights):
-            try:
-                model = torchvision.models.get_model(spec.arch, weights=weights, **spec.kwargs)
-            except (ValueError, KeyError) as exc:
-                raise UserError(f"model.weights={weights!r}: {exc}") from None
-        else:
-            model = torchvision.models.get_model(spec.arch, weights=None, **spec.kwargs)
-            if weights is not None:
-                load_checkpoint(model, Path(weights))
-    else:
+        return _call_factory(spec)
+    if not spec.arch:
         raise UserError("model: set model.arch (a torchvision name) or model.factory")
+    names = torchvision.models.list_models()
+    if spec.arch not in names:
+        close = difflib.get_close_matches(spec.arch, names, n=3)
+        raise UserError(
+            f"model.arch={spec.arch!r} is not a torchvision model"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+        )
+    try:
+        return torchvision.models.get_model(spec.arch, weights=torchvision_weights, **spec.kwargs)
+    except (ValueError, KeyError, TypeError) as exc:
+        key = "model.weights" if torchvision_weights else "model.kwargs"
+        raise UserError(f"{key}: {spec.arch} refuses it ({str(exc).splitlines()[0]})") from None
+
+
+def _build_model(spec: ModelSpec) -> nn.Module:
+    weights = _weights(spec)
+    if weights is not None and spec.arch and not spec.factory and not _is_path(weights):
+        return _instantiate(spec, torchvision_weights=weights).eval()
+    model = _instantiate(spec)
+    if weights is not None:
+        load_checkpoint(model, Path(weights))
     return model.eval()
 
 
@@ -172,11 +179,25 @@ def resolve_layers(model: nn.Module, names: tuple[str, ...] | list[str]) -> dict
     for name in names:
         if name not in modules or name == "":
             valid = [n for n in modules if n]
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(
-                f"model.layers: unknown layer {name!r}; valid names: {', '.join(valid)}"
+                f"model.layers: {name!r} is not a layer of {model.__class__.__name__}{hint}; "
+                f"valid names: {', '.join(valid)}"
             )
         found[name] = modules[name]
     return found
+
+
+def check_layers(spec: ModelSpec) -> None:
+    """Refuse layer names the architecture does not have, before any work.
+
+    The architecture is built on torch's meta device (no memory, no weights, milliseconds),
+    so this runs whether or not a cache exists and never loads a checkpoint.
+    """
+    with _INIT_LOCK, torch.device("meta"):
+        model = _instantiate(spec)
+    resolve_layers(model, spec.layers)
 
 
 def as_grid(output: torch.Tensor, layer: str) -> torch.Tensor:

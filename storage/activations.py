@@ -1,42 +1,101 @@
-"""Activation store: one model's layer outputs over one dataset, chunked by image blocks.
+"""Activation store: one model identity's layer outputs over one dataset, chunked by image blocks.
 
-Contract (``<workdir>/activations/<dataset-id>/<model-id>.zarr``, a Zarr v3 group that
-``xarray.open_zarr`` opens):
+Contract (``<workdir>/activations/<dataset-id>/<model-identity>.zarr``, a Zarr v3 group that
+``xarray.open_zarr`` opens; metadata consolidated whenever a layer completes):
 
-- one array per layer, named by its dotted module name, shape (image, unit, y, x), float32
-  (or float16), Zstd-compressed, chunked ``(block_size, units, y, x)``, fill value NaN, so
-  an unwritten chunk can never pass for data.  Zarr dimension names are
-  ``image, unit_<layer>, y_<layer>, x_<layer>`` because an xarray Dataset needs one size per
-  dimension name and layers differ in size; :func:`open_layer` gives the plain
+- one independent array per layer, named by its dotted module name, shape (image, unit, y,
+  x), float32 (or float16), byte-shuffled and Zstd-compressed, chunked ``(block_size, units,
+  y, x)``, fill value NaN, so an unwritten chunk can never pass for data.  Zarr dimension
+  names are ``image, unit_<layer>, y_<layer>, x_<layer>`` because an xarray Dataset needs one
+  size per dimension name and layers differ in size; :func:`open_layer` gives the plain
   ``(image, unit, y, x)`` view.
 - ``image``: the index.csv image paths in row order (the coordinate of ``image``).
-- ``progress/blocks_done`` uint8 (block,): set to 1 after every layer of a block is written.
-- attributes: ``fingerprint`` (model, weights identity, layers, preprocessing, dataset index
-  hash, dtype), ``layers``, ``block_size``, ``complete``.
+- ``progress/<layer>`` uint8 (block,): each layer's own resume markers.
+- attributes: ``fingerprint`` (what the store's activations depend on: model identity,
+  dataset index, image size, dtype), ``layers``, ``block_size``, ``n_images``,
+  ``dataset_root`` (where the images were read).
 
-No sharding: each block's chunks are written by exactly one task.
+Each layer is its own artifact (``storage.artifacts``) with its own completeness, so a new
+layer is added to a cached store without rewriting any chunk of the others.  No sharding:
+each block's chunks are written by exactly one task.
 """
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from storage.blocks import create_index_arrays, mark_block_done, mark_complete, missing_blocks  # noqa: F401 - part of this module's API
-from storage.errors import StoreMismatchError, UserError
+from storage.artifacts import Artifact
+from storage.blocks import (
+    create_image_coordinate,
+    create_progress,
+    mark_block_done,
+    n_blocks,
+)
+from storage.errors import UserError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+DTYPES = ("float32", "float16")
 
 
 def layer_dims(layer: str) -> list[str]:
     return ["image", f"unit_{layer}", f"y_{layer}", f"x_{layer}"]
 
 
-def fingerprint_key(fingerprint: dict) -> str:
-    return json.dumps(fingerprint, sort_keys=True)
+def compressors() -> list:
+    """Byte-shuffle before Zstd: float exponents and zero runs line up, which Zstd then
+    packs far better than interleaved float bytes."""
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
+
+
+def open_group(path: Path, mode: str = "r") -> zarr.Group:
+    """The store's group, read without consolidated metadata (layers come and go)."""
+    return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+
+
+def store_artifact(path: Path, fingerprint: dict) -> Artifact:
+    return Artifact(Path(path), {"format": FORMAT_VERSION, **fingerprint})
+
+
+def layer_artifact(path: Path, fingerprint: dict, layer: str) -> Artifact:
+    """One layer of a store: complete once every block of it is written."""
+    store_key = store_artifact(path, fingerprint).key
+    return Artifact(Path(path), {"store": store_key, "layer": layer}, member=layer)
+
+
+def create_group(path: Path, image_paths: list[str], block_size: int, fingerprint: dict,
+                 dataset_root: str = "") -> None:
+    """An empty store: the image coordinate and the attributes, no layers yet.
+    ``dataset_root`` records where the images were read (for the report's strips)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(path), mode="w")
+    create_image_coordinate(group, image_paths)
+    group.attrs.update({
+        "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "layers": [],
+        "block_size": block_size, "n_images": len(image_paths), "dataset_root": dataset_root,
+    })
+    store_artifact(path, fingerprint).commit()
+
+
+def add_layer(path: Path, layer: str, shape: tuple[int, int, int], dtype: str) -> None:
+    """Create (or re-create, if a killed run left it half made) one layer's array."""
+    if dtype not in DTYPES:
+        raise UserError(f"extract.dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    group = open_group(path, "r+")
+    n, block_size = int(group.attrs["n_images"]), int(group.attrs["block_size"])
+    units, h, w = shape
+    group.create_array(
+        layer, shape=(n, units, h, w), chunks=(block_size, units, h, w), dtype=dtype,
+        fill_value=np.nan, compressors=compressors(), dimension_names=layer_dims(layer),
+        overwrite=True,
+    )
+    create_progress(group, layer, n_blocks(n, block_size))
+    layers = [name for name in group.attrs["layers"] if name != layer]
+    group.attrs["layers"] = [*layers, layer]
+    layer_artifact(path, group.attrs["fingerprint"], layer).begin()
 
 
 def create_store(
@@ -47,75 +106,45 @@ def create_store(
     dtype: str,
     fingerprint: dict,
 ) -> None:
-    n = len(image_paths)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(path), mode="w")
-    for layer, (units, h, w) in layer_shapes.items():
-        group.create_array(
-            layer,
-            shape=(n, units, h, w),
-            chunks=(block_size, units, h, w),
-            dtype=dtype,
-            fill_value=np.nan,
-            compressors=[zarr.codecs.ZstdCodec(level=3)],
-            dimension_names=layer_dims(layer),
-        )
-    create_index_arrays(group, image_paths, block_size)
-    group.attrs.update(
-        {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "layers": list(layer_shapes),
-            "block_size": block_size,
-            "n_images": n,
-            "complete": False,
-        }
-    )
-
-
-def store_state(path: Path, fingerprint: dict) -> str:
-    """'missing', 'partial' or 'complete'; raises if the store holds other inputs' data."""
-    if not (path / "zarr.json").is_file():
-        return "missing"
-    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-    theirs = attrs.get("fingerprint", {})
-    if fingerprint_key(theirs) != fingerprint_key(fingerprint):
-        diff = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
-        raise StoreMismatchError(
-            f"{path}: activation cache was made with other inputs (differs in {', '.join(diff)}); "
-            "delete it or choose another model.name"
-        )
-    return "complete" if attrs.get("complete") else "partial"
-
-
-
-
-def stored_block_size(path: Path) -> int:
-    return int(zarr.open_group(str(path), mode="r").attrs["block_size"])
+    """A store with every layer of ``layer_shapes`` created empty (tests, benchmarks)."""
+    create_group(path, image_paths, block_size, fingerprint)
+    for layer, shape in layer_shapes.items():
+        add_layer(path, layer, shape, dtype)
 
 
 def write_block(path: Path, block_index: int, start: int, outputs: dict[str, np.ndarray]) -> None:
-    """Write every layer's rows for one block, then mark the block done (the resume point)."""
-    group = zarr.open_group(str(path), mode="r+")
+    """Write every given layer's rows of one block, then mark the block done per layer."""
+    group = open_group(path, "r+")
     for layer, values in outputs.items():
         arr = group[layer]
         arr[start : start + values.shape[0]] = values.astype(arr.dtype, copy=False)
-    mark_block_done(group, block_index)
+        mark_block_done(group, layer, block_index)
 
 
+def mark_complete(path: Path, layers: list[str] | None = None) -> None:
+    """Record layers as complete (default: every layer) and consolidate the metadata."""
+    attrs = dict(open_group(path).attrs)
+    for layer in attrs["layers"] if layers is None else layers:
+        layer_artifact(path, attrs["fingerprint"], layer).commit()
+    consolidate(path)
+
+
+def consolidate(path: Path) -> None:
+    """Consolidated metadata, so ``xarray.open_zarr(path)`` lists every layer in one read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr notes that v3 has no consolidation spec yet
+        zarr.consolidate_metadata(str(path))
 
 
 class ActivationStore:
-    """Read access to a finished activation store."""
+    """Read access to an activation store (completeness is the artifact layer's business)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise UserError(f"{self.path}: activation store not found; run stage=extract first")
-        self.group = zarr.open_group(str(self.path), mode="r")
+        self.group = open_group(self.path)
         self.attrs = dict(self.group.attrs)
-        if not self.attrs.get("complete"):
-            raise UserError(f"{self.path}: activation store is incomplete; re-run stage=extract")
         self.layers: list[str] = list(self.attrs["layers"])
         self.block_size = int(self.attrs["block_size"])
         self.n_images = int(self.attrs["n_images"])
@@ -128,11 +157,14 @@ class ActivationStore:
             )
         return self.group[layer]
 
+    def is_complete(self, layer: str) -> bool:
+        return layer in self.layers and layer_artifact(self.path, self.fingerprint, layer).is_current()
+
     def shape(self, layer: str) -> tuple[int, int, int, int]:
         return tuple(self.array(layer).shape)
 
     def n_blocks(self) -> int:
-        return -(-self.n_images // self.block_size)
+        return n_blocks(self.n_images, self.block_size)
 
     def block_range(self, block: int) -> tuple[int, int]:
         start = block * self.block_size
@@ -146,6 +178,6 @@ def open_layer(path: str | Path, layer: str):
     """xarray DataArray of one layer with dims (image, unit, y, x) and the image coordinate."""
     import xarray as xr
 
-    ds = xr.open_zarr(str(path), consolidated=False)
+    ds = xr.open_zarr(str(path))
     da = ds[layer]
     return da.rename(dict(zip(da.dims, ["image", "unit", "y", "x"], strict=True)))

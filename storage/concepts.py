@@ -10,10 +10,11 @@ Contract (a Zarr v3 group, ``<workdir>/concepts/<dataset-id>.zarr``):
 - ``image``  str (image,): index.csv image paths in row order.
 - ``progress/blocks_done`` uint8 (block,): 1 once a block of images is fully written (resume marker).
 - attributes: ``fingerprint`` (of the dataset CSVs), ``categories``, ``labels`` (number,
-  name, coverage and frequency per category), sizes, ``block_size``, ``complete``.
+  name, coverage and frequency per category), sizes, ``block_size``.
 
 Arrays are chunked by image blocks and Zstd-compressed; each block is written by exactly one
-task, so concurrent builders never share a chunk.
+task, so concurrent builders never share a chunk.  Completeness and currency are the artifact
+layer's (:func:`store_artifact`): partial while blocks are written, complete after the last.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from storage.blocks import create_index_arrays, mark_block_done, mark_complete, missing_blocks  # noqa: F401 - part of this module's API
+from storage import blocks
+from storage.artifacts import Artifact
 from storage.broden import BrodenDataset, ImageRecord, LabelInfo, decode_plane
 from storage.errors import BrodenFormatError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+PROGRESS = "blocks_done"
 
 
 def _compressors() -> list:
@@ -66,7 +69,7 @@ class ConceptStore:
 
     @property
     def complete(self) -> bool:
-        return bool(self.attrs.get("complete", False))
+        return store_artifact(self.path, self.fingerprint).is_current()
 
     def image_paths(self) -> list[str]:
         return [str(p) for p in self.group["image"][:]]
@@ -123,7 +126,8 @@ def create_store(path: Path, dataset: BrodenDataset, block_size: int) -> None:
         "image_label_category", shape=(n, n_scalars), chunks=(block_size, n_scalars),
         dtype="int8", fill_value=-1, dimension_names=["image", "slot"], **common,
     )
-    create_index_arrays(group, [r.image for r in dataset.images], block_size)
+    blocks.create_image_coordinate(group, [r.image for r in dataset.images])
+    blocks.create_progress(group, PROGRESS, blocks.n_blocks(n, block_size))
     group.attrs.update(
         {
             "format_version": FORMAT_VERSION,
@@ -136,24 +140,19 @@ def create_store(path: Path, dataset: BrodenDataset, block_size: int) -> None:
                 for lab in dataset.labels.values()
             ],
             "n_images": n, "ih": ih, "iw": iw, "sh": sh, "sw": sw,
-            "block_size": block_size, "complete": False,
+            "block_size": block_size,
         }
     )
+    store_artifact(path, dataset.fingerprint()).begin()
 
 
-def store_state(path: Path, fingerprint: str) -> str:
-    """'complete', 'partial' (same inputs, resumable), 'stale' (other inputs) or 'missing'."""
-    if not (path / "zarr.json").is_file():
-        return "missing"
-    try:
-        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-    except Exception:  # noqa: BLE001 - an unreadable store is rebuilt
-        return "stale"
-    if attrs.get("fingerprint") != fingerprint or attrs.get("format_version") != FORMAT_VERSION:
-        return "stale"
-    return "complete" if attrs.get("complete") else "partial"
+def missing_blocks(path: Path) -> list[int]:
+    return blocks.missing_blocks(path, PROGRESS)
 
 
+def store_artifact(path: Path, fingerprint: str) -> Artifact:
+    """The concept store as an artifact: made from the dataset CSVs with this fingerprint."""
+    return Artifact(Path(path), {"format": FORMAT_VERSION, "dataset": fingerprint})
 
 
 def decode_block(
@@ -215,11 +214,8 @@ def write_block(
     group["plane_category"][start:stop] = block.plane_category
     group["image_labels"][start:stop] = block.image_labels
     group["image_label_category"][start:stop] = block.image_label_category
-    mark_block_done(group, block_index)
+    blocks.mark_block_done(group, PROGRESS, block_index)
     return len(records)
-
-
-    group.attrs["complete"] = True
 
 
 def listed_labels(dataset: BrodenDataset) -> dict[str, frozenset[int]]:

@@ -3,29 +3,29 @@
 Layout ``<workdir>/results/<table>/model=<model>/layer=<layer>/<run-key>.parquet``.  The
 partition columns ``model`` and ``layer`` live in the directory names only (pandas, duckdb,
 polars and pyarrow add them back with hive partitioning).  ``run-key`` is a hash of every
-parameter column that distinguishes a run (concept set, quantile, union mode, planes,
-categories, transform), so re-running with other options adds a file and re-running with
-the same options replaces exactly that file.  Files are written under a dot-name in the same
-directory and renamed into place, so a reader sees the old table or the new one, never half.
+parameter column that distinguishes a run (model identity, concept set, quantile, union mode,
+planes, categories, transform), so re-running with other options adds a file and re-running
+with the same options replaces exactly that file.  Each file is an artifact
+(``storage.artifacts``): written under a hidden name and renamed into place, so a reader sees
+the old table or the new one, never half, with a hidden manifest saying what made it.
 
-Column contract (SEMANTICS.md): keys ``model, layer, unit, concept_set, label, concept,
-category``; parameters ``quantile, union_mode, planes, transform``; counts ``intersection,
+Column contract (SEMANTICS.md): keys ``model, model_id, weights, layer, unit, concept_set,
+label, concept, category``; parameters ``quantile, union_mode, planes, transform``; counts ``intersection,
 label_area, unit_area, union_area`` (int64); ``iou``; units also ``threshold, is_detector``.
 No column is named ``union`` (it is an SQL keyword).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage.artifacts import Artifact, atomic_file, digest
 
 TABLES = ("iou", "units", "layers", "explanations")
 PARTITIONS = ("model", "layer")
@@ -37,38 +37,39 @@ def safe_name(text: str) -> str:
 
 
 def run_key(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(params)
 
 
 def partition_dir(root: Path, table: str, model: str, layer: str) -> Path:
     return root / table / f"model={model}" / f"layer={layer}"
 
 
-def write_atomic(table: pa.Table, path: Path, metadata: dict | None = None) -> None:
-    """Write Parquet beside ``path`` under a hidden name, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_parquet(table: pa.Table, path: Path, metadata: dict | None = None) -> None:
+    """Write Parquet atomically (hidden temporary name, then rename over ``path``)."""
     if metadata:
         existing = table.schema.metadata or {}
         table = table.replace_schema_metadata(
             {**existing, **{k.encode(): json.dumps(v).encode() for k, v in metadata.items()}}
         )
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
-def write_partition(
-    root: Path, table: str, model: str, layer: str, frame: pd.DataFrame, params: dict
-) -> Path:
-    """Add or replace the rows of one (model, layer, parameter set)."""
-    frame = frame.drop(columns=[c for c in PARTITIONS if c in frame.columns])
+def partition_artifact(
+    root: Path, table: str, model: str, layer: str, params: dict, fingerprint: dict
+) -> Artifact:
+    """The file holding one (model, layer, parameter set)'s rows of ``table``."""
     path = partition_dir(root, table, model, layer) / f"{run_key(params)}.parquet"
-    write_atomic(pa.Table.from_pandas(frame, preserve_index=False), path, {"params": params})
-    return path
+    return Artifact(path, {"table": table, "params": params, **fingerprint})
+
+
+def write_partition(artifact: Artifact, frame: pd.DataFrame) -> Path:
+    """Add or replace the rows of one (model, layer, parameter set), then mark them current."""
+    frame = frame.drop(columns=[c for c in PARTITIONS if c in frame.columns])
+    write_parquet(pa.Table.from_pandas(frame, preserve_index=False), artifact.path,
+                  {"params": artifact.fingerprint["params"]})
+    artifact.commit(rows=len(frame))
+    return artifact.path
 
 
 def read_table(root: Path, table: str, **filters) -> pd.DataFrame:

@@ -1,8 +1,11 @@
-"""Threshold store: per-unit T_k of one layer as a small Parquet file with its fingerprint.
+"""Per-layer statistics of an activation cache, each a small artifact file.
 
-``<workdir>/thresholds/<dataset-id>/<model-id>/<layer>/<key>.parquet`` with columns
-``unit, threshold`` (float64) and schema metadata ``fingerprint`` (the activation store's
-fingerprint plus quantile and transform).  A file whose fingerprint matches is current.
+- thresholds: ``<key>.parquet`` with columns ``unit, threshold`` (float64);
+- top images: ``top-<key>.npz`` with, per unit, the top-n image rows by maximum activation
+  (ties to the lower row), those maxima and the unit's raw maps on those images.
+
+Paths come from the pipeline's layout; currency, locks and atomic writes from
+``storage.artifacts``.
 """
 
 from __future__ import annotations
@@ -13,24 +16,30 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.tables import read_metadata, run_key, write_atomic
+from storage.artifacts import Artifact, atomic_file
+from storage.tables import write_parquet
 
 
-def threshold_path(root: Path, layer: str, fingerprint: dict) -> Path:
-    return root / layer / f"{run_key(fingerprint)}.parquet"
+def load_thresholds(path: Path) -> np.ndarray:
+    return np.array(pq.read_table(path).column("threshold").to_numpy())
 
 
-def load_thresholds(path: Path, fingerprint: dict) -> np.ndarray | None:
-    """The stored thresholds if the file exists and was made from the same inputs."""
-    if not path.is_file():
-        return None
-    if read_metadata(path).get("fingerprint") != fingerprint:
-        return None
-    return pq.read_table(path).column("threshold").to_numpy()
-
-
-def save_thresholds(path: Path, thresholds: np.ndarray, fingerprint: dict) -> None:
+def save_thresholds(artifact: Artifact, thresholds: np.ndarray) -> None:
     table = pa.table(
         {"unit": np.arange(len(thresholds)), "threshold": np.asarray(thresholds, np.float64)}
     )
-    write_atomic(table, path, {"fingerprint": fingerprint})
+    write_parquet(table, artifact.path)
+    artifact.commit(units=len(thresholds))
+
+
+def save_arrays(artifact: Artifact, arrays: dict[str, np.ndarray]) -> None:
+    """A statistic's arrays as one .npz file (top images, signature counts)."""
+    with atomic_file(artifact.path) as tmp:
+        with tmp.open("wb") as fh:
+            np.savez(fh, **arrays)
+    artifact.commit()
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}

@@ -17,7 +17,7 @@ import zarr
 from stages.concepts import ConceptsConfig, build_concept_store
 from stages.iou import label_space
 from storage.broden import decode_plane, primary_category, read_broden
-from storage.concepts import store_state
+from storage.concepts import store_artifact
 from storage.errors import BrodenFormatError, UserError
 from tests.broden_factory import BrodenBuilder, rewrite_index_line, save_plane, write_csv
 
@@ -455,7 +455,7 @@ def test_bad_input_raises_broden_format_error(tmp_path: Path, case: str) -> None
         read_broden(root)  # the reader does not decode planes; the store build does
         with pytest.raises(BrodenFormatError) as info:
             build_concept_store(cfg, scheduler=None)
-        state = store_state(cfg.store_path, read_broden(root).fingerprint())
+        state = store_artifact(cfg.store_path, read_broden(root).fingerprint()).state()
         assert state != "complete"
     assert isinstance(info.value, UserError)
     message = str(info.value)
@@ -534,8 +534,7 @@ def test_cli_bad_dataset_exits_2_with_one_error_line(tmp_path: Path, case: str) 
     store = workdir / "concepts" / "bad_ds.zarr"
     if store.exists():
         attrs = dict(zarr.open_group(str(store), mode="r").attrs)
-        assert not attrs.get("complete", False)
-        assert store_state(store, str(attrs.get("fingerprint"))) == "partial"
+        assert store_artifact(store, str(attrs.get("fingerprint"))).state() == "partial"
 
 
 def test_line_numbers_count_blank_lines_and_crlf(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import zarr
 from stages import synthetic as syn
 from stages.concepts import ConceptsConfig, build_concept_store
 from storage.broden import decode_plane, read_broden
-from storage.concepts import ConceptBlock, ConceptStore, store_state
+from storage.concepts import ConceptBlock, ConceptStore, store_artifact
 from tests.broden_factory import BrodenBuilder, tree_mtimes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,23 +186,22 @@ def test_threads_scheduler_gives_the_same_store(built, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- skip / resume
 
 
-def test_finished_store_is_skipped(built, tmp_path: Path, caplog) -> None:
+def test_finished_store_is_reused_untouched(built, tmp_path: Path, caplog) -> None:
     _, root, store = built
     before = _snapshot(store)
     _age_tree(store.path)
     mtimes = tree_mtimes(store.path)
+    manifest = store_artifact(store.path, store.fingerprint).manifest_path.read_text()
     caplog.set_level(logging.INFO, logger="netdissect")
     again = build_concept_store(_cfg(root, tmp_path), scheduler=None)
     assert tree_mtimes(store.path) == mtimes
-    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(skipped) == 1 and str(store.path) in skipped[0], caplog.text
+    assert store_artifact(store.path, store.fingerprint).manifest_path.read_text() == manifest
+    assert not caplog.records, caplog.text  # nothing built, nothing to say
     for name, arr in _snapshot(again).items():
         np.testing.assert_array_equal(arr, before[name])
-    # another block size for a finished, current store is still a skip
-    caplog.clear()
+    # another block size for a finished, current store is still reused as it is
     build_concept_store(_cfg(root, tmp_path, block_size=5), scheduler=None)
     assert tree_mtimes(store.path) == mtimes
-    assert "skipped" in caplog.text
 
 
 @pytest.mark.parametrize("resume_block_size", [BLOCK, 5])
@@ -215,8 +214,9 @@ def test_interrupted_build_resumes_only_missing_block(
     done = _blocks_done_path(group)
     group[done][1] = 0
     group["pixel_labels"][BLOCK : 2 * BLOCK] = 0
-    group.attrs["complete"] = False
-    assert store_state(store.path, store.fingerprint) == "partial"
+    artifact = store_artifact(store.path, store.fingerprint)
+    artifact.begin()  # what a killed build leaves: the manifest says partial
+    assert artifact.state() == "partial"
     assert not (store.path / "pixel_labels" / "c" / "1" / "0" / "0" / "0").exists()
     _age_tree(store.path)
     mtimes = tree_mtimes(store.path)
@@ -225,13 +225,12 @@ def test_interrupted_build_resumes_only_missing_block(
     again = build_concept_store(_cfg(root, tmp_path, resume_block_size), scheduler=None)
     assert "resuming" in caplog.text
     assert again.complete and again.block_size == BLOCK  # the partial store's block size wins
-    assert store_state(store.path, store.fingerprint) == "complete"
+    assert artifact.state() == "complete"
     for name, arr in _snapshot(again).items():
         np.testing.assert_array_equal(arr, before[name], err_msg=name)
     after = tree_mtimes(store.path)
     changed = {p for p in after if after[p] != mtimes.get(p)}
     assert changed == {
-        "zarr.json",
         f"{done}/c/1",
         "pixel_labels/c/1/0/0/0",
         "plane_category/c/1/0",
@@ -247,7 +246,7 @@ def test_changed_label_csv_rebuilds(built, tmp_path: Path, caplog) -> None:
     old_fp = store.fingerprint
     label_csv = root / "label.csv"
     label_csv.write_text(label_csv.read_text().replace(",tree,", ",oak,"))
-    assert store_state(store.path, read_broden(root).fingerprint()) == "stale"
+    assert store_artifact(store.path, read_broden(root).fingerprint()).state() == "stale"
     _age_tree(store.path)
     mtimes = tree_mtimes(store.path)
     caplog.set_level(logging.INFO, logger="netdissect")
@@ -279,7 +278,7 @@ def test_unreadable_or_half_created_store_is_rebuilt(built, tmp_path: Path, dama
         zarr.open_group(str(store.path), mode="w")
     else:
         (store.path / "zarr.json").write_text("{not json")
-    assert store_state(store.path, store.fingerprint) == "stale"
+    assert store_artifact(store.path, store.fingerprint).state() == "complete"  # says the manifest
     again = build_concept_store(_cfg(root, tmp_path), scheduler=None)
     assert again.complete
     for name, arr in _snapshot(again).items():
@@ -366,13 +365,13 @@ def test_cli_concepts_synthetic_then_skip(tmp_path: Path) -> None:
     args = ("stage=concepts", f"workdir={workdir}", "dataset.synthetic.n_images=40", "cluster=none")
     rc, out = _run_cli(*args)
     assert rc == 0, out
-    dataset_dir = workdir / "datasets" / "synthetic"
-    store_path = workdir / "concepts" / "synthetic.zarr"
+    (dataset_dir,) = (workdir / "datasets").glob("synthetic-*")  # non-default parameters
+    store_path = workdir / "concepts" / f"{dataset_dir.name}.zarr"
     assert syn.is_complete(dataset_dir, n_images=40)
     store = ConceptStore(store_path)
     assert store.complete and store.n_images == 40
     assert not [line for line in out.splitlines() if "skipped" in line], out
-    assert "dataset: generating" in out and "concepts: built" in out
+    assert "dataset: building synthetic dataset" in out and "concepts: built" in out
 
     _age_tree(dataset_dir)
     _age_tree(store_path)
@@ -383,6 +382,6 @@ def test_cli_concepts_synthetic_then_skip(tmp_path: Path) -> None:
     assert len(skipped) == 2, out
     assert len([line for line in skipped if "dataset:" in line]) == 1, out
     assert len([line for line in skipped if "concepts:" in line]) == 1, out
-    assert "generating" not in out and "built" not in out
+    assert "building" not in out and "built" not in out
     after = {**tree_mtimes(dataset_dir), **_prefixed(tree_mtimes(store_path))}
     assert after == before

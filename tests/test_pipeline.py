@@ -18,8 +18,8 @@ from pipeline.run import compose_config, run
 from storage.tables import read_table
 from tests.conftest import REPO, cli, cli_env
 
-BASE = ["dataset.synthetic.n_images=48", "dataset.block_size=8", "model.train.epochs=1",
-        "progress=false"]
+DATA = ["dataset.synthetic.n_images=48", "dataset.block_size=8", "progress=false"]
+BASE = [*DATA, "model.train.epochs=1"]
 
 
 def config(workdir: Path, *extra: str) -> dict:
@@ -31,7 +31,7 @@ def extracted(tmp_path_factory) -> Path:
     """Dataset, concept store, demo model and activations, made once."""
     wd = tmp_path_factory.mktemp("base") / "wd"
     run(config(wd, "stage=extract", "cluster=none"))
-    run(config(wd, "stage=concepts", "cluster=none"))
+    run(compose_config([f"workdir={wd}", *DATA, "stage=concepts", "cluster=none"]))
     return wd
 
 
@@ -174,7 +174,7 @@ def test_bad_config_value_is_one_line(tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("scoring.unoin=global", "config key 'scoring.unoin' does not exist"),
     ("model=resnet19", "Could not find 'model/resnet19'; available: alexnet"),
-    ("model=torchvision", "config key model.arch must be set"),
+    ("model=torchvision", "model: set exactly one of model.arch"),
 ])
 def test_bad_config_key_is_one_line(tmp_path, override, expected):
     res = subprocess.run(cli(override, f"workdir={tmp_path}"), cwd=REPO, env=cli_env(),

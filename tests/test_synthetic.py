@@ -54,7 +54,7 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 def test_files_and_headers(dataset: Path) -> None:
     assert (dataset / "images" / "synthetic").is_dir()
-    assert (dataset / ".synthetic.json").is_file()
+    assert syn.dataset_artifact(dataset, n_images=N).manifest_path.is_file()
     first = {
         "index.csv": INDEX_HEADER,
         "category.csv": "name,first,last,count,frequency",
@@ -254,16 +254,16 @@ def test_is_complete(dataset: Path, tmp_path: Path) -> None:
     assert not syn.is_complete(dataset, n_images=N, image_size=64)
     assert not syn.is_complete(dataset, n_images=N, seg_size=28)
     assert not syn.is_complete(tmp_path / "missing", n_images=N)
-    marker = json.loads((dataset / ".synthetic.json").read_text())
-    assert marker["schema_version"] == syn.SCHEMA_VERSION
-    assert marker["n_images"] == N
+    made_by = syn.dataset_artifact(dataset, n_images=N).manifest()["fingerprint"]
+    assert made_by["schema_version"] == syn.SCHEMA_VERSION
+    assert made_by["n_images"] == N
 
 
 def test_no_temp_dir_left_and_replace(tmp_path: Path) -> None:
     out = tmp_path / "data"
     syn.generate(out, n_images=4, progress=False)
     syn.generate(out, n_images=5, progress=False)  # replaces the previous dataset
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.artifact.json", "data"]
     assert syn.is_complete(out, n_images=5) and not syn.is_complete(out, n_images=4)
     assert len(_rows(out / "index.csv")) == 5
 

@@ -1,0 +1,166 @@
+"""Typed configuration: Hydra structured configs, each default written once, here.
+
+The YAML files under ``conf/`` are presets (a model, a dataset, a cluster, a scoring rule
+set): they only set what differs from these defaults.  OmegaConf checks types and choices
+while Hydra composes; :func:`validate` checks everything else (ranges, files, combinations)
+once, before any work or Dask cluster starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from storage.errors import UserError
+
+# Choices are enums, so OmegaConf refuses anything else while composing the config.
+Stage = StrEnum("Stage", ["dataset", "concepts", "model", "extract", "quantile", "iou",
+                          "rescore", "explain", "report", "all"])
+UnionMode = StrEnum("UnionMode", ["restricted", "global", "lite"])
+Planes = StrEnum("Planes", ["set", "multiset"])
+DType = StrEnum("DType", ["float32", "float16"])
+Preprocess = StrEnum("Preprocess", ["imagenet", "netdissect"])
+ClusterKind = StrEnum("ClusterKind", ["local", "threads", "none", "cuda"])
+DEMO_WEIGHTS = "train"  # model.weights value: train (or reuse) the demo model on the probe set
+
+
+@dataclass
+class SyntheticOptions:
+    n_images: int = 2000
+    image_size: int = 112
+    seg_size: int = 56
+    seed: int = 0
+
+
+@dataclass
+class DatasetOptions:
+    path: str | None = None  # a Broden-format directory; null = the built-in synthetic set
+    name: str | None = None  # dataset id in paths and tables; default: the directory's name
+    block_size: int = 64  # images per chunk and per task in every store
+    synthetic: SyntheticOptions = field(default_factory=SyntheticOptions)
+
+
+@dataclass
+class TrainOptions:
+    """The demo model's trainer (``model.weights=train``)."""
+
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 0.003
+    seed: int = 0
+    width: int = 32
+
+
+@dataclass
+class ModelOptions:
+    name: str | None = None  # the readable `model` column; default: arch or factory name
+    arch: str | None = None  # a torchvision model name ...
+    factory: str | None = None  # ... or 'package.module:function'
+    weights: str | None = None  # torchvision weights name, checkpoint path, none, or train
+    layers: list[str] = field(default_factory=list)
+    seed: int = 0  # random init (weights=none)
+    preprocess: Preprocess = Preprocess.imagenet
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    train: TrainOptions = field(default_factory=TrainOptions)
+
+
+@dataclass
+class ExtractOptions:
+    dtype: DType = DType.float32
+    batch_size: int = 32
+    device: str = "auto"  # auto (cuda where the worker has one) | cpu | cuda | cuda:N
+
+
+@dataclass
+class ScoringOptions:
+    quantile: float = 0.005  # T_k = quantile 1 - q of all raw activations of unit k
+    union: UnionMode = UnionMode.restricted
+    planes: Planes = Planes.set
+    categories: list[str] | None = None  # null = every category
+    iou_threshold: float = 0.04  # detector: best IoU > this
+
+
+@dataclass
+class ConceptsOptions:
+    path: str | None = None  # a Broden-format directory to score the cache against
+    name: str | None = None  # concept_set column; default: the directory's name
+    formulas: str | None = None  # YAML: names -> formulas like "(water OR sea) AND NOT boat"
+
+
+@dataclass
+class ExplainOptions:
+    max_length: int = 3
+    beam: int = 5
+
+
+@dataclass
+class ReportOptions:
+    top_n: int = 8  # top images per unit shown with the unit's mask
+    concept_set: str | None = None  # only this concept set's pages; default: all
+
+
+@dataclass
+class ClusterOptions:
+    kind: ClusterKind = ClusterKind.local
+    address: str | None = None  # tcp://HOST:8786: an existing scheduler (any kind)
+    n_workers: int | None = None  # LocalCluster: default one worker process per core
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+
+
+@dataclass
+class Config:
+    stage: Stage = Stage.iou
+    workdir: str = "./workdir"  # every store, table, report and log lives here
+    progress: bool = True
+    dataset: DatasetOptions = field(default_factory=DatasetOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    concepts: ConceptsOptions = field(default_factory=ConceptsOptions)
+    explain: ExplainOptions = field(default_factory=ExplainOptions)
+    report: ReportOptions = field(default_factory=ReportOptions)
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)
+
+
+ConfigStore.instance().store(name="netdissect_schema", node=Config)
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"{key}={value}: must be positive")
+
+
+def validate(cfg: Config) -> None:
+    """Every check that needs no data: ranges, files and combinations (fail before work)."""
+    _positive("dataset.block_size", cfg.dataset.block_size)
+    _positive("extract.batch_size", cfg.extract.batch_size)
+    _positive("report.top_n", cfg.report.top_n)
+    _positive("explain.max_length", cfg.explain.max_length)
+    _positive("explain.beam", cfg.explain.beam)
+    if not 0.0 < cfg.scoring.quantile < 1.0:
+        raise UserError(f"scoring.quantile={cfg.scoring.quantile}: must lie in (0, 1)")
+    if not 0.0 <= cfg.scoring.iou_threshold < 1.0:
+        raise UserError(f"scoring.iou_threshold={cfg.scoring.iou_threshold}: must lie in [0, 1)")
+    device = cfg.extract.device
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"extract.device={device!r}: choose auto, cpu, cuda or cuda:N")
+    for key, value in (("dataset.path", cfg.dataset.path), ("concepts.path", cfg.concepts.path)):
+        if value and not Path(value).expanduser().is_dir():
+            raise UserError(f"{key}={value}: directory not found")
+    if cfg.concepts.formulas and not Path(cfg.concepts.formulas).expanduser().is_file():
+        raise UserError(f"concepts.formulas={cfg.concepts.formulas}: file not found")
+    m = cfg.model
+    if bool(m.arch) == bool(m.factory):
+        raise UserError("model: set exactly one of model.arch (a torchvision name) or "
+                        f"model.factory (package.module:function); got arch={m.arch!r}, "
+                        f"factory={m.factory!r}")
+    if not m.layers:
+        raise UserError("model.layers: give at least one layer name, e.g. model.layers=[layer4]")
+    if m.weights == DEMO_WEIGHTS and m.factory != "stages.demo_model:demo_net":
+        raise UserError(f"model.weights={DEMO_WEIGHTS}: only the demo model is trained by the "
+                        "pipeline; give a checkpoint path, a torchvision weights name or none")

@@ -1,0 +1,116 @@
+"""Every path and id of a workdir, in one place (the pipeline, the report and pipeline.api).
+
+Identity: a model's id is its readable name plus a short hash of everything that determines
+its activations — architecture or factory, kwargs, weights (a checkpoint's content hash, a
+torchvision weights name, or ``random(seed)``) and preprocessing — so two checkpoints of one
+architecture, or one name reused for another model, never share a cache or a row set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.config import DEMO_WEIGHTS, Config, ModelOptions, SyntheticOptions
+from stages.models import ModelSpec, weights_identity
+from storage.artifacts import digest
+from storage.tables import safe_name
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str  # the readable `model` column
+    model_id: str  # name-<hash>: keys stores and rows
+    weights: str  # readable weights: checkpoint file name, torchvision name, random(seed=N)
+    fingerprint: dict  # what the hash covers
+
+
+def model_spec(m: ModelOptions, weights: str | None = None, kwargs: dict | None = None) -> ModelSpec:
+    """The stage-level model description (``weights``/``kwargs`` override, for the demo)."""
+    name = m.name or m.arch or str(m.factory).rsplit(":", 1)[-1]
+    return ModelSpec(
+        name=name, layers=tuple(m.layers), arch=m.arch, factory=m.factory,
+        weights=m.weights if weights is None else weights, seed=m.seed,
+        preprocess=str(m.preprocess), kwargs=dict(m.kwargs if kwargs is None else kwargs),
+    )
+
+
+def model_identity(spec: ModelSpec) -> ModelIdentity:
+    fingerprint = {
+        "architecture": spec.arch or spec.factory,
+        "kwargs": spec.kwargs,
+        "weights": weights_identity(spec),
+        "preprocess": spec.preprocess,
+    }
+    w = spec.weights
+    if w is None or str(w).lower() == "none":
+        readable = f"random(seed={spec.seed})"
+    elif fingerprint["weights"].startswith("sha256:"):
+        readable = Path(str(w)).name
+    else:
+        readable = str(w)
+    name = safe_name(spec.name)
+    return ModelIdentity(name, f"{name}-{digest(fingerprint, 8)}", readable, fingerprint)
+
+
+def dataset_id(cfg: Config) -> str:
+    """The dataset's id in paths and tables: dataset.name, the directory's name, or
+    ``synthetic`` (with a hash of its parameters when they are not the defaults)."""
+    d = cfg.dataset
+    if d.name:
+        return safe_name(d.name)
+    if d.path:
+        return safe_name(Path(d.path).expanduser().resolve().name)
+    params = asdict(d.synthetic)
+    return "synthetic" if params == asdict(SyntheticOptions()) else f"synthetic-{digest(params, 8)}"
+
+
+def concept_set_id(cfg: Config) -> str:
+    """The concept_set column of a run: concepts.name, concepts.path's directory name, or
+    the probe dataset's own id."""
+    c = cfg.concepts
+    if c.path:
+        return safe_name(c.name or Path(c.path).expanduser().resolve().name)
+    return dataset_id(cfg)
+
+
+def is_demo(m: ModelOptions) -> bool:
+    return m.weights == DEMO_WEIGHTS
+
+
+@dataclass(frozen=True)
+class Layout:
+    workdir: Path
+
+    @staticmethod
+    def of(cfg: Config) -> Layout:
+        return Layout(Path(cfg.workdir).expanduser().resolve())
+
+    @property
+    def results(self) -> Path:
+        return self.workdir / "results"
+
+    @property
+    def report(self) -> Path:
+        return self.workdir / "report"
+
+    def synthetic_dataset(self, dataset: str) -> Path:
+        return self.workdir / "datasets" / dataset
+
+    def concept_store(self, dataset: str) -> Path:
+        return self.workdir / "concepts" / f"{dataset}.zarr"
+
+    def concept_set_store(self, name: str) -> Path:
+        return self.workdir / "concepts" / f"set-{name}.zarr"
+
+    def demo_checkpoint(self, dataset: str, key: str) -> Path:
+        return self.workdir / "models" / f"demo-{dataset}-{key}.pt"
+
+    def activations(self, dataset: str, model_id: str, dtype: str) -> Path:
+        suffix = "" if dtype == "float32" else f"-{dtype}"
+        return self.workdir / "activations" / dataset / f"{model_id}{suffix}.zarr"
+
+    def statistic(self, kind: str, dataset: str, model_id: str, layer: str, key: str,
+                  suffix: str) -> Path:
+        """Per-layer statistics of a cache: thresholds, top images, signatures."""
+        return self.workdir / kind / dataset / model_id / safe_name(layer) / f"{key}{suffix}"

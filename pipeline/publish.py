@@ -1,0 +1,151 @@
+"""What a run shows: the report stage (its inputs: units rows and each page's top images)
+and the summaries printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.graph import Run, Target
+from stages.report import Page, PageImages, ReportConfig, build_report
+from stages.statistics import TopImages, top_images
+from storage import activations as astore
+from storage.artifacts import Artifact, digest
+from storage.broden import index_fingerprint
+from storage.errors import UserError
+from storage.tables import read_table
+from storage.thresholds import load_arrays, save_arrays
+
+log = logging.getLogger("netdissect")
+REPORT_FORMAT = 2  # bump when the pages change, so a current-looking report is rebuilt
+TOP_IMAGES_KEPT = 8  # top images found per unit unless report.top_n asks for more
+
+
+def report_rows(run: Run) -> pd.DataFrame:
+    frame = read_table(run.layout.results, "units")
+    if frame.empty:
+        raise UserError(f"{run.layout.results / 'units'}: no units table to report on; "
+                        "run stage=iou first")
+    wanted = run.cfg.report.concept_set
+    if wanted is not None:
+        known = sorted(frame["concept_set"].unique())
+        frame = frame[frame["concept_set"] == wanted]
+        if frame.empty:
+            raise UserError(f"report.concept_set={wanted!r}: no units rows; the table has "
+                            f"{', '.join(known) or 'none'}")
+    return frame.reset_index(drop=True)
+
+
+def _units_keys(run: Run) -> list[str]:
+    """The manifest keys of every units file: the report is current while they are."""
+    keys = []
+    for manifest in sorted((run.layout.results / "units").rglob(".*.parquet.artifact.json")):
+        keys.append(f"{manifest.parent.name}/{json.loads(manifest.read_text())['key']}")
+    return keys
+
+
+def _store(run: Run, dataset: str, model_id: str) -> Path | None:
+    for dtype in astore.DTYPES:
+        path = run.layout.activations(dataset, model_id, dtype)
+        if (path / "zarr.json").is_file():
+            return path
+    return None
+
+
+def _page_source(run: Run, key: tuple[str, str, str, str]) -> tuple[Artifact | None, PageImages]:
+    """The top-images artifact of one page's activations, or why the page has no strips."""
+    dataset, model_id, layer, transform = key
+    path = _store(run, dataset, model_id)
+    if path is None:
+        return None, PageImages(note=f"No image strips: no activation cache of {model_id} on "
+                                f"{dataset} in {run.layout.workdir / 'activations'}.")
+    store = astore.ActivationStore(path)
+    if not store.is_complete(layer):
+        return None, PageImages(note=f"No image strips: layer {layer} is not cached in {path}.")
+    root = Path(store.attrs.get("dataset_root") or "")
+    if not (root / "index.csv").is_file() or (
+            index_fingerprint(root) != store.fingerprint.get("dataset_index")):
+        return None, PageImages(note=f"No image strips: the images of dataset {dataset} are no "
+                                f"longer at {root or 'a known place'}.")
+    kept = max(run.cfg.report.top_n, TOP_IMAGES_KEPT)
+    fingerprint = {"activations": astore.layer_artifact(path, store.fingerprint, layer).key,
+                   "transform": transform, "top_n": kept}
+    artifact = Artifact(run.layout.statistic("thresholds", dataset, model_id, layer,
+                                             f"top-{digest(fingerprint)}", ".npz"), fingerprint)
+    return artifact, PageImages(images_dir=root / "images",
+                                image_paths=tuple(store.image_paths()))
+
+
+def plan_report(run: Run) -> list[Target]:
+    frame = report_rows(run)
+    keys = sorted({(str(r.dataset), str(r.model_id), str(r.layer), str(r.transform)) for r in
+                   frame[["dataset", "model_id", "layer", "transform"]].drop_duplicates()
+                   .itertuples(index=False)})
+    sources = {key: _page_source(run, key) for key in keys}
+    r = run.cfg.report
+
+    def build_top(key: tuple[str, str, str, str], missing: list[Artifact]) -> None:
+        path = _store(run, key[0], key[1])
+        top = top_images(path, key[2], missing[0].fingerprint["top_n"], run.scheduler(),
+                         run.cfg.progress)
+        save_arrays(missing[0], top.arrays())
+
+    targets = [Target(f"{key[1]} {key[2]} top images", (artifact,), partial(build_top, key))
+               for key, (artifact, _) in sources.items() if artifact is not None]
+
+    def images(page: Page) -> PageImages:
+        artifact, source = sources[page.key]
+        if artifact is None:
+            return source
+        arrays = load_arrays(artifact.path)
+        top = TopImages(arrays["index"], arrays["value"], arrays["maps"])
+        return PageImages(top, source.images_dir, source.image_paths)
+
+    def order(page: Page) -> int:
+        path = _store(run, page.key[0], page.key[1])
+        layers = astore.ActivationStore(path).layers if path else []
+        return layers.index(page.layer) if page.layer in layers else len(layers)
+
+    fingerprint = {"format": REPORT_FORMAT, "units": _units_keys(run), "top_n": r.top_n,
+                   "concept_set": r.concept_set,
+                   "tops": sorted(a.key for a, _ in sources.values() if a is not None)}
+    cfg = ReportConfig(run.layout.report, r.top_n, run.cfg.progress,
+                       title_note=f"workdir {run.layout.workdir}")
+    targets.append(Target(f"report {run.layout.report}", (Artifact(run.layout.report, fingerprint),),
+                          lambda missing: (build_report(cfg, frame, images, order),
+                                           missing[0].commit(pages=len(keys)))))
+    return targets
+
+
+def report_value(run: Run) -> Path:
+    return run.layout.report / "index.html"
+
+
+def print_summary(run: Run, summaries: dict[str, pd.DataFrame]) -> None:
+    """Per layer: units, detectors, unique concepts per category; and where the tables are."""
+    acts = run.get("extract")
+    concept_set = next(iter(summaries.values()))["concept_set"].iloc[0] if summaries else ""
+    ident = acts.model.identity
+    lines = [f"Network dissection of {ident.name} ({ident.model_id}, weights {ident.weights}) "
+             f"on {acts.dataset.id} (concepts: {concept_set})"]
+    for layer, frame in summaries.items():
+        overall = frame[frame["category"] == "all"].iloc[0]
+        per_cat = ", ".join(f"{r.category} {r.unique_concepts}" for r in frame.itertuples()
+                            if r.category != "all")
+        lines.append(f"  {layer}: {overall.units} units, {overall.detectors} detectors, "
+                     f"{overall.unique_concepts} unique concepts ({per_cat})")
+    lines.append(f"Tables: {run.layout.results}/{{iou,units,layers}} (Parquet, hive-partitioned)")
+    print("\n".join(lines))
+
+
+def print_explanations(run: Run, frames: dict[str, pd.DataFrame]) -> None:
+    for layer, frame in frames.items():
+        top = frame.sort_values("iou", ascending=False).head(3)
+        print(f"{layer}: best explanations " + "; ".join(
+            f"unit {r.unit}: {r.formula} ({r.iou:.3f})" for r in top.itertuples()))
+    print(f"Table: {run.layout.results}/explanations")
+

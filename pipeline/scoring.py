@@ -1,0 +1,308 @@
+"""Stages that score the cache: quantile, concept_set, iou (and formulas), explain."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data import Activations
+from pipeline.graph import Run, Target, realize
+from pipeline.layout import concept_set_id
+from stages.blocks import LayerBlocks
+from stages.concepts import ConceptsConfig, build_concept_store
+from stages.explain import (
+    SignatureCounts,
+    SignatureReduction,
+    beam_search,
+    explanation_frame,
+    formula_frame,
+)
+from stages.formulas import Formula, format_formula, load_formulas
+from stages.iou import ScoringConfig, TallyReduction, iou_frame, layers_frame, units_frame
+from stages.labels import LabelSpace, label_space
+from stages.quantile import exact_thresholds
+from stages.reduction import reduce_blocks
+from storage.artifacts import Artifact, digest
+from storage.broden import read_broden
+from storage.concepts import ConceptStore, store_artifact
+from storage.errors import UserError
+from storage.tables import partition_artifact, write_partition
+from storage.thresholds import load_arrays, load_thresholds, save_arrays, save_thresholds
+
+log = logging.getLogger("netdissect")
+TRANSFORM = "none"
+
+
+def blocks(run: Run, acts: Activations, layer: str, device: str | None = None) -> LayerBlocks:
+    """Blocks of one cached layer for the kernels: on the worker's GPU when it has one
+    (``extract.device=auto``), else CPU."""
+    return LayerBlocks(str(acts.store.path), layer, None, device or run.cfg.extract.device)
+
+
+# ---------------------------------------------------------------- quantile
+def _threshold_artifact(run: Run, acts: Activations, layer: str) -> Artifact:
+    fingerprint = {"activations": acts.layer_key(layer), "quantile": run.cfg.scoring.quantile,
+                   "transform": TRANSFORM}
+    path = run.layout.statistic("thresholds", acts.dataset.id, acts.model.identity.model_id,
+                                layer, digest(fingerprint), ".parquet")
+    return Artifact(path, fingerprint)
+
+
+def plan_quantile(run: Run) -> list[Target]:
+    acts = run.get("extract")
+    q = run.cfg.scoring.quantile
+
+    def build(layer: str, missing: list[Artifact]) -> None:
+        values = exact_thresholds(blocks(run, acts, layer), q, run.scheduler(),
+                                  progress=run.cfg.progress)
+        save_thresholds(missing[0], values)
+        log.info("quantile: %s %s: %d exact thresholds (q=%g)", acts.model.identity.model_id,
+                 layer, len(values), q)
+
+    return [Target(f"{acts.model.identity.model_id} {layer} thresholds (q={q:g})",
+                   (_threshold_artifact(run, acts, layer),), partial(build, layer))
+            for layer in acts.layers]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    values: dict[str, np.ndarray]
+    keys: dict[str, str]
+
+
+def quantile_value(run: Run) -> Thresholds:
+    acts = run.get("extract")
+    artifacts = {layer: _threshold_artifact(run, acts, layer) for layer in acts.layers}
+    return Thresholds({k: load_thresholds(a.path) for k, a in artifacts.items()},
+                      {k: a.key for k, a in artifacts.items()})
+
+
+# ---------------------------------------------------------------- concept set
+@dataclass(frozen=True)
+class ConceptSet:
+    """The labels a run scores against, matched to the cache's image rows."""
+
+    name: str
+    store: ConceptStore
+    key: str  # the concept store's artifact key
+    rows: np.ndarray | None  # activation row -> concept row (-1 = absent); None = same order
+
+
+def _set_source(run: Run) -> tuple[Path, str, Path] | None:
+    c = run.cfg.concepts
+    if not c.path:
+        return None
+    name = concept_set_id(run.cfg)
+    return Path(c.path).expanduser().resolve(), name, run.layout.concept_set_store(name)
+
+
+def plan_concept_set(run: Run) -> list[Target]:
+    source = _set_source(run)
+    if source is None:
+        return []
+    root, name, path = source
+    artifact = store_artifact(path, read_broden(root).fingerprint())
+    cfg = ConceptsConfig(root, path, run.cfg.dataset.block_size, run.cfg.progress)
+    return [Target(f"concept set {name} {path}", (artifact,),
+                   lambda _missing: build_concept_store(cfg, run.scheduler()))]
+
+
+def match_rows(cached: list[str], concepts: ConceptStore) -> np.ndarray | None:
+    """Activation row -> concept row (-1 = not in the set); None when in identical order."""
+    wanted = concepts.image_paths()
+    if cached == wanted:
+        return None
+    position = {path: i for i, path in enumerate(wanted)}
+    cached_set = set(cached)
+    missing = [p for p in wanted if p not in cached_set]
+    if missing:
+        raise UserError(
+            f"{concepts.attrs.get('source')}: {len(missing)} concept-set image(s) are not in "
+            f"the activation cache (first: {', '.join(missing[:3])})"
+        )
+    return np.array([position.get(p, -1) for p in cached], dtype=np.int64)
+
+
+def concept_set_value(run: Run) -> ConceptSet:
+    acts = run.get("extract")
+    source = _set_source(run)
+    if source is None:
+        store, name = run.get("concepts"), acts.dataset.id
+    else:
+        store, name = ConceptStore(source[2]), source[1]
+    rows = match_rows(acts.store.image_paths(), store)
+    if rows is not None:
+        log.info("%s: %d of %d cached images are in concept set %s", run.cfg.stage,
+                 int((rows >= 0).sum()), len(rows), name)
+    return ConceptSet(name, store, store_artifact(store.path, store.fingerprint).key, rows)
+
+
+def _space(run: Run, cs: ConceptSet) -> LabelSpace:
+    space = label_space(cs.store, run.cfg.scoring.categories)
+    if space.n_labels == 0:
+        raise UserError(f"{cs.store.path}: no labels to score in categories "
+                        f"{run.cfg.scoring.categories}")
+    return space
+
+
+def _base(acts: Activations, cs: ConceptSet) -> dict:
+    """Row keys every result table shares (beside the model/layer partition columns)."""
+    ident = acts.model.identity
+    return {"model_id": ident.model_id, "weights": ident.weights, "dataset": acts.dataset.id,
+            "concept_set": cs.name, "transform": TRANSFORM}
+
+
+def _upstream(thresholds: Thresholds, cs: ConceptSet, layer: str) -> dict:
+    rows = None if cs.rows is None else digest(cs.rows.tolist())
+    return {"thresholds": thresholds.keys[layer], "concepts": cs.key, "rows": rows}
+
+
+# ---------------------------------------------------------------- iou
+def _iou_artifacts(run: Run, layer: str) -> dict[str, Artifact]:
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    s = run.cfg.scoring
+    space = _space(run, cs)
+    params = {**_base(acts, cs), "quantile": s.quantile, "union_mode": str(s.union),
+              "planes": str(s.planes), "categories": ",".join(space.categories)}
+    fp = _upstream(thr, cs, layer)
+    with_threshold = {**params, "iou_threshold": s.iou_threshold}
+    model = acts.model.identity.name
+    root = run.layout.results
+    return {"iou": partition_artifact(root, "iou", model, layer, params, fp),
+            "units": partition_artifact(root, "units", model, layer, with_threshold, fp),
+            "layers": partition_artifact(root, "layers", model, layer, with_threshold, fp)}
+
+
+def _build_iou(run: Run, layer: str, _missing: list[Artifact]) -> None:
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    s = run.cfg.scoring
+    space = _space(run, cs)
+    scoring = ScoringConfig(s.quantile, str(s.union), str(s.planes),
+                            None if s.categories is None else tuple(s.categories), s.iou_threshold)
+    reduction = TallyReduction(blocks(run, acts, layer), str(cs.store.path), thr.values[layer],
+                               space, scoring, cs.rows)
+    counts = reduce_blocks(reduction, acts.store.n_blocks(), run.scheduler(), f"iou {layer}",
+                           run.cfg.progress)
+    artifacts = _iou_artifacts(run, layer)
+    params = artifacts["units"].fingerprint["params"]
+    iou = iou_frame(counts, space, artifacts["iou"].fingerprint["params"])
+    units = units_frame(iou, thr.values[layer], s.iou_threshold)
+    layers = layers_frame(units, space.categories, params)
+    for table, frame in (("iou", iou), ("units", units), ("layers", layers)):
+        write_partition(artifacts[table], frame)
+
+
+def plan_iou(run: Run) -> list[Target]:
+    acts = run.get("extract")
+    ident = acts.model.identity.model_id
+    targets = [Target(f"{ident} {layer} tables", tuple(_iou_artifacts(run, layer).values()),
+                      partial(_build_iou, run, layer)) for layer in acts.layers]
+    if run.cfg.concepts.formulas:
+        targets += plan_formulas(run)
+    return targets
+
+
+def iou_value(run: Run) -> dict[str, pd.DataFrame]:
+    """Per layer, the `layers` rows of this run (for the summary)."""
+    acts = run.get("extract")
+    return {layer: pd.read_parquet(_iou_artifacts(run, layer)["layers"].path)
+            for layer in acts.layers}
+
+
+# ---------------------------------------------------------------- signatures, formulas
+def _signature_artifact(run: Run, layer: str) -> Artifact:
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    space = _space(run, cs)
+    fingerprint = {**_upstream(thr, cs, layer), "categories": list(space.categories)}
+    path = run.layout.statistic("signatures", acts.dataset.id, acts.model.identity.model_id,
+                                layer, digest(fingerprint), ".npz")
+    return Artifact(path, fingerprint)
+
+
+def signatures(run: Run, layer: str) -> SignatureCounts:
+    """Pixel-signature counts of one layer: computed once, then read by formulas and explain."""
+    artifact = _signature_artifact(run, layer)
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    space = _space(run, cs)
+
+    def build(missing: list[Artifact]) -> None:
+        reduction = SignatureReduction(blocks(run, acts, layer, "cpu"), str(cs.store.path),
+                                       thr.values[layer], space, cs.rows)
+        partial_counts = reduce_blocks(reduction, acts.store.n_blocks(), run.scheduler(),
+                                       f"signatures {layer}", run.cfg.progress)
+        save_arrays(missing[0], partial_counts)
+
+    realize(str(run.cfg.stage), [Target(f"{layer} signatures", (artifact,), build)])
+    return SignatureCounts.from_partial(load_arrays(artifact.path), space.n_labels)
+
+
+def _formulas(run: Run) -> dict[str, Formula]:
+    space = _space(run, run.get("concept_set"))
+    return load_formulas(Path(run.cfg.concepts.formulas).expanduser(), space.names)
+
+
+def plan_formulas(run: Run) -> list[Target]:
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    formulas = _formulas(run)
+    space = _space(run, cs)
+    params = {**_base(acts, cs), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
+              "planes": "set", "categories": "formula",
+              "formulas": {k: format_formula(v) for k, v in sorted(formulas.items())}}
+    index: dict[str, list[int]] = {}
+    for i, label_name in enumerate(space.names):
+        index.setdefault(label_name, []).append(i + 1)
+
+    def build(layer: str, missing: list[Artifact]) -> None:
+        frame = formula_frame(signatures(run, layer), formulas, index, params)
+        write_partition(missing[0], frame)
+        best = frame.sort_values("iou", ascending=False).head(3)
+        log.info("%s: %s formulas: %s", run.cfg.stage, layer, ", ".join(
+            f"unit {r.unit} {r.concept} {r.iou:.3f}" for r in best.itertuples()))
+
+    targets = []
+    for layer in acts.layers:
+        fp = {**_upstream(thr, cs, layer), "categories": list(space.categories)}
+        artifact = partition_artifact(run.layout.results, "iou", acts.model.identity.name, layer,
+                                      params, fp)
+        targets.append(Target(f"{acts.model.identity.model_id} {layer} formula rows",
+                              (artifact,), partial(build, layer)))
+    return targets
+
+
+# ---------------------------------------------------------------- explain
+def _explain_artifact(run: Run, layer: str) -> tuple[Artifact, dict]:
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    e = run.cfg.explain
+    space = _space(run, cs)
+    params = {**_base(acts, cs), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
+              "planes": "set", "categories": ",".join(space.categories), "beam": e.beam,
+              "max_length": e.max_length}
+    fp = {**_upstream(thr, cs, layer), "categories": list(space.categories)}
+    return partition_artifact(run.layout.results, "explanations", acts.model.identity.name,
+                              layer, params, fp), params
+
+
+def plan_explain(run: Run) -> list[Target]:
+    acts, cs = run.get("extract"), run.get("concept_set")
+    e = run.cfg.explain
+
+    def build(layer: str, missing: list[Artifact]) -> None:
+        artifact, params = _explain_artifact(run, layer)
+        found = beam_search(signatures(run, layer), list(_space(run, cs).names), e.max_length,
+                            e.beam)
+        write_partition(artifact, explanation_frame(found, params))
+
+    return [Target(f"{acts.model.identity.model_id} {layer} explanations",
+                   (_explain_artifact(run, layer)[0],), partial(build, layer))
+            for layer in acts.layers]
+
+
+def explain_value(run: Run) -> dict[str, pd.DataFrame]:
+    acts = run.get("extract")
+    return {layer: pd.read_parquet(_explain_artifact(run, layer)[0].path) for layer in acts.layers}
+
