@@ -101,6 +101,7 @@ class ExplainOptions:
 class ReportOptions:
     top_n: int = 8  # top images per unit shown with the unit's mask
     concept_set: str | None = None  # only this concept set's pages; default: all
+    thumb_size: int = 96  # pixels of the longer side of each image in a strip
 
 
 @dataclass
@@ -140,6 +141,7 @@ def validate(cfg: Config) -> None:
     _positive("dataset.block_size", cfg.dataset.block_size)
     _positive("extract.batch_size", cfg.extract.batch_size)
     _positive("report.top_n", cfg.report.top_n)
+    _positive("report.thumb_size", cfg.report.thumb_size)
     _positive("explain.max_length", cfg.explain.max_length)
     _positive("explain.beam", cfg.explain.beam)
     if not 0.0 < cfg.scoring.quantile < 1.0:

@@ -111,9 +111,9 @@ def plan_report(run: Run) -> list[Target]:
         return layers.index(page.layer) if page.layer in layers else len(layers)
 
     fingerprint = {"format": REPORT_FORMAT, "units": _units_keys(run), "top_n": r.top_n,
-                   "concept_set": r.concept_set,
+                   "concept_set": r.concept_set, "thumb_size": r.thumb_size,
                    "tops": sorted(a.key for a, _ in sources.values() if a is not None)}
-    cfg = ReportConfig(run.layout.report, r.top_n, run.cfg.progress,
+    cfg = ReportConfig(run.layout.report, r.top_n, run.cfg.progress, r.thumb_size,
                        title_note=f"workdir {run.layout.workdir}")
     targets.append(Target(f"report {run.layout.report}", (Artifact(run.layout.report, fingerprint),),
                           lambda missing: (build_report(cfg, frame, images, order),

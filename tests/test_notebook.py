@@ -88,7 +88,7 @@ def test_notebook_runs_on_a_real_run(tiny_run, tmp_path, monkeypatch):
 
 def test_notebook_draws_the_rotation_curve(tiny_run, tmp_path, monkeypatch):
     """With rotate(...) rows in the units table the last section plots detectors vs alpha."""
-    from storage.tables import write_partition
+    from storage.tables import partition_artifact, write_partition
 
     wd = tmp_path / "wd"
     shutil.copytree(tiny_run / "results", wd / "results")
@@ -101,7 +101,8 @@ def test_notebook_draws_the_rotation_curve(tiny_run, tmp_path, monkeypatch):
             rotated["is_detector"] = rotated["is_detector"] & (rotated["unit"] % 3 >= i)
             params = {"concept_set": str(rows["concept_set"].iloc[0]),
                       "transform": rotated["transform"].iloc[0]}
-            write_partition(wd / "results", "units", str(model), str(layer), rotated, params)
+            write_partition(partition_artifact(wd / "results", "units", str(model), str(layer),
+                                               params, {}), rotated)
     nb = execute(wd, tmp_path, monkeypatch)
     assert not outputs(nb, "error")
     assert figures(nb) == 5

@@ -24,16 +24,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import stages.report as report_mod
+from pipeline.run import compose_config, run
 from stages.quantile import LayerBlocks
 from stages.reduction import reduce_with_dask
-from stages.report import (
-    ReportConfig,
-    TopImagesReduction,
-    build_report,
-    render_tile,
-    top_images,
-    unit_mask,
-)
+from stages.report import render_tile, unit_mask
+from stages.statistics import TopImagesReduction, top_images
 from storage.activations import ActivationStore, create_store, mark_complete, write_block
 from storage.errors import UserError
 from tests.test_notebook import tiny_workdir
@@ -43,13 +38,24 @@ THUMB = 64
 
 
 # ---------------------------------------------------------------- fixtures and helpers
+def report(workdir: Path, *extra: str) -> Path:
+    """``stage=report`` through the pipeline; returns the path of index.html."""
+    run(compose_config([f"workdir={workdir}", "stage=report", "cluster=none", "progress=false",
+                        f"report.top_n={TOP_N}", f"report.thumb_size={THUMB}", *extra]))
+    return workdir / "report" / "index.html"
+
+
+def store_of(workdir: Path) -> Path:
+    """The tiny run's activation store (demo model on its synthetic dataset)."""
+    (path,) = (workdir / "activations").glob("synthetic-*/demo-*.zarr")
+    return path
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
     """(workdir, index.html) of the report of the shared tiny run."""
     wd = tiny_workdir(tmp_path_factory)
-    cfg = ReportConfig(wd, wd / "datasets" / "synthetic", top_n=TOP_N, progress=False,
-                       thumb_size=THUMB)
-    return wd, build_report(cfg)
+    return wd, report(wd)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +63,12 @@ def units(built) -> pd.DataFrame:
     frame = pd.read_parquet(built[0] / "results" / "units")
     frame[["model", "layer"]] = frame[["model", "layer"]].astype(str)
     return frame
+
+
+@pytest.fixture(scope="module")
+def model_id(units) -> str:
+    (mid,) = units["model_id"].unique()
+    return str(mid)
 
 
 class Page(HTMLParser):
@@ -147,7 +159,7 @@ def test_index_links_every_layer(built, units):
     wd, index = built
     assert index == wd / "report" / "index.html"
     page = Page(index)
-    expected = {f"{m}/{lay}.html" for m, lay in units[["model", "layer"]].drop_duplicates()
+    expected = {f"{m}/{lay}.html" for m, lay in units[["model_id", "layer"]].drop_duplicates()
                 .itertuples(index=False)}
     assert expected <= set(page.links)
     for href in page.links:
@@ -158,9 +170,9 @@ def test_index_links_every_layer(built, units):
 
 
 @pytest.mark.parametrize("layer", ["block3", "block4"])
-def test_layer_page_lists_every_unit_detectors_first(built, units, layer):
+def test_layer_page_lists_every_unit_detectors_first(built, units, model_id, layer):
     wd, index = built
-    path = index.parent / "demo" / f"{layer}.html"
+    path = index.parent / model_id / f"{layer}.html"
     page = Page(path)
     table = units[(units["model"] == "demo") & (units["layer"] == layer)].set_index("unit")
     assert sorted(int(r["attrs"]["data-unit"]) for r in page.rows) == sorted(table.index)
@@ -192,17 +204,17 @@ def test_layer_page_lists_every_unit_detectors_first(built, units, layer):
                     for c in table["categories"].iloc[0].split(",")}
 
 
-def test_strips_show_the_top_images_with_their_masks(built, units):
+def test_strips_show_the_top_images_with_their_masks(built, units, model_id):
     """First tile of a detector's strip = its top image by max activation, masked at T_k."""
     wd, index = built
-    store = ActivationStore(wd / "activations" / "synthetic" / "demo.zarr")
+    store = ActivationStore(store_of(wd))
     acts = store.array("block4")[:]
     row = units[(units["layer"] == "block4") & units["is_detector"]].sort_values("iou").iloc[-1]
     k = int(row["unit"])
     order, _ = brute_force_top(acts, TOP_N)
-    with Image.open(index.parent / "demo" / "block4" / f"unit_{k:04d}.jpg") as im:
+    with Image.open(index.parent / model_id / "block4" / f"unit_{k:04d}.jpg") as im:
         strip = np.asarray(im.convert("RGB")).astype(int)
-    root = wd / "datasets" / "synthetic" / "images"
+    root = Path(store.attrs["dataset_root"]) / "images"
     paths = store.image_paths()
     for j in (0, TOP_N - 1):
         with Image.open(root / paths[order[k, j]]) as im:
@@ -233,7 +245,7 @@ def test_render_tile_dims_outside_the_mask():
 @pytest.mark.parametrize("block_size", [1, 5, 16, 48])
 def test_top_images_equal_brute_force_on_real_activations(built, tmp_path, block_size):
     wd, _ = built
-    acts = ActivationStore(wd / "activations" / "synthetic" / "demo.zarr").array("block3")[:]
+    acts = ActivationStore(store_of(wd)).array("block3")[:]
     store = make_store(tmp_path / f"b{block_size}.zarr", acts, block_size)
     check_top(store, acts, TOP_N)
     check_top(store, acts, TOP_N, scheduler="sync")
@@ -260,52 +272,64 @@ def test_top_images_ties_and_any_blocking(n_images, units, block_size, top_n, se
 # ---------------------------------------------------------------- errors and atomicity
 def test_missing_units_table_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="run stage=iou first"):
-        build_report(ReportConfig(tmp_path, tmp_path, progress=False))
+        report(tmp_path)
 
 
 def test_unknown_concept_set_is_a_user_error(built):
     wd, _ = built
-    cfg = ReportConfig(wd, wd / "datasets" / "synthetic", progress=False, concept_set="nope")
     with pytest.raises(UserError, match="concept_set='nope'.*synthetic"):
-        build_report(cfg)
+        report(wd, "report.concept_set=nope")
 
 
-def test_rebuild_is_atomic(built, tmp_path, monkeypatch):
-    """A crash keeps the old report whole; a rebuild replaces it and leaves no temp dirs."""
-    src, _ = built
-    wd = tmp_path / "wd"
-    for part in ("results", "activations"):
-        shutil.copytree(src / part, wd / part)
-    dataset = src / "datasets" / "synthetic"
-    cfg = ReportConfig(wd, dataset, top_n=2, progress=False, thumb_size=32)
-    index = build_report(cfg)
+def _copy(src: Path, dest: Path, parts=("results", "activations")) -> Path:
+    for part in parts:
+        shutil.copytree(src / part, dest / part)
+    for manifest in src.glob(".*.artifact.json"):
+        shutil.copy(manifest, dest)
+    return dest
+
+
+def test_rebuild_is_atomic_and_skipped_when_current(built, tmp_path, monkeypatch):
+    """A crash keeps the old report whole; a rebuild replaces it and leaves no temp dirs; a
+    current report is not rewritten."""
+    wd = _copy(built[0], tmp_path / "wd")
+    index = report(wd, "report.top_n=2")
     before = index.read_text()
     (index.parent / "stale.txt").write_text("x")
+    mtimes = {p: p.stat().st_mtime_ns for p in index.parent.rglob("*")}
+    assert report(wd, "report.top_n=2") == index  # current: skipped
+    assert {p: p.stat().st_mtime_ns for p in index.parent.rglob("*")} == mtimes
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report_mod, "index_page", crash)
+    monkeypatch.setattr(report_mod, "index_context", crash)
     with pytest.raises(RuntimeError):
-        build_report(cfg)
+        report(wd, "report.top_n=3")
     assert index.read_text() == before and (index.parent / "stale.txt").exists()
     monkeypatch.undo()
-    assert build_report(cfg) == index
+    assert report(wd, "report.top_n=3") == index
     assert not (index.parent / "stale.txt").exists()
-    assert sorted(p.name for p in wd.iterdir()) == ["activations", "report", "results"]
+    visible = sorted(p.name for p in wd.iterdir() if not p.name.startswith("."))
+    assert visible == ["activations", "report", "results", "thresholds"]
+    assert not [p for p in wd.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def test_other_dataset_root_gives_pages_without_strips(built, tmp_path):
-    src, _ = built
-    wd = tmp_path / "wd"
-    shutil.copytree(src / "results", wd / "results")
-    shutil.copytree(src / "activations", wd / "activations")
+def test_pages_without_cache_or_images_have_no_strips(built, model_id, tmp_path):
+    only_tables = _copy(built[0], tmp_path / "tables", parts=("results",))
+    page = report(only_tables).parent / model_id / "block3.html"
+    assert "No image strips: no activation cache" in page.read_text()
+    assert not any(r["imgs"] for r in Page(page).rows)
+    moved = _copy(built[0], tmp_path / "moved")
     other = tmp_path / "other"
-    other.mkdir()
+    (other / "images").mkdir(parents=True)
     (other / "index.csv").write_text("image,split,ih,iw,sh,sw\n")
-    index = build_report(ReportConfig(wd, other, progress=False))
-    page = index.parent / "demo" / "block3.html"
-    assert "No image strips" in page.read_text()
+    import zarr
+
+    zarr.open_group(str(store_of(moved)), mode="r+", use_consolidated=False).attrs[
+        "dataset_root"] = str(other)
+    page = report(moved).parent / model_id / "block3.html"
+    assert f"no longer at {other}" in page.read_text()
     assert not any(r["imgs"] for r in Page(page).rows)
 
 
@@ -348,14 +372,15 @@ def browser_check(chromium: str, url: str, profile: Path) -> dict:
     return json.loads(unescape(proc.stdout[start + len('<pre id="check">') : end]))
 
 
-def test_pages_render_in_a_real_browser(built, units, tmp_path):
+def test_pages_render_in_a_real_browser(built, units, model_id, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("chromium not found on PATH (.ci/run installs Debian's chromium package)")
     wd, index = built
     site = tmp_path / "site"
     shutil.copytree(index.parent, site)
-    pages = {"index.html": None, "demo/block3.html": "block3", "demo/block4.html": "block4"}
+    pages = {"index.html": None, f"{model_id}/block3.html": "block3",
+             f"{model_id}/block4.html": "block4"}
     for rel in pages:
         path = site / rel
         path.with_suffix(".check.html").write_text(

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.graph
+import pipeline.data
 import stages.demo_model
 import stages.extract
 import stages.models
@@ -102,7 +102,7 @@ def test_rescore_equals_fresh_run_without_the_model(probe, tmp_path, monkeypatch
     run(compose_config([f"workdir={fresh}", f"dataset.path={modified}", "stage=iou", *MODEL]))
     expected = _iou(fresh, "modified")
 
-    act = probe["workdir"] / "activations" / "probe" / "resnet18.zarr"
+    (act,) = (probe["workdir"] / "activations" / "probe").glob("resnet18-*.zarr")
     before = {p: (t, (act / p).stat().st_size) for p, t in tree_mtimes(act).items()}
 
     def forbidden(*args, **kwargs):
@@ -112,7 +112,7 @@ def test_rescore_equals_fresh_run_without_the_model(probe, tmp_path, monkeypatch
         for name in ("build_model", "cached_model"):
             monkeypatch.setattr(module, name, forbidden)
     monkeypatch.setattr(stages.demo_model, "train_demo_model", forbidden)
-    monkeypatch.setattr(pipeline.graph, "run_extract", forbidden)
+    monkeypatch.setattr(pipeline.data, "run_extract", forbidden)
     frame = rescore(probe["workdir"], concepts=modified, dataset=probe["data"],
                     overrides=MODEL)
     after = {p: (t, (act / p).stat().st_size) for p, t in tree_mtimes(act).items()}
@@ -198,7 +198,7 @@ def _reference_formula(store: ConceptStore, acts: np.ndarray, thresholds: np.nda
 def test_formula_counts_equal_hand_computed_masks(probe):
     workdir = probe["workdir"]
     store = ConceptStore(workdir / "concepts" / "probe.zarr")
-    act_path = workdir / "activations" / "probe" / "resnet18.zarr"
+    (act_path,) = (workdir / "activations" / "probe").glob("resnet18-*.zarr")
     blocks = LayerBlocks(str(act_path), "layer2")
     acts = np.concatenate([blocks.load(b).numpy() for b in range(blocks.store().n_blocks())])
     thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(acts.shape[1], -1), 0.9, axis=1)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import torch
 import torchvision
+from torch import nn
 
 
 def tiny_vit(image_size: int = 112) -> torchvision.models.VisionTransformer:
@@ -11,3 +15,21 @@ def tiny_vit(image_size: int = 112) -> torchvision.models.VisionTransformer:
         image_size=image_size, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32,
         mlp_dim=64, num_classes=5,
     )
+
+
+def tiny_cnn(num_classes: int = 4) -> nn.Sequential:
+    """Three small conv blocks (112 px input: 56, 28 and 14 px maps): a CNN that runs in
+    milliseconds, for checkpoint sweeps and layer caches."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(3, 8, 3, stride=2, padding=1), relu1=nn.ReLU(),
+        conv2=nn.Conv2d(8, 16, 3, stride=2, padding=1), relu2=nn.ReLU(),
+        conv3=nn.Conv2d(16, 16, 3, stride=2, padding=1), relu3=nn.ReLU(),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(16, num_classes),
+    ))
+
+
+def save_checkpoint(path, seed: int) -> None:
+    """A tiny_cnn state_dict with weights drawn from ``seed`` (a stand-in for a training
+    checkpoint)."""
+    torch.manual_seed(seed)
+    torch.save(tiny_cnn().state_dict(), path)
