@@ -1,4 +1,4 @@
-"""Stages that score the cache: quantile, concept_set, iou (and formulas), explain."""
+"""Stages that score the cache: quantile, concept_set, iou."""
 
 from __future__ import annotations
 
@@ -11,18 +11,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data import Activations
-from pipeline.graph import Run, Target, realize
+from pipeline.graph import Run, Target
 from pipeline.layout import concept_set_id
 from stages.blocks import LayerBlocks
 from stages.concepts import ConceptsConfig, build_concept_store
-from stages.explain import (
-    SignatureCounts,
-    SignatureReduction,
-    beam_search,
-    explanation_frame,
-    formula_frame,
-)
-from stages.formulas import Formula, format_formula, load_formulas
 from stages.iou import ScoringConfig, TallyReduction, iou_frame, layers_frame, units_frame
 from stages.labels import LabelSpace, label_space
 from stages.quantile import exact_thresholds
@@ -32,7 +24,7 @@ from storage.broden import read_broden
 from storage.concepts import ConceptStore, store_artifact
 from storage.errors import UserError
 from storage.tables import partition_artifact, write_partition
-from storage.thresholds import load_arrays, load_thresholds, save_arrays, save_thresholds
+from storage.thresholds import load_thresholds, save_thresholds
 
 log = logging.getLogger("netdissect")
 TRANSFORM = "none"
@@ -142,7 +134,7 @@ def concept_set_value(run: Run) -> ConceptSet:
     return ConceptSet(name, store, store_artifact(store.path, store.fingerprint).key, rows)
 
 
-def _space(run: Run, cs: ConceptSet) -> LabelSpace:
+def label_space_of(run: Run, cs: ConceptSet) -> LabelSpace:
     space = label_space(cs.store, run.cfg.scoring.categories)
     if space.n_labels == 0:
         raise UserError(f"{cs.store.path}: no labels to score in categories "
@@ -150,14 +142,14 @@ def _space(run: Run, cs: ConceptSet) -> LabelSpace:
     return space
 
 
-def _base(acts: Activations, cs: ConceptSet) -> dict:
+def row_keys(acts: Activations, cs: ConceptSet) -> dict:
     """Row keys every result table shares (beside the model/layer partition columns)."""
     ident = acts.model.identity
     return {"model_id": ident.model_id, "weights": ident.weights, "dataset": acts.dataset.id,
             "concept_set": cs.name, "transform": TRANSFORM}
 
 
-def _upstream(thresholds: Thresholds, cs: ConceptSet, layer: str) -> dict:
+def upstream(thresholds: Thresholds, cs: ConceptSet, layer: str) -> dict:
     rows = None if cs.rows is None else digest(cs.rows.tolist())
     return {"thresholds": thresholds.keys[layer], "concepts": cs.key, "rows": rows}
 
@@ -166,10 +158,10 @@ def _upstream(thresholds: Thresholds, cs: ConceptSet, layer: str) -> dict:
 def _iou_artifacts(run: Run, layer: str) -> dict[str, Artifact]:
     acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
     s = run.cfg.scoring
-    space = _space(run, cs)
-    params = {**_base(acts, cs), "quantile": s.quantile, "union_mode": str(s.union),
+    space = label_space_of(run, cs)
+    params = {**row_keys(acts, cs), "quantile": s.quantile, "union_mode": str(s.union),
               "planes": str(s.planes), "categories": ",".join(space.categories)}
-    fp = _upstream(thr, cs, layer)
+    fp = upstream(thr, cs, layer)
     with_threshold = {**params, "iou_threshold": s.iou_threshold}
     model = acts.model.identity.name
     root = run.layout.results
@@ -181,7 +173,7 @@ def _iou_artifacts(run: Run, layer: str) -> dict[str, Artifact]:
 def _build_iou(run: Run, layer: str, _missing: list[Artifact]) -> None:
     acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
     s = run.cfg.scoring
-    space = _space(run, cs)
+    space = label_space_of(run, cs)
     scoring = ScoringConfig(s.quantile, str(s.union), str(s.planes),
                             None if s.categories is None else tuple(s.categories), s.iou_threshold)
     reduction = TallyReduction(blocks(run, acts, layer), str(cs.store.path), thr.values[layer],
@@ -203,6 +195,8 @@ def plan_iou(run: Run) -> list[Target]:
     targets = [Target(f"{ident} {layer} tables", tuple(_iou_artifacts(run, layer).values()),
                       partial(_build_iou, run, layer)) for layer in acts.layers]
     if run.cfg.concepts.formulas:
+        from pipeline.signatures import plan_formulas
+
         targets += plan_formulas(run)
     return targets
 
@@ -212,97 +206,3 @@ def iou_value(run: Run) -> dict[str, pd.DataFrame]:
     acts = run.get("extract")
     return {layer: pd.read_parquet(_iou_artifacts(run, layer)["layers"].path)
             for layer in acts.layers}
-
-
-# ---------------------------------------------------------------- signatures, formulas
-def _signature_artifact(run: Run, layer: str) -> Artifact:
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
-    space = _space(run, cs)
-    fingerprint = {**_upstream(thr, cs, layer), "categories": list(space.categories)}
-    path = run.layout.statistic("signatures", acts.dataset.id, acts.model.identity.model_id,
-                                layer, digest(fingerprint), ".npz")
-    return Artifact(path, fingerprint)
-
-
-def signatures(run: Run, layer: str) -> SignatureCounts:
-    """Pixel-signature counts of one layer: computed once, then read by formulas and explain."""
-    artifact = _signature_artifact(run, layer)
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
-    space = _space(run, cs)
-
-    def build(missing: list[Artifact]) -> None:
-        reduction = SignatureReduction(blocks(run, acts, layer, "cpu"), str(cs.store.path),
-                                       thr.values[layer], space, cs.rows)
-        partial_counts = reduce_blocks(reduction, acts.store.n_blocks(), run.scheduler(),
-                                       f"signatures {layer}", run.cfg.progress)
-        save_arrays(missing[0], partial_counts)
-
-    realize(str(run.cfg.stage), [Target(f"{layer} signatures", (artifact,), build)])
-    return SignatureCounts.from_partial(load_arrays(artifact.path), space.n_labels)
-
-
-def _formulas(run: Run) -> dict[str, Formula]:
-    space = _space(run, run.get("concept_set"))
-    return load_formulas(Path(run.cfg.concepts.formulas).expanduser(), space.names)
-
-
-def plan_formulas(run: Run) -> list[Target]:
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
-    formulas = _formulas(run)
-    space = _space(run, cs)
-    params = {**_base(acts, cs), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
-              "planes": "set", "categories": "formula",
-              "formulas": {k: format_formula(v) for k, v in sorted(formulas.items())}}
-    index: dict[str, list[int]] = {}
-    for i, label_name in enumerate(space.names):
-        index.setdefault(label_name, []).append(i + 1)
-
-    def build(layer: str, missing: list[Artifact]) -> None:
-        frame = formula_frame(signatures(run, layer), formulas, index, params)
-        write_partition(missing[0], frame)
-        best = frame.sort_values("iou", ascending=False).head(3)
-        log.info("%s: %s formulas: %s", run.cfg.stage, layer, ", ".join(
-            f"unit {r.unit} {r.concept} {r.iou:.3f}" for r in best.itertuples()))
-
-    targets = []
-    for layer in acts.layers:
-        fp = {**_upstream(thr, cs, layer), "categories": list(space.categories)}
-        artifact = partition_artifact(run.layout.results, "iou", acts.model.identity.name, layer,
-                                      params, fp)
-        targets.append(Target(f"{acts.model.identity.model_id} {layer} formula rows",
-                              (artifact,), partial(build, layer)))
-    return targets
-
-
-# ---------------------------------------------------------------- explain
-def _explain_artifact(run: Run, layer: str) -> tuple[Artifact, dict]:
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
-    e = run.cfg.explain
-    space = _space(run, cs)
-    params = {**_base(acts, cs), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
-              "planes": "set", "categories": ",".join(space.categories), "beam": e.beam,
-              "max_length": e.max_length}
-    fp = {**_upstream(thr, cs, layer), "categories": list(space.categories)}
-    return partition_artifact(run.layout.results, "explanations", acts.model.identity.name,
-                              layer, params, fp), params
-
-
-def plan_explain(run: Run) -> list[Target]:
-    acts, cs = run.get("extract"), run.get("concept_set")
-    e = run.cfg.explain
-
-    def build(layer: str, missing: list[Artifact]) -> None:
-        artifact, params = _explain_artifact(run, layer)
-        found = beam_search(signatures(run, layer), list(_space(run, cs).names), e.max_length,
-                            e.beam)
-        write_partition(artifact, explanation_frame(found, params))
-
-    return [Target(f"{acts.model.identity.model_id} {layer} explanations",
-                   (_explain_artifact(run, layer)[0],), partial(build, layer))
-            for layer in acts.layers]
-
-
-def explain_value(run: Run) -> dict[str, pd.DataFrame]:
-    acts = run.get("extract")
-    return {layer: pd.read_parquet(_explain_artifact(run, layer)[0].path) for layer in acts.layers}
-

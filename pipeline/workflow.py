@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline import data, publish, scoring
+from pipeline import data, publish, scoring, signatures
 from pipeline.cluster import dask_scheduler
 from pipeline.config import Config, Stage, validate
 from pipeline.graph import Run, StageDef, closure
@@ -39,7 +39,7 @@ GRAPH: dict[str, StageDef] = {s.name: s for s in (
              scoring.plan_iou, scoring.iou_value),
     StageDef("rescore", ("iou",), (), _none, lambda run: run.get("iou")),
     StageDef("explain", ("extract", "quantile", "concept_set"),
-             ("explain", "scoring.categories"), scoring.plan_explain, scoring.explain_value),
+             ("explain", "scoring.categories"), signatures.plan_explain, signatures.explain_value),
     StageDef("report", (), ("report",), publish.plan_report, publish.report_value),
     StageDef("all", ("iou", "report"), (), _none, _all_value),
 )}

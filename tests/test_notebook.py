@@ -73,17 +73,43 @@ def test_committed_notebook_is_clean_and_documents_the_workdir():
     assert "NETDISSECT_WORKDIR" in nb.cells[0].source  # the first cell says how to point it
     headings = " ".join(c.source for c in nb.cells if c.cell_type == "markdown").lower()
     for section in ("unique detectors per category", "iou distributions", "top concepts",
-                    "across layers and models", "rotation curve"):
+                    "across layers and models", "across training checkpoints", "rotation curve"):
         assert section in headings, section
 
 
 def test_notebook_runs_on_a_real_run(tiny_run, tmp_path, monkeypatch):
     nb = execute(tiny_run, tmp_path, monkeypatch)
     assert not outputs(nb, "error")
-    # stacked bars, IoU histograms, top concepts, layer comparison; no rotation figure
+    # stacked bars, IoU histograms, top concepts, layer comparison; no checkpoint or rotation
     assert figures(nb) == 4
-    assert "No rotation rows" in stdout(nb)
+    assert "No rotation rows" in stdout(nb) and "No checkpoint sweep" in stdout(nb)
     assert not list(tmp_path.iterdir()), "the notebook wrote files into its directory"
+
+
+def test_notebook_draws_detectors_across_checkpoints(synthetic_root, tmp_path, monkeypatch):
+    """A real sweep over three checkpoints of one architecture fills the checkpoint section."""
+    from tests.tiny_models import save_checkpoint
+
+    paths = []
+    for epoch in (1, 5, 20):
+        paths.append(tmp_path / f"ep{epoch}.pt")
+        save_checkpoint(paths[-1], seed=epoch)
+    wd = tmp_path / "wd"
+    proc = subprocess.run(cli("-m", "stage=iou", f"workdir={wd}", f"dataset.path={synthetic_root}",
+                              "model=custom", "model.factory=tests.tiny_models:tiny_cnn",
+                              "model.layers=[conv3]", "cluster=none", "progress=false",
+                              "scoring.quantile=0.05", "model.weights=" + ",".join(map(str, paths))),
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    nb = execute(wd, run_dir, monkeypatch)
+    assert not outputs(nb, "error")
+    assert "No checkpoint sweep" not in stdout(nb)
+    assert figures(nb) == 5
+    tables = [o["data"]["text/plain"] for o in outputs(nb, "display_data") + outputs(nb, "execute_result")
+              if "ep20.pt" in o.get("data", {}).get("text/plain", "")]
+    assert tables, "the checkpoint section shows its table"
 
 
 def test_notebook_draws_the_rotation_curve(tiny_run, tmp_path, monkeypatch):

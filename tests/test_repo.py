@@ -48,3 +48,13 @@ def test_a_stage_never_imports_another_stage():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
                 target = node.module.split(".")[1]
                 assert target in SHARED, f"{path.name} imports stage module {target}"
+
+
+def test_scoring_contract_ships_in_step_with_the_design():
+    """docs/SEMANTICS.md is the contract the README links; it stays equal to the design's."""
+    shared = REPO.parent / "shared" / "SEMANTICS.md"
+    ours = REPO / "docs" / "SEMANTICS.md"
+    assert ours.is_file()
+    assert "docs/SEMANTICS.md" in (REPO / "README.md").read_text()
+    if shared.is_file():
+        assert ours.read_text() == shared.read_text()

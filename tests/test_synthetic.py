@@ -7,7 +7,6 @@ exactly with ``render``, so every check re-renders images independently and comp
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np

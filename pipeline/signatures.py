@@ -1,0 +1,120 @@
+"""Stages built on pixel signatures: formula concepts (in the iou stage) and explain."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.graph import Run, Target, realize
+from pipeline.scoring import blocks, label_space_of, row_keys, upstream
+from stages.explain import (
+    SignatureCounts,
+    SignatureReduction,
+    beam_search,
+    explanation_frame,
+    formula_frame,
+)
+from stages.formulas import Formula, format_formula, load_formulas
+from stages.reduction import reduce_blocks
+from storage.artifacts import Artifact, digest
+from storage.tables import partition_artifact, write_partition
+from storage.thresholds import load_arrays, save_arrays
+
+log = logging.getLogger("netdissect")
+
+# ---------------------------------------------------------------- signatures, formulas
+def _signature_artifact(run: Run, layer: str) -> Artifact:
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    space = label_space_of(run, cs)
+    fingerprint = {**upstream(thr, cs, layer), "categories": list(space.categories)}
+    path = run.layout.statistic("signatures", acts.dataset.id, acts.model.identity.model_id,
+                                layer, digest(fingerprint), ".npz")
+    return Artifact(path, fingerprint)
+
+
+def signatures(run: Run, layer: str) -> SignatureCounts:
+    """Pixel-signature counts of one layer: computed once, then read by formulas and explain."""
+    artifact = _signature_artifact(run, layer)
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    space = label_space_of(run, cs)
+
+    def build(missing: list[Artifact]) -> None:
+        reduction = SignatureReduction(blocks(run, acts, layer, "cpu"), str(cs.store.path),
+                                       thr.values[layer], space, cs.rows)
+        partial_counts = reduce_blocks(reduction, acts.store.n_blocks(), run.scheduler(),
+                                       f"signatures {layer}", run.cfg.progress)
+        save_arrays(missing[0], partial_counts)
+
+    realize(str(run.cfg.stage), [Target(f"{layer} signatures", (artifact,), build)])
+    return SignatureCounts.from_partial(load_arrays(artifact.path), space.n_labels)
+
+
+def _formulas(run: Run) -> dict[str, Formula]:
+    space = label_space_of(run, run.get("concept_set"))
+    return load_formulas(Path(run.cfg.concepts.formulas).expanduser(), space.names)
+
+
+def plan_formulas(run: Run) -> list[Target]:
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    formulas = _formulas(run)
+    space = label_space_of(run, cs)
+    params = {**row_keys(acts, cs), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
+              "planes": "set", "categories": "formula",
+              "formulas": {k: format_formula(v) for k, v in sorted(formulas.items())}}
+    index: dict[str, list[int]] = {}
+    for i, label_name in enumerate(space.names):
+        index.setdefault(label_name, []).append(i + 1)
+
+    def build(layer: str, missing: list[Artifact]) -> None:
+        columns = {k: v for k, v in params.items() if k != "formulas"}
+        frame = formula_frame(signatures(run, layer), formulas, index, columns)
+        write_partition(missing[0], frame)
+        best = frame.sort_values("iou", ascending=False).head(3)
+        log.info("%s: %s formulas: %s", run.cfg.stage, layer, ", ".join(
+            f"unit {r.unit} {r.concept} {r.iou:.3f}" for r in best.itertuples()))
+
+    targets = []
+    for layer in acts.layers:
+        fp = {**upstream(thr, cs, layer), "categories": list(space.categories)}
+        artifact = partition_artifact(run.layout.results, "iou", acts.model.identity.name, layer,
+                                      params, fp)
+        targets.append(Target(f"{acts.model.identity.model_id} {layer} formula rows",
+                              (artifact,), partial(build, layer)))
+    return targets
+
+
+# ---------------------------------------------------------------- explain
+def _explain_artifact(run: Run, layer: str) -> tuple[Artifact, dict]:
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    e = run.cfg.explain
+    space = label_space_of(run, cs)
+    params = {**row_keys(acts, cs), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
+              "planes": "set", "categories": ",".join(space.categories), "beam": e.beam,
+              "max_length": e.max_length}
+    fp = {**upstream(thr, cs, layer), "categories": list(space.categories)}
+    return partition_artifact(run.layout.results, "explanations", acts.model.identity.name,
+                              layer, params, fp), params
+
+
+def plan_explain(run: Run) -> list[Target]:
+    acts, cs = run.get("extract"), run.get("concept_set")
+    e = run.cfg.explain
+
+    def build(layer: str, missing: list[Artifact]) -> None:
+        artifact, params = _explain_artifact(run, layer)
+        found = beam_search(signatures(run, layer), list(label_space_of(run, cs).names), e.max_length,
+                            e.beam)
+        write_partition(artifact, explanation_frame(found, params))
+
+    return [Target(f"{acts.model.identity.model_id} {layer} explanations",
+                   (_explain_artifact(run, layer)[0],), partial(build, layer))
+            for layer in acts.layers]
+
+
+def explain_value(run: Run) -> dict[str, pd.DataFrame]:
+    acts = run.get("extract")
+    return {layer: pd.read_parquet(_explain_artifact(run, layer)[0].path) for layer in acts.layers}
+
