@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.graph import Run, Target
+from pipeline.scoring import TOP_IMAGES_KEPT, top_images_artifact
 from stages.report import Page, PageImages, ReportConfig, build_report
 from stages.statistics import TopImages, top_images
 from storage import activations as astore
-from storage.artifacts import Artifact, digest
+from storage.artifacts import Artifact, scratch_path
 from storage.broden import index_fingerprint
 from storage.errors import UserError
 from storage.tables import read_table
@@ -22,7 +23,6 @@ from storage.thresholds import load_arrays, save_arrays
 
 log = logging.getLogger("netdissect")
 REPORT_FORMAT = 2  # bump when the pages change, so a current-looking report is rebuilt
-TOP_IMAGES_KEPT = 8  # top images found per unit unless report.top_n asks for more
 
 
 def report_rows(run: Run) -> pd.DataFrame:
@@ -72,10 +72,9 @@ def _page_source(run: Run, key: tuple[str, str, str, str]) -> tuple[Artifact | N
         return None, PageImages(note=f"No image strips: the images of dataset {dataset} are no "
                                 f"longer at {root or 'a known place'}.")
     kept = max(run.cfg.report.top_n, TOP_IMAGES_KEPT)
-    fingerprint = {"activations": astore.layer_artifact(path, store.fingerprint, layer).key,
-                   "transform": transform, "top_n": kept}
-    artifact = Artifact(run.layout.statistic("thresholds", dataset, model_id, layer,
-                                             f"top-{digest(fingerprint)}", ".npz"), fingerprint)
+    layer_key = astore.layer_artifact(path, store.fingerprint, layer).key
+    artifact = top_images_artifact(run.layout, dataset, model_id, layer, layer_key, transform,
+                                   kept)
     return artifact, PageImages(images_dir=root / "images",
                                 image_paths=tuple(store.image_paths()))
 
@@ -91,7 +90,7 @@ def plan_report(run: Run) -> list[Target]:
     def build_top(key: tuple[str, str, str, str], missing: list[Artifact]) -> None:
         path = _store(run, key[0], key[1])
         top = top_images(path, key[2], missing[0].fingerprint["top_n"], run.scheduler(),
-                         run.cfg.progress)
+                         run.cfg.progress, checkpoint=scratch_path(missing))
         save_arrays(missing[0], top.arrays())
 
     targets = [Target(f"{key[1]} {key[2]} top images", (artifact,), partial(build_top, key))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +11,21 @@ import pandas as pd
 
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
-from pipeline.layout import concept_set_id
-from stages.blocks import LayerBlocks
+from pipeline.layout import Layout, concept_set_id
+from stages.blocks import LayerBlocks, ScoringBlocks
 from stages.concepts import ConceptsConfig, build_concept_store
-from stages.iou import ScoringConfig, TallyReduction, iou_frame, layers_frame, units_frame
+from stages.explain import Signatures
+from stages.iou import ScoringConfig, Tally, iou_frame, layers_frame, units_frame
 from stages.labels import LabelSpace, label_space
-from stages.quantile import exact_thresholds
-from stages.reduction import reduce_blocks
-from storage.artifacts import Artifact, digest
+from stages.quantile import threshold_pass
+from stages.reduction import Pass, reduce_blocks
+from stages.statistics import top_images
+from storage.artifacts import Artifact, digest, scratch_path
 from storage.broden import read_broden
 from storage.concepts import ConceptStore, store_artifact
 from storage.errors import UserError
 from storage.tables import partition_artifact, write_partition
-from storage.thresholds import load_thresholds, save_thresholds
+from storage.thresholds import load_thresholds, save_arrays, save_thresholds
 
 log = logging.getLogger("netdissect")
 TRANSFORM = "none"
@@ -37,6 +38,9 @@ def blocks(run: Run, acts: Activations, layer: str, device: str | None = None) -
 
 
 # ---------------------------------------------------------------- quantile
+TOP_IMAGES_KEPT = 8  # top images per unit found with the thresholds (the report's default)
+
+
 def _threshold_artifact(run: Run, acts: Activations, layer: str) -> Artifact:
     fingerprint = {"activations": acts.layer_key(layer), "quantile": run.cfg.scoring.quantile,
                    "transform": TRANSFORM}
@@ -45,20 +49,43 @@ def _threshold_artifact(run: Run, acts: Activations, layer: str) -> Artifact:
     return Artifact(path, fingerprint)
 
 
+def top_images_artifact(layout: Layout, dataset: str, model_id: str, layer: str,
+                        layer_key: str, transform: str, top_n: int) -> Artifact:
+    """Per unit, the top images of a cached layer (under a transform): the report's strips."""
+    fingerprint = {"activations": layer_key, "transform": transform, "top_n": top_n}
+    return Artifact(layout.statistic("thresholds", dataset, model_id, layer,
+                                     f"top-{digest(fingerprint)}", ".npz"), fingerprint)
+
+
 def plan_quantile(run: Run) -> list[Target]:
+    """Per layer, exact thresholds and (from the same read of every block) top images."""
     acts = run.get("extract")
     q = run.cfg.scoring.quantile
+    ident = acts.model.identity.model_id
 
-    def build(layer: str, missing: list[Artifact]) -> None:
-        values = exact_thresholds(blocks(run, acts, layer), q, run.scheduler(),
-                                  progress=run.cfg.progress)
-        save_thresholds(missing[0], values)
-        log.info("quantile: %s %s: %d exact thresholds (q=%g)", acts.model.identity.model_id,
-                 layer, len(values), q)
+    def target(layer: str) -> Target:
+        thresholds = _threshold_artifact(run, acts, layer)
+        top = top_images_artifact(run.layout, acts.dataset.id, ident, layer,
+                                  acts.layer_key(layer), TRANSFORM, TOP_IMAGES_KEPT)
 
-    return [Target(f"{acts.model.identity.model_id} {layer} thresholds (q={q:g})",
-                   (_threshold_artifact(run, acts, layer),), partial(build, layer))
-            for layer in acts.layers]
+        def build(missing: list[Artifact]) -> None:
+            if thresholds not in missing:  # only the top images are missing
+                found = top_images(acts.store.path, layer, TOP_IMAGES_KEPT, run.scheduler(),
+                                   run.cfg.progress, checkpoint=scratch_path(missing))
+                save_arrays(top, found.arrays())
+                return
+            values, found = threshold_pass(blocks(run, acts, layer), q, run.scheduler(),
+                                           progress=run.cfg.progress,
+                                           top_n=TOP_IMAGES_KEPT if top in missing else None,
+                                           checkpoint=scratch_path(missing))
+            save_thresholds(thresholds, values)
+            if top in missing:
+                save_arrays(top, found.arrays())
+            log.info("quantile: %s %s: %d exact thresholds (q=%g)", ident, layer, len(values), q)
+
+        return Target(f"{ident} {layer} thresholds (q={q:g})", (thresholds, top), build)
+
+    return [target(layer) for layer in acts.layers]
 
 
 @dataclass(frozen=True)
@@ -170,30 +197,65 @@ def _iou_artifacts(run: Run, layer: str) -> dict[str, Artifact]:
             "layers": partition_artifact(root, "layers", model, layer, with_threshold, fp)}
 
 
-def _build_iou(run: Run, layer: str, _missing: list[Artifact]) -> None:
+def signature_artifact(run: Run, layer: str) -> Artifact:
+    """Pixel-signature counts of one layer against the run's concept set."""
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    space = label_space_of(run, cs)
+    fingerprint = {**upstream(thr, cs, layer), "categories": list(space.categories)}
+    path = run.layout.statistic("signatures", acts.dataset.id, acts.model.identity.model_id,
+                                layer, digest(fingerprint), ".npz")
+    return Artifact(path, fingerprint)
+
+
+def scoring_pass(run: Run, layer: str, tally: bool, signatures: bool,
+                 missing: list[Artifact]) -> tuple:
+    """One read of every block of a layer feeding the tally and/or the signature counts."""
     acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
     s = run.cfg.scoring
     space = label_space_of(run, cs)
-    scoring = ScoringConfig(s.quantile, str(s.union), str(s.planes),
-                            None if s.categories is None else tuple(s.categories), s.iou_threshold)
-    reduction = TallyReduction(blocks(run, acts, layer), str(cs.store.path), thr.values[layer],
-                               space, scoring, cs.rows)
-    counts = reduce_blocks(reduction, acts.store.n_blocks(), run.scheduler(), f"iou {layer}",
-                           run.cfg.progress)
-    artifacts = _iou_artifacts(run, layer)
-    params = artifacts["units"].fingerprint["params"]
-    iou = iou_frame(counts, space, artifacts["iou"].fingerprint["params"])
-    units = units_frame(iou, thr.values[layer], s.iou_threshold)
-    layers = layers_frame(units, space.categories, params)
-    for table, frame in (("iou", iou), ("units", units), ("layers", layers)):
-        write_partition(artifacts[table], frame)
+    statistics = []
+    if tally:
+        scoring = ScoringConfig(s.quantile, str(s.union), str(s.planes),
+                                None if s.categories is None else tuple(s.categories),
+                                s.iou_threshold)
+        statistics.append(Tally(thr.values[layer], space, scoring))
+    if signatures:
+        statistics.append(Signatures(thr.values[layer], space))
+    source = ScoringBlocks(blocks(run, acts, layer), str(cs.store.path), cs.rows)
+    return reduce_blocks(Pass(source, statistics), acts.store.n_blocks(), run.scheduler(),
+                         f"{run.cfg.stage} {layer}", run.cfg.progress,
+                         checkpoint=scratch_path(missing))
+
+
+def _iou_target(run: Run, layer: str) -> Target:
+    """The tables of one layer and, when formulas are asked for, its signature counts, from
+    one pass over the blocks."""
+    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+    tables = _iou_artifacts(run, layer)
+    signature = signature_artifact(run, layer) if run.cfg.concepts.formulas else None
+    artifacts = (*tables.values(), *([signature] if signature else []))
+
+    def build(missing: list[Artifact]) -> None:
+        tally = any(a in missing for a in tables.values())
+        results = list(scoring_pass(run, layer, tally, signature in missing, missing))
+        if signature in missing:
+            save_arrays(signature, results.pop())
+        if not tally:
+            return
+        counts = results[0]
+        space = label_space_of(run, cs)
+        iou = iou_frame(counts, space, tables["iou"].fingerprint["params"])
+        units = units_frame(iou, thr.values[layer], run.cfg.scoring.iou_threshold)
+        layers = layers_frame(units, space.categories, tables["units"].fingerprint["params"])
+        for table, frame in (("iou", iou), ("units", units), ("layers", layers)):
+            write_partition(tables[table], frame)
+
+    return Target(f"{acts.model.identity.model_id} {layer} tables", artifacts, build)
 
 
 def plan_iou(run: Run) -> list[Target]:
     acts = run.get("extract")
-    ident = acts.model.identity.model_id
-    targets = [Target(f"{ident} {layer} tables", tuple(_iou_artifacts(run, layer).values()),
-                      partial(_build_iou, run, layer)) for layer in acts.layers]
+    targets = [_iou_target(run, layer) for layer in acts.layers]
     if run.cfg.concepts.formulas:
         from pipeline.signatures import plan_formulas
 

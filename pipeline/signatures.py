@@ -9,46 +9,33 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.graph import Run, Target, realize
-from pipeline.scoring import blocks, label_space_of, row_keys, upstream
-from stages.explain import (
-    SignatureCounts,
-    SignatureReduction,
-    beam_search,
-    explanation_frame,
-    formula_frame,
+from pipeline.scoring import (
+    label_space_of,
+    row_keys,
+    scoring_pass,
+    signature_artifact,
+    upstream,
 )
+from stages.explain import SignatureCounts, beam_search, explanation_frame, formula_frame
 from stages.formulas import Formula, format_formula, load_formulas
-from stages.reduction import reduce_blocks
-from storage.artifacts import Artifact, digest
+from storage.artifacts import Artifact
 from storage.tables import partition_artifact, write_partition
 from storage.thresholds import load_arrays, save_arrays
 
 log = logging.getLogger("netdissect")
 
 # ---------------------------------------------------------------- signatures, formulas
-def _signature_artifact(run: Run, layer: str) -> Artifact:
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
-    space = label_space_of(run, cs)
-    fingerprint = {**upstream(thr, cs, layer), "categories": list(space.categories)}
-    path = run.layout.statistic("signatures", acts.dataset.id, acts.model.identity.model_id,
-                                layer, digest(fingerprint), ".npz")
-    return Artifact(path, fingerprint)
-
-
 def signatures(run: Run, layer: str) -> SignatureCounts:
-    """Pixel-signature counts of one layer: computed once, then read by formulas and explain."""
-    artifact = _signature_artifact(run, layer)
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
-    space = label_space_of(run, cs)
+    """Pixel-signature counts of one layer: computed once (with the tally when formulas are
+    scored with it), then read by formulas and explain."""
+    artifact = signature_artifact(run, layer)
 
     def build(missing: list[Artifact]) -> None:
-        reduction = SignatureReduction(blocks(run, acts, layer, "cpu"), str(cs.store.path),
-                                       thr.values[layer], space, cs.rows)
-        partial_counts = reduce_blocks(reduction, acts.store.n_blocks(), run.scheduler(),
-                                       f"signatures {layer}", run.cfg.progress)
-        save_arrays(missing[0], partial_counts)
+        (found,) = scoring_pass(run, layer, tally=False, signatures=True, missing=missing)
+        save_arrays(artifact, found)
 
     realize(str(run.cfg.stage), [Target(f"{layer} signatures", (artifact,), build)])
+    space = label_space_of(run, run.get("concept_set"))
     return SignatureCounts.from_partial(load_arrays(artifact.path), space.n_labels)
 
 

@@ -1,19 +1,62 @@
-"""Reading activation blocks: shared by every stage that reduces over the activation store."""
+"""Block sources: one read of an image block feeds every statistic of a pass.
+
+:class:`LayerBlocks` reads a layer's activations (transformed when a basis transform is given,
+on the device the kernels run on); :class:`ScoringBlocks` adds the labels of the same images
+from a concept store, matched by row.  Stores are opened once per process and path (and
+re-opened when rebuilt), not once per block.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from storage.activations import ActivationStore
+from storage.concepts import ConceptBlock, ConceptStore
 from storage.errors import UserError
+
+
+def _mtime(path: str) -> int:
+    return (Path(path) / "zarr.json").stat().st_mtime_ns
+
+
+@lru_cache(maxsize=8)
+def _activation_store(path: str, _mtime_ns: int) -> ActivationStore:
+    return ActivationStore(path)
+
+
+@lru_cache(maxsize=8)
+def _concept_store(path: str, _mtime_ns: int) -> ConceptStore:
+    return ConceptStore(path)
+
+
+def open_activations(path: str) -> ActivationStore:
+    """The store at ``path``, opened once per process (again after it was rewritten)."""
+    return _activation_store(str(path), _mtime(path))
+
+
+def open_concepts(path: str) -> ConceptStore:
+    return _concept_store(str(path), _mtime(path))
+
+
+@dataclass(frozen=True)
+class Block:
+    """What one read of a block gives the statistics of a pass."""
+
+    acts: torch.Tensor  # (B, K, h, w) float32 on the pass's device (transformed if asked)
+    rows: np.ndarray  # (B,) activation-store rows of ``acts``
+    labels: ConceptBlock | None = None  # the same images' labels (scoring passes)
+    seg_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
 class LayerBlocks:
-    """Picklable loader of one layer's image blocks, with an optional per-block transform."""
+    """Picklable reader of one layer's image blocks, with an optional per-block transform."""
 
     store_path: str
     layer: str
@@ -26,24 +69,62 @@ class LayerBlocks:
         return self.device
 
     def store(self) -> ActivationStore:
-        return ActivationStore(self.store_path)
+        return open_activations(self.store_path)
+
+    def n_blocks(self) -> int:
+        return self.store().n_blocks()
+
+    def read(self, block: int) -> Block:
+        values, start, stop = self.load_rows(block)
+        return Block(values, np.arange(start, stop))
 
     def load(self, block: int) -> torch.Tensor:
         return self.load_rows(block)[0]
 
     def load_rows(self, block: int) -> tuple[torch.Tensor, int, int]:
-        """The block's values and its image rows [start, stop), from one store open."""
+        """The block's values and its image rows [start, stop)."""
         store = self.store()
         start, stop = store.block_range(block)
         values = torch.from_numpy(store.array(self.layer)[start:stop])
         values = values.to(self.resolved_device()).float()
         if self.transform is not None:
             values = self.transform(values).float()
-        bad = ~torch.isfinite(values)
-        if bad.any():
-            unit = int(torch.nonzero(bad.any(dim=(0, 2, 3)))[0])
+        if not bool(torch.isfinite(values).all()):
+            unit = int(torch.nonzero((~torch.isfinite(values)).any(dim=(0, 2, 3)))[0])
             raise UserError(
                 f"model {store.fingerprint.get('model')!r} layer {self.layer!r} unit {unit}: "
                 f"NaN or infinite activation in {self.store_path} (image block {block})"
             )
         return values, start, stop
+
+
+@dataclass(frozen=True)
+class ScoringBlocks:
+    """Activations plus the labels of the same images from a concept store.
+
+    ``rows`` maps activation rows to concept-store rows (-1: the image is not in the concept
+    set and is left out); None means both stores list the same images in the same order.
+    """
+
+    layer: LayerBlocks
+    concept_path: str
+    rows: np.ndarray | None = None
+
+    def n_blocks(self) -> int:
+        return self.layer.n_blocks()
+
+    def concepts(self) -> ConceptStore:
+        return open_concepts(self.concept_path)
+
+    def read(self, block: int) -> Block:
+        acts, start, stop = self.layer.load_rows(block)
+        store = self.concepts()
+        seg = (store.sh, store.sw)
+        if self.rows is None:
+            return Block(acts, np.arange(start, stop), store.read_block(start, stop), seg)
+        wanted = self.rows[start:stop]
+        keep = wanted >= 0
+        if not keep.any():
+            return Block(acts[:0], np.zeros(0, np.int64), None, seg)
+        kept = acts[torch.from_numpy(keep).to(acts.device)]
+        return Block(kept, np.arange(start, stop)[keep], store.read_rows(wanted[keep]), seg)

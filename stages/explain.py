@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.blocks import LayerBlocks
+from stages.blocks import Block, LayerBlocks, ScoringBlocks
 from stages.formulas import And, Formula, Label, Not, Or, format_formula, formula_length
 from stages.kernels import float32_below, masked_pixels, skip_bound
-from stages.labels import LabelSpace, load_scoring_block, tally_inputs
+from stages.labels import LabelSpace, tally_inputs
+from stages.reduction import Arrays, Pass
 
 
 def _unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,21 +46,29 @@ def pixel_signatures(pixel: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SignatureReduction:
-    """Block reduction: signature counts and (unit, signature) counts inside unit masks."""
+class SignaturePartial(Arrays):
+    table: np.ndarray  # (n_sig, W) int64 signatures (sorted dense labels, 0-padded)
+    counts: np.ndarray  # (n_sig,) int64 pixels per signature
+    unit: np.ndarray  # (M,) int64 unit of each (unit, signature) count
+    sig: np.ndarray  # (M,) int64 signature row of each count
+    unit_counts: np.ndarray  # (M,) int64 pixels of the signature inside the unit's masks
+    units: np.ndarray  # () int64 number of units
 
-    blocks: LayerBlocks
-    concept_path: str
+
+@dataclass(frozen=True)
+class Signatures:
+    """Statistic: signature counts and (unit, signature) counts inside unit masks."""
+
     thresholds: np.ndarray  # (K,) float64
     space: LabelSpace
-    rows: np.ndarray | None = None  # activation row -> concept row (-1 = absent)
     pair_chunk: int = 4096
+    partial_type = SignaturePartial
 
-    def chunk(self, block: int) -> dict[str, np.ndarray]:
-        acts, concept, store = load_scoring_block(self.blocks, self.concept_path, self.rows, block)
-        if concept is None:
+    def chunk(self, block: Block) -> SignaturePartial:
+        acts = block.acts.cpu()
+        if block.labels is None:
             return self._empty(acts.shape[1])
-        inputs = tally_inputs(concept, self.space, "set", "cpu")
+        inputs = tally_inputs(block.labels, self.space, "set", "cpu")
         sig = pixel_signatures(inputs.pixel, inputs.image)  # (B, S, W)
         b, s = sig.shape[:2]
         table, inverse = _unique_rows(sig.reshape(b * s, -1).numpy())
@@ -72,43 +81,47 @@ class SignatureReduction:
         keys = []
         for i in range(0, len(bi_all), self.pair_chunk):
             bi, ki = bi_all[i : i + self.pair_chunk], ki_all[i : i + self.pair_chunk]
-            pair, pix = masked_pixels(acts[bi, ki], t32[ki], (store.sh, store.sw))
+            pair, pix = masked_pixels(acts[bi, ki], t32[ki], block.seg_size)
             keys.append(ki[pair] * len(table) + sig_id[bi[pair], pix])
         flat = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
         uk, uc = torch.unique(flat, return_counts=True)
-        return {
-            "table": table.astype(np.int64),
-            "counts": counts,
-            "unit": (uk // max(len(table), 1)).numpy(),
-            "sig": (uk % max(len(table), 1)).numpy(),
-            "unit_counts": uc.numpy().astype(np.int64),
-            "units": np.array(k),
-        }
+        return SignaturePartial(
+            table.astype(np.int64), counts, (uk // max(len(table), 1)).numpy(),
+            (uk % max(len(table), 1)).numpy(), uc.numpy().astype(np.int64), np.array(k),
+        )
 
-    def _empty(self, k: int) -> dict[str, np.ndarray]:
-        return {"table": np.zeros((0, 1), np.int64), "counts": np.zeros(0, np.int64),
-                "unit": np.zeros(0, np.int64), "sig": np.zeros(0, np.int64),
-                "unit_counts": np.zeros(0, np.int64), "units": np.array(k)}
+    def _empty(self, k: int) -> SignaturePartial:
+        return SignaturePartial(np.zeros((0, 1), np.int64), np.zeros(0, np.int64),
+                                np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                np.zeros(0, np.int64), np.array(k))
 
-    def combine(self, partials) -> dict[str, np.ndarray]:
-        width = max(p["table"].shape[1] for p in partials)
-        tables = [np.pad(p["table"], ((0, 0), (width - p["table"].shape[1], 0))) for p in partials]
+    def combine(self, partials) -> SignaturePartial:
+        width = max(p.table.shape[1] for p in partials)
+        tables = [np.pad(p.table, ((0, 0), (width - p.table.shape[1], 0))) for p in partials]
         table, inverse = _unique_rows(np.concatenate(tables))
         offsets = np.cumsum([0] + [len(t) for t in tables])
-        counts = np.bincount(inverse, weights=np.concatenate([p["counts"] for p in partials]),
+        counts = np.bincount(inverse, weights=np.concatenate([p.counts for p in partials]),
                              minlength=len(table)).astype(np.int64)
         n = max(len(table), 1)
         keys = np.concatenate([
-            p["unit"] * n + inverse[offsets[i] + p["sig"]] for i, p in enumerate(partials)
+            p.unit * n + inverse[offsets[i] + p.sig] for i, p in enumerate(partials)
         ]).astype(np.int64)
-        weights = np.concatenate([p["unit_counts"] for p in partials])
+        weights = np.concatenate([p.unit_counts for p in partials])
         uk, inv = np.unique(keys, return_inverse=True)
         uc = np.bincount(inv.reshape(-1), weights=weights, minlength=len(uk)).astype(np.int64)
-        return {"table": table, "counts": counts, "unit": uk // n, "sig": uk % n,
-                "unit_counts": uc, "units": partials[0]["units"]}
+        return SignaturePartial(table, counts, uk // n, uk % n, uc, partials[0].units)
 
-    def finish(self, partial):
-        return partial
+    def finish(self, partial: SignaturePartial) -> dict[str, np.ndarray]:
+        return partial.state_dict()
+
+
+class SignatureReduction(Pass):
+    """Signature counts of one layer against one concept store, as a pass of its own."""
+
+    def __init__(self, blocks: LayerBlocks, concept_path: str, thresholds: np.ndarray,
+                 space: LabelSpace, rows: np.ndarray | None = None):
+        super().__init__(ScoringBlocks(blocks, concept_path, rows),
+                         (Signatures(thresholds, space),), single=True)
 
 
 @dataclass

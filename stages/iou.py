@@ -1,6 +1,6 @@
 """Stage ``iou``: exact intersection/union tallies (SEMANTICS.md §2–5) and result tables.
 
-The tally is a :class:`~stages.reduction.BlockReduction`: per block of images, the active
+The tally is a statistic (:class:`Tally`, a pure reduction): per block of images, the active
 (image, unit) pairs are upsampled and thresholded on the block's device, labels counted into
 int64 partials, and partials summed in a Dask tree.  The finish step turns the counts into
 the ``iou``, ``units`` and ``layers`` tables.
@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.blocks import LayerBlocks
+from stages.blocks import Block, LayerBlocks, ScoringBlocks
 from stages.kernels import tally_block
 from stages.labels import (  # noqa: F401 - label_space re-exported
     LabelSpace,
     label_space,
-    load_scoring_block,
     tally_inputs,
 )
+from stages.reduction import Arrays, Pass
 from storage.errors import UserError
 
 UNION_MODES = ("restricted", "global", "lite")
@@ -46,47 +46,59 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
-class TallyReduction:
-    blocks: LayerBlocks
-    concept_path: str
+class TallyCounts(Arrays):
+    intersection: np.ndarray  # (K, L + 1) int64
+    unit_area: np.ndarray  # (K, C) int64
+    label_area: np.ndarray  # (L + 1,) int64
+    images: np.ndarray  # () int64 images counted
+
+
+@dataclass(frozen=True)
+class Tally:
+    """The exact int64 counts of SEMANTICS.md §4 over the blocks it sees (labels required)."""
+
     thresholds: np.ndarray  # (K,) float
     space: LabelSpace
     scoring: ScoringConfig
-    rows: np.ndarray | None = None  # activation row -> concept row (-1 = not in the set)
+    partial_type = TallyCounts
 
-    def _zero(self, k: int) -> dict[str, np.ndarray]:
+    def _zero(self, k: int) -> TallyCounts:
         width = self.space.n_labels + 1
         c = len(self.space.categories)
-        return {
-            "intersection": np.zeros((k, width), np.int64),
-            "unit_area": np.zeros((k, c), np.int64),
-            "label_area": np.zeros(width, np.int64),
-            "images": np.zeros((), np.int64),
-        }
+        return TallyCounts(np.zeros((k, width), np.int64), np.zeros((k, c), np.int64),
+                           np.zeros(width, np.int64), np.zeros((), np.int64))
 
-    def chunk(self, block: int) -> dict[str, np.ndarray]:
-        acts, concept, store = load_scoring_block(self.blocks, self.concept_path, self.rows, block)
-        if concept is None:
-            return self._zero(acts.shape[1])
-        device = str(acts.device)
-        inputs = tally_inputs(concept, self.space, self.scoring.planes, device)
+    def chunk(self, block: Block) -> TallyCounts:
+        if block.labels is None:
+            return self._zero(block.acts.shape[1])
+        inputs = tally_inputs(block.labels, self.space, self.scoring.planes, str(block.acts.device))
         counts = tally_block(
-            acts,
+            block.acts,
             torch.from_numpy(np.asarray(self.thresholds, dtype=np.float64)),
             inputs,
             self.space.n_labels,
-            (store.sh, store.sw),
+            block.seg_size,
             self.scoring.union,
         )
-        out = {k: v.cpu().numpy() for k, v in counts.items()}
-        out["images"] = np.array(acts.shape[0], dtype=np.int64)
-        return out
+        return TallyCounts(counts["intersection"].cpu().numpy(), counts["unit_area"].cpu().numpy(),
+                           counts["label_area"].cpu().numpy(),
+                           np.array(block.acts.shape[0], dtype=np.int64))
 
-    def combine(self, partials) -> dict[str, np.ndarray]:
-        return {key: np.sum([p[key] for p in partials], axis=0) for key in partials[0]}
+    def combine(self, partials) -> TallyCounts:
+        return TallyCounts(*(np.sum([getattr(p, f) for p in partials], axis=0)
+                             for f in ("intersection", "unit_area", "label_area", "images")))
 
-    def finish(self, partial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return partial
+    def finish(self, partial: TallyCounts) -> dict[str, np.ndarray]:
+        return partial.state_dict()
+
+
+class TallyReduction(Pass):
+    """The tally of one layer against one concept store, as a pass of its own."""
+
+    def __init__(self, blocks: LayerBlocks, concept_path: str, thresholds: np.ndarray,
+                 space: LabelSpace, scoring: ScoringConfig, rows: np.ndarray | None = None):
+        super().__init__(ScoringBlocks(blocks, concept_path, rows),
+                         (Tally(thresholds, space, scoring),), single=True)
 
 
 def iou_frame(counts: dict[str, np.ndarray], space: LabelSpace, meta: dict) -> pd.DataFrame:

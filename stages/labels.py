@@ -118,23 +118,3 @@ def tally_inputs(block: ConceptBlock, space: LabelSpace, planes: str, device: st
     return TallyInputs(
         pixel, image, torch.from_numpy(space.dense_category()).to(device), len(space.categories)
     )
-
-
-def load_scoring_block(
-    blocks, concept_path: str, rows: np.ndarray | None, block: int
-) -> tuple[torch.Tensor, ConceptBlock | None, ConceptStore]:
-    """One activation block and the labels of the same images.
-
-    ``rows`` maps activation rows to concept-store rows (-1 = not in the concept set; those
-    images are left out); None means both stores list the same images in the same order.
-    The concept block is None when no image of the block is in the set.
-    """
-    acts, start, stop = blocks.load_rows(block)
-    store = ConceptStore(concept_path)
-    if rows is None:
-        return acts, store.read_block(start, stop), store
-    wanted = rows[start:stop]
-    keep = wanted >= 0
-    if not keep.any():
-        return acts, None, store
-    return acts[torch.from_numpy(keep).to(acts.device)], store.read_rows(wanted[keep]), store

@@ -1,111 +1,228 @@
-"""One abstraction for both heavy statistics: a block reduction.
+"""Statistics as pure reductions, and the runners that apply them to image blocks.
 
-A :class:`BlockReduction` turns one block of inputs into a small partial result
-(``chunk``), merges partials associatively (``combine``) and turns the final partial into
-the answer (``finish``) — the shape of dask's ``reduction(chunk, combine, aggregate)``.
-The same object runs in-process (:func:`reduce_in_process`) and as a Dask tree reduction
-(:func:`reduce_with_dask`) on any scheduler: ``"sync"``, ``"threads"``, ``"processes"`` or
-a ``distributed.Client``.  Partials are plain numpy arrays so they travel between processes.
+A :class:`Statistic` turns one block of data into a small typed *partial* (``chunk``),
+merges partials associatively (``combine``) and turns the final partial into the answer
+(``finish``) — the shape of dask's ``reduction(chunk, combine, aggregate)``.  Partials have a
+``state_dict`` (named numpy arrays), so a long pass can be saved and resumed.  Statistics do no
+I/O: a :class:`Pass` reads each block once from a block source (``stages.blocks``) and feeds
+every statistic that needs that read.
+
+The same pass runs in-process (:func:`reduce_in_process`) and as a Dask tree reduction
+(:func:`reduce_with_dask`) on any scheduler: ``"sync"``, ``"threads"``, ``"processes"`` or a
+``distributed.Client``.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import dask
+import numpy as np
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
+from storage.artifacts import atomic_file
+
 P = TypeVar("P")
+CHECKPOINT_EVERY = 30.0  # seconds between saved partials of a long pass
 
 
-class BlockReduction(Protocol[P]):
-    def chunk(self, block_index: int) -> P: ...
+class Statistic(Protocol[P]):
+    partial_type: type  # an :class:`Arrays` subclass: how a saved partial is read back
+
+    def chunk(self, block: Any) -> P: ...
 
     def combine(self, partials: Sequence[P]) -> P: ...
 
     def finish(self, partial: P) -> Any: ...
 
 
-def reduce_in_process(reduction: BlockReduction, blocks: Iterable[int]) -> Any:
+@dataclass(frozen=True)
+class Arrays:
+    """Base of typed partials made of named numpy arrays: their state_dict is those arrays."""
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray]):
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+
+class Pass:
+    """One read of every block of ``source`` feeding several statistics.
+
+    ``chunk`` takes a block *index*, so runners and Dask graphs deal in indices and each task
+    reads its block once; the partial is the tuple of the statistics' partials.  With
+    ``single=True`` (one statistic) ``finish`` returns that statistic's result alone.
+    """
+
+    def __init__(self, source: Any, statistics: Sequence[Statistic], single: bool = False):
+        self.source, self.statistics, self.single = source, tuple(statistics), single
+
+    def n_blocks(self) -> int:
+        return self.source.n_blocks()
+
+    def chunk(self, index: int) -> tuple:
+        block = self.source.read(index)
+        return tuple(s.chunk(block) for s in self.statistics)
+
+    def combine(self, partials: Sequence[tuple]) -> tuple:
+        return tuple(s.combine([p[i] for p in partials]) for i, s in enumerate(self.statistics))
+
+    def finish(self, partial: tuple) -> Any:
+        results = tuple(s.finish(p) for s, p in zip(self.statistics, partial, strict=True))
+        return results[0] if self.single else results
+
+    def state_dict(self, partial: tuple) -> dict[str, np.ndarray]:
+        return {f"{i}.{key}": value for i, p in enumerate(partial)
+                for key, value in p.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> tuple:
+        return tuple(s.partial_type.from_state_dict(
+            {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(i)})
+            for i, s in enumerate(self.statistics))
+
+
+class Checkpoint:
+    """The running partial of a pass saved beside the artifact it builds, so a killed pass
+    resumes from it: blocks done plus the partial's state_dict, written atomically at most
+    every ``every`` seconds, removed once the pass is finished."""
+
+    def __init__(self, path: Path, every: float = CHECKPOINT_EVERY):
+        self.path, self.every = Path(path), every
+        self.saved = time.monotonic()
+
+    def load(self, reduction: Pass) -> tuple[set[int], tuple | None]:
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                state = {k: data[k] for k in data.files}
+        except (OSError, ValueError):
+            return set(), None
+        done = {int(b) for b in state.pop("blocks_done")}
+        return done, reduction.load_state_dict(state)
+
+    def save(self, reduction: Pass, partial: tuple, done: set[int], force: bool = False) -> None:
+        if not force and time.monotonic() - self.saved < self.every:
+            return
+        with atomic_file(self.path) as tmp, tmp.open("wb") as fh:
+            np.savez(fh, blocks_done=np.array(sorted(done), dtype=np.int64),
+                     **reduction.state_dict(partial))
+        self.saved = time.monotonic()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _resume(reduction: Any, blocks: list[int], checkpoint: Checkpoint | None
+            ) -> tuple[list[int], Any, set[int]]:
+    if checkpoint is None or not isinstance(reduction, Pass) or not blocks:
+        return blocks, None, set()
+    done, acc = checkpoint.load(reduction)
+    return [b for b in blocks if b not in done], acc, done
+
+
+def reduce_in_process(reduction: Any, blocks: Iterable[int],
+                      checkpoint: Checkpoint | None = None) -> Any:
     """Run chunk/combine/finish sequentially: the reference semantics of every runner."""
-    acc = None
-    for index in blocks:
+    todo, acc, done = _resume(reduction, list(blocks), checkpoint)
+    for index in todo:
         part = reduction.chunk(index)
         acc = part if acc is None else reduction.combine([acc, part])
+        done.add(index)
+        if checkpoint is not None:
+            checkpoint.save(reduction, acc, done)
     if acc is None:
         raise ValueError("no blocks to reduce")
-    return reduction.finish(acc)
+    result = reduction.finish(acc)
+    if checkpoint is not None:
+        checkpoint.remove()
+    return result
 
 
-def _chunk(reduction: BlockReduction, index: int):
+def _chunk(reduction: Any, index: int):
     return reduction.chunk(index)
 
 
-def _combine(reduction: BlockReduction, *partials):
+def _combine(reduction: Any, *partials):
     return reduction.combine(list(partials))
 
 
-def reduction_graph(reduction: BlockReduction, blocks: Sequence[int], split_every: int = 8):
-    """A dask.delayed tree: chunk per block, combine ``split_every`` partials per node."""
+def reduction_graph(reduction: Any, blocks: Sequence[int], split_every: int = 8):
+    """A dask.delayed tree: chunk per block, combine ``split_every`` partials per node.  The
+    reduction object is one node of the graph, so a cluster ships it once per worker."""
     if not blocks:
         raise ValueError("no blocks to reduce")
-    layer = [dask.delayed(_chunk, pure=False)(reduction, i) for i in blocks]
+    shared = dask.delayed(reduction, pure=True)
+    layer = [dask.delayed(_chunk, pure=False)(shared, i) for i in blocks]
     while len(layer) > 1:
         layer = [
-            dask.delayed(_combine, pure=False)(reduction, *layer[i : i + split_every])
+            dask.delayed(_combine, pure=False)(shared, *layer[i : i + split_every])
             for i in range(0, len(layer), split_every)
         ]
     return layer[0]
 
 
 def reduce_with_dask(
-    reduction: BlockReduction,
+    reduction: Any,
     blocks: Sequence[int],
     scheduler: Any = "threads",
     desc: str = "reduce",
     split_every: int = 8,
     progress: bool = True,
+    checkpoint: Checkpoint | None = None,
 ) -> Any:
     """Tree-reduce on a Dask scheduler; the finish step runs here, on the caller.
 
     Blocks go in waves of a few per worker thread, each wave one tree whose result joins
     the running partial: schedulers are free to run every ready chunk before any combine,
     so one graph over all blocks could hold a partial per block; waves bound that by the
-    wave size, whatever the number of images.
+    wave size, whatever the number of images.  After each wave the running partial may be
+    checkpointed.
     """
-    blocks = list(blocks)
-    if not blocks:
+    todo, acc, done = _resume(reduction, list(blocks), checkpoint)
+    if not todo and acc is None:
         raise ValueError("no blocks to reduce")
     wave = max(split_every, 8 * _parallelism(scheduler))
-    acc = None
-    bar = tqdm(total=len(blocks), desc=desc, unit="block", leave=False,
-               disable=None if progress else True)
-    for start in range(0, len(blocks), wave):
-        part_blocks = blocks[start : start + wave]
+    bar = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc=desc, unit="block",
+               leave=False, disable=None if progress else True)
+    for start in range(0, len(todo), wave):
+        part_blocks = todo[start : start + wave]
         graph = reduction_graph(reduction, part_blocks, split_every)
         (part,) = compute(graph, scheduler=scheduler, desc=desc, progress=False)
         acc = part if acc is None else reduction.combine([acc, part])
+        done.update(part_blocks)
+        if checkpoint is not None:
+            checkpoint.save(reduction, acc, done)
         bar.update(len(part_blocks))
     bar.close()
-    return reduction.finish(acc)
+    result = reduction.finish(acc)
+    if checkpoint is not None:
+        checkpoint.remove()
+    return result
 
 
 def reduce_blocks(
-    reduction: BlockReduction,
+    reduction: Any,
     n_blocks: int,
     scheduler: Any = None,
     desc: str = "reduce",
     progress: bool = True,
     split_every: int = 8,
+    checkpoint: Path | None = None,
 ) -> Any:
-    """Reduce blocks 0..n_blocks-1: in-process when ``scheduler`` is None, else on Dask."""
+    """Reduce blocks 0..n_blocks-1: in-process when ``scheduler`` is None, else on Dask;
+    ``checkpoint`` (a file path) makes a long pass resumable."""
     blocks = list(range(n_blocks))
+    saver = Checkpoint(checkpoint) if checkpoint is not None else None
     if scheduler is None:
-        return reduce_in_process(reduction, blocks)
-    return reduce_with_dask(reduction, blocks, scheduler, desc, split_every, progress)
+        return reduce_in_process(reduction, blocks, saver)
+    return reduce_with_dask(reduction, blocks, scheduler, desc, split_every, progress, saver)
 
 
 def _parallelism(scheduler: Any) -> int:

@@ -152,6 +152,13 @@ class Artifact:
             lock.release()
 
 
+def scratch_path(artifacts: list[Artifact], suffix: str = "partial.npz") -> Path:
+    """A hidden working file beside the first artifact, named by the keys of all of them
+    (e.g. the saved partial of the pass that builds them, so a killed pass resumes)."""
+    first = artifacts[0]
+    return first.path.parent / f"{first._stem}.{digest([a.key for a in artifacts], 12)}.{suffix}"
+
+
 @contextmanager
 def locked_all(artifacts: list[Artifact],
                on_wait: Callable[[Artifact], None] | None = None) -> Iterator[None]:

@@ -1,0 +1,164 @@
+"""Statistics as pure reductions: one read per block feeds several of them, combined passes
+equal separate ones, partials round-trip through state_dict, and a killed pass resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.blocks import LayerBlocks, ScoringBlocks
+from stages.explain import Signatures, SignatureReduction
+from stages.iou import ScoringConfig, Tally, TallyReduction, label_space
+from stages.quantile import exact_thresholds, threshold_pass
+from stages.reduction import Checkpoint, Pass, reduce_blocks, reduce_in_process
+from stages.statistics import Covariance, TopImagesReduction
+from storage import activations as astore
+from tests.test_quantile import make_store, random_values, reference
+
+
+class CountingSource:
+    """A block source that counts its reads."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, []
+
+    def n_blocks(self) -> int:
+        return self.inner.n_blocks()
+
+    def read(self, block: int):
+        self.reads.append(block)
+        return self.inner.read(block)
+
+
+def _store(tmp_path: Path, n=23, k=5, hw=(3, 4), block=4, seed=0) -> tuple[str, np.ndarray]:
+    values = random_values(np.random.default_rng(seed), (n, k, *hw), "mixed")
+    return make_store(tmp_path / "a.zarr", values, block), values
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 24])  # radix (three passes) and top-k (one)
+def test_thresholds_and_top_images_from_one_read(tmp_path, budget):
+    path, values = _store(tmp_path)
+    blocks = LayerBlocks(path, "l")
+    thresholds, top = threshold_pass(blocks, 0.05, None, budget, top_n=3)
+    np.testing.assert_allclose(thresholds, reference(values, 0.05), rtol=1e-6)
+    alone = reduce_in_process(TopImagesReduction(blocks, 3), range(blocks.n_blocks()))
+    for name in ("index", "value", "maps"):
+        np.testing.assert_array_equal(getattr(top, name), getattr(alone, name))
+    maxima = values.max(axis=(2, 3)).T
+    order = np.argsort(-maxima, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(top.index, order)
+    counting = CountingSource(blocks)
+    from stages.statistics import TopImagesStat, TopValues
+
+    reduce_in_process(Pass(counting, (TopValues(4), TopImagesStat(3))), range(blocks.n_blocks()))
+    assert sorted(counting.reads) == list(range(blocks.n_blocks()))  # each block read once
+
+
+def test_tally_and_signatures_in_one_pass_equal_separate_passes(tmp_path, synthetic_root):
+    from stages.concepts import ConceptsConfig, build_concept_store
+    from storage.broden import read_broden
+
+    store = build_concept_store(ConceptsConfig(synthetic_root, tmp_path / "c.zarr", 8, False), None)
+    images = [r.image for r in read_broden(synthetic_root).images]
+    rng = np.random.default_rng(3)
+    acts = np.maximum(rng.standard_normal((len(images), 6, 7, 7)).astype(np.float32) - 0.5, 0)
+    path = tmp_path / "a.zarr"
+    astore.create_store(path, images, {"l": (6, 7, 7)}, 5, "float32", {"model": "t"})
+    for b in range(-(-len(images) // 5)):
+        astore.write_block(path, b, 5 * b, {"l": acts[5 * b : 5 * b + 5]})
+    astore.mark_complete(path)
+    blocks = LayerBlocks(str(path), "l")
+    thresholds = exact_thresholds(blocks, 0.02)
+    space = label_space(store, None)
+    scoring = ScoringConfig(union="lite", planes="multiset")
+    n = blocks.n_blocks()
+    tally = reduce_in_process(TallyReduction(blocks, str(store.path), thresholds, space, scoring),
+                              range(n))
+    signatures = reduce_in_process(SignatureReduction(blocks, str(store.path), thresholds, space),
+                                   range(n))
+    counting = CountingSource(ScoringBlocks(blocks, str(store.path)))
+    both = reduce_in_process(Pass(counting, (Tally(thresholds, space, scoring),
+                                             Signatures(thresholds, space))), range(n))
+    assert sorted(counting.reads) == list(range(n))
+    for key in tally:
+        np.testing.assert_array_equal(both[0][key], tally[key])
+    for key in signatures:
+        np.testing.assert_array_equal(both[1][key], signatures[key])
+    assert tally["intersection"].sum() > 0
+
+
+def test_partials_round_trip_through_state_dict(tmp_path):
+    path, _ = _store(tmp_path)
+    blocks = LayerBlocks(path, "l")
+    from stages.statistics import RadixHistogram, TopImagesStat, TopValues
+
+    reduction = Pass(blocks, (TopValues(7), TopImagesStat(2), Covariance(),
+                              RadixHistogram(np.zeros((5, 2), np.int64), 0, 11)))
+    partial = reduction.combine([reduction.chunk(0), reduction.chunk(1)])
+    again = reduction.load_state_dict(reduction.state_dict(partial))
+    for a, b in zip(partial, again, strict=True):
+        assert type(a) is type(b)
+        for key, value in a.state_dict().items():
+            np.testing.assert_array_equal(value, b.state_dict()[key])
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesAfter:
+    """A source that raises once ``limit`` blocks were read (a killed process)."""
+
+    def __init__(self, inner, limit: int):
+        self.inner, self.limit, self.reads = inner, limit, 0
+
+    def n_blocks(self) -> int:
+        return self.inner.n_blocks()
+
+    def read(self, block: int):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise Killed
+        return self.inner.read(block)
+
+
+@pytest.mark.parametrize("scheduler", [None, "sync"])
+def test_a_killed_pass_resumes_from_its_saved_partial(tmp_path, scheduler):
+    path, values = _store(tmp_path, n=40, block=3)
+    blocks = LayerBlocks(path, "l")
+    n = blocks.n_blocks()
+    from stages.statistics import TopValues
+
+    expected = reduce_in_process(Pass(blocks, (TopValues(9), Covariance())), range(n))
+    saved = tmp_path / "pass.partial.npz"
+    dying = DiesAfter(blocks, 8)
+    with pytest.raises(Killed):
+        run = Pass(dying, (TopValues(9), Covariance()))
+        if scheduler is None:
+            reduce_in_process(run, range(n), Checkpoint(saved, every=0))
+        else:
+            from stages.reduction import reduce_with_dask
+
+            reduce_with_dask(run, range(n), scheduler, split_every=2, progress=False,
+                             checkpoint=Checkpoint(saved, every=0))
+    assert saved.exists()
+    counting = CountingSource(blocks)
+    got = reduce_blocks(Pass(counting, (TopValues(9), Covariance())), n, scheduler,
+                        progress=False, checkpoint=saved)
+    assert len(counting.reads) < n  # blocks done before the kill were not read again
+    assert not saved.exists()
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1].scatter, expected[1].scatter, rtol=1e-12)
+
+
+def test_covariance_equals_numpy(tmp_path):
+    path, values = _store(tmp_path, n=31, k=6, block=4, seed=5)
+    moments = reduce_in_process(Pass(LayerBlocks(path, "l"), (Covariance(),), single=True),
+                                range(8))
+    x = values.transpose(0, 2, 3, 1).reshape(-1, values.shape[1]).astype(np.float64)
+    assert int(moments.count) == len(x)
+    np.testing.assert_allclose(moments.mean, x.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moments.scatter / (len(x) - 1), np.cov(x, rowvar=False),
+                               rtol=1e-10, atol=1e-10)
