@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stages.blocks import LayerBlocks, ScoringBlocks
-from stages.explain import Signatures, SignatureReduction
+from stages.explain import SignatureReduction, Signatures
 from stages.iou import ScoringConfig, Tally, TallyReduction, label_space
 from stages.quantile import exact_thresholds, threshold_pass
 from stages.reduction import Checkpoint, Pass, reduce_blocks, reduce_in_process
