@@ -103,7 +103,12 @@ def fetch_dataset(
     if archive is None and not keep_archive:
         zip_path.unlink()
     return FetchResult(
-        name, root, md5, verified, "extracted", f"{name}: unpacked to {root} from {source}; {_md5_note(entry, md5, verified)}"
+        name,
+        root,
+        md5,
+        verified,
+        "extracted",
+        f"{name}: unpacked to {root} from {source}; {_md5_note(entry, md5, verified)}",
     )
 
 
@@ -133,9 +138,16 @@ def fetch_weights(
     )
     note = _md5_note(entry, result.md5, result.verified)
     if result.url is None:
-        return FetchResult(name, dest, result.md5, result.verified, "present", f"{name}: already at {dest}; {note}")
+        return FetchResult(
+            name, dest, result.md5, result.verified, "present", f"{name}: already at {dest}; {note}"
+        )
     return FetchResult(
-        name, dest, result.md5, result.verified, "downloaded", f"{name}: downloaded to {dest} from {result.url}; {note}"
+        name,
+        dest,
+        result.md5,
+        result.verified,
+        "downloaded",
+        f"{name}: downloaded to {dest} from {result.url}; {note}",
     )
 
 

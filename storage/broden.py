@@ -18,7 +18,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from storage.errors import BrodenFormatError
+from storage.errors import (
+    BrodenFormatError,
+    MissingFileError,
+    SizeMismatchError,
+    UnknownLabelError,
+    UnsafePathError,
+)
 
 SIZE_COLUMNS = ("ih", "iw", "sh", "sw")
 FIXED_COLUMNS = ("image", "split", *SIZE_COLUMNS)
@@ -188,7 +194,7 @@ def safe_relative_path(path: Path, line: int, column: str, text: str) -> str:
     if not posix.parts:
         raise BrodenFormatError(f"{path} line {line}, column {column!r}: {text!r} is not a file path")
     if text.startswith(("/", "\\")) or posix.is_absolute() or ":" in posix.parts[0] or ".." in posix.parts:
-        raise BrodenFormatError(
+        raise UnsafePathError(
             f"{path} line {line}, column {column!r}: path {text!r} escapes the dataset's images/ folder"
         )
     return str(posix)
@@ -259,7 +265,7 @@ def scan_labels(
                 if number == 0:
                     continue
                 if number not in names:
-                    raise BrodenFormatError(
+                    raise UnknownLabelError(
                         f"{cpath} line {line}: label number {number} is not in label.csv"
                     )
                 cov = _float(cpath, line, "coverage", row[cov_col]) if cov_col is not None else 0.0
@@ -382,11 +388,11 @@ def parse_label_cell(
                 "path nor a label number"
             ) from None
         if number not in labels:
-            raise BrodenFormatError(
+            raise UnknownLabelError(
                 f"{path} line {line}, column {cat!r}: label {number} is not in label.csv"
             )
         if cat not in labels[number].coverage:
-            raise BrodenFormatError(
+            raise UnknownLabelError(
                 f"{path} line {line}, column {cat!r}: label {number} "
                 f"({labels[number].name}) is not listed in c_{cat}.csv"
             )
@@ -398,7 +404,7 @@ def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) ->
     """Decode a label PNG to int32 label numbers (R + 256·G) and check its size."""
     where = f" (index.csv line {line})" if line is not None else ""
     if not path.is_file():
-        raise BrodenFormatError(f"{path}: label image not found{where}")
+        raise MissingFileError(f"{path}: label image not found{where}")
     try:
         with Image.open(path) as img:
             img.load()
@@ -406,7 +412,7 @@ def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) ->
     except (OSError, ValueError) as exc:
         raise BrodenFormatError(f"{path}: not a readable image{where} ({exc})") from None
     if rgb.shape[:2] != tuple(shape):
-        raise BrodenFormatError(
+        raise SizeMismatchError(
             f"{path}: size {rgb.shape[1]}x{rgb.shape[0]} (w x h) differs from index.csv "
             f"sw x sh = {shape[1]}x{shape[0]}{where}"
         )
@@ -417,7 +423,7 @@ def load_image(path: Path, line: int | None = None) -> np.ndarray:
     """Decode an RGB image to uint8 (H, W, 3)."""
     where = f" (index.csv line {line})" if line is not None else ""
     if not path.is_file():
-        raise BrodenFormatError(f"{path}: image not found{where}")
+        raise MissingFileError(f"{path}: image not found{where}")
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))

@@ -247,10 +247,11 @@ class _Download:
             desc=self.dest.name,
             disable=None if self.progress else True,
         )
+        read = getattr(response, "read1", response.read)  # read1: keep what arrived before a stall
         with bar, self.part.open("ab") as fh:
             while True:
                 try:
-                    block = response.read(CHUNK_BYTES)
+                    block = read(CHUNK_BYTES)
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Transient(_describe(exc, self.timeout)) from None
                 if not block:
@@ -262,6 +263,8 @@ class _Download:
                 self.digest.update(block)
                 self.size += len(block)
                 bar.update(len(block))
+                if total is not None and self.size > total:
+                    raise _Restart  # more bytes than announced: nothing here can be trusted
             fh.flush()
             os.fsync(fh.fileno())
         if total is not None and self.size != total:
