@@ -295,6 +295,27 @@ def test_all_urls_failing_give_one_line_naming_each(server, tmp_path: Path) -> N
     assert not (tmp_path / "f.zip").exists()
 
 
+def test_concurrent_downloads_of_one_file_wait_for_each_other(server, tmp_path: Path) -> None:
+    base, served = server
+    data = payload()
+    served.files["/f.bin"] = data
+    results = []
+
+    def fetch() -> None:
+        results.append(
+            download([base + "/f.bin"], tmp_path / "f.bin", md5=md5(data), progress=False)
+        )
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 3 and all(r.verified for r in results)
+    assert (tmp_path / "f.bin").read_bytes() == data
+    assert served.requests == [("/f.bin", None)]  # one download; the others found it complete
+
+
 def test_existing_file_with_wrong_checksum_is_kept_and_refused(tmp_path: Path) -> None:
     (tmp_path / "f.bin").write_bytes(b"hand-made")
     with pytest.raises(ChecksumError, match="delete it"):
