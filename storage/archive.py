@@ -76,7 +76,12 @@ def extract_archive(
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=target_dir))
         try:
             _write_members(members, read, tmp, strip=strip, label=archive.name, progress=progress)
-            os.rename(tmp, final)  # same file system: atomic; fails if final appeared meanwhile
+            try:
+                os.rename(tmp, final)  # same file system: atomic
+            except OSError as exc:
+                raise ArchiveError(
+                    f"{final}: cannot move the unpacked files there ({exc.strerror})"
+                ) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -102,8 +107,9 @@ def _open_members(archive: Path) -> Iterator[tuple[list[_Member], object]]:
                 yield members, tf.extractfile
         else:
             raise ArchiveError(f"{archive}: neither a zip nor a tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
-        raise ArchiveError(f"{archive}: damaged archive ({exc})") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        # OSError: gzip/lzma stream errors and read errors; write errors became ArchiveError
+        raise ArchiveError(f"{archive}: damaged or unreadable archive ({exc})") from None
 
 
 def _zip_member(archive: Path, info: zipfile.ZipInfo) -> _Member:

@@ -428,15 +428,23 @@ def test_archive_without_required_file_extracts_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "data").exists()
 
 
-def test_damaged_archive_is_one_clear_error(tmp_path: Path) -> None:
+def test_damaged_zip_is_one_clear_error(tmp_path: Path) -> None:
     archive = _zip(tmp_path / "d.zip", [("ds/index.csv", b"x" * 1000)])
     raw = bytearray(archive.read_bytes())
     offset = raw.index(b"x" * 100)
     raw[offset : offset + 10] = b"y" * 10  # corrupt the stored bytes: CRC mismatch
     archive.write_bytes(bytes(raw))
-    with pytest.raises(ArchiveError, match="damaged archive"):
+    with pytest.raises(ArchiveError, match="damaged or unreadable archive"):
         extract_archive(archive, tmp_path / "data", progress=False)
     assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_truncated_tar_gz_is_one_clear_error(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "t.tar.gz", [("ds/index.csv", b"a"), ("ds/big.bin", payload())])
+    archive.write_bytes(archive.read_bytes()[:-150_000])  # an interrupted copy
+    with pytest.raises(ArchiveError, match="t.tar.gz"):
+        extract_archive(archive, tmp_path / "data", progress=False)
+    assert not (tmp_path / "data").exists() or list((tmp_path / "data").iterdir()) == []
 
 
 # --------------------------------------------------------------------------- fetch a dataset
