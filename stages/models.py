@@ -10,8 +10,9 @@ import difflib
 import importlib
 import json
 import math
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -158,7 +159,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: expected a state_dict (a mapping of names to tensors)")
-    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+    state = fit_checkpoint_keys(obj, model.state_dict().keys())
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -253,3 +254,104 @@ def pick_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
+
+
+# --------------------------------------------------------------------------- Places365 weights
+# The CSAIL Places365 PyTorch checkpoints (http://places2.csail.mit.edu/models_places365/) are
+# ``{'state_dict': ...}`` saved by PyTorch 0.2 from DataParallel models. Their architectures
+# are torchvision's with 365 classes, except ``wideresnet18``; their inputs were normalized
+# with the ImageNet mean/std (the Places365 repo's train and demo scripts), i.e. ``imagenet``.
+
+PLACES365_CLASSES = 365
+
+# DenseNet layers before torchvision 0.4 named their modules "norm.1", "conv.2", ...
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def legacy_checkpoint_key(key: str) -> str:
+    """A checkpoint key in today's torchvision naming: every ``module.`` component dropped
+    (Places365 AlexNet wraps only ``features`` in DataParallel: ``features.module.0.weight``)
+    and DenseNet's ``norm.1`` style names joined (``norm1``)."""
+    key = ".".join(part for part in key.split(".") if part != "module")
+    match = _OLD_DENSENET_KEY.match(key)
+    return match.group(1) + match.group(2) if match else key
+
+
+def fit_checkpoint_keys(state: dict, model_keys: Iterable[str]) -> dict:
+    """Checkpoint entries renamed to the model's keys: a leading ``module.`` is dropped; a key
+    the model still lacks is tried in :func:`legacy_checkpoint_key` form. Keys fitting
+    neither are kept (without the leading ``module.``) so the loader reports them."""
+    wanted = set(model_keys)
+    fitted = {}
+    for key, value in state.items():
+        name = key[len("module.") :] if key.startswith("module.") else key
+        if name not in wanted and legacy_checkpoint_key(key) in wanted:
+            name = legacy_checkpoint_key(key)
+        fitted[name] = value
+    return fitted
+
+
+def places365_wideresnet18(num_classes: int = PLACES365_CLASSES) -> nn.Module:
+    """The Places365 repo's ``wideresnet.resnet18``: torchvision's resnet18 without the stem
+    max-pool, so every later map is twice as large (layer4 is 14x14 at 224 px instead of 7x7).
+
+    Why it loads: that repo's BasicBlock, strides (2 in layer2-4) and module names equal
+    torchvision's, and a max-pool has no parameters; its ``AvgPool2d(14)`` equals torchvision's
+    adaptive average pool at 224 px (at other sizes only the logits differ, not the layers).
+    """
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.maxpool = nn.Identity()
+    return model
+
+
+@dataclass(frozen=True)
+class Places365Model:
+    """How to build one registry checkpoint and what to dissect it on."""
+
+    arch: str | None
+    factory: str | None
+    layers: tuple[str, ...]
+    dataset: str  # the Broden release at the model's input size
+    kwargs: dict = field(default_factory=dict)
+
+
+PLACES365_MODELS: dict[str, Places365Model] = {
+    "resnet18_places365": Places365Model(
+        "resnet18", None, ("layer4",), "broden1_224", {"num_classes": PLACES365_CLASSES}
+    ),
+    "wideresnet18_places365": Places365Model(
+        None, "stages.models:places365_wideresnet18", ("layer4",), "broden1_224"
+    ),
+    "alexnet_places365": Places365Model(
+        "alexnet", None, ("features.10",), "broden1_227", {"num_classes": PLACES365_CLASSES}
+    ),
+    "densenet161_places365": Places365Model(
+        "densenet161",
+        None,
+        ("features.denseblock4",),
+        "broden1_224",
+        {"num_classes": PLACES365_CLASSES},
+    ),
+}
+
+
+def places365_spec(
+    name: str, weights: str | Path, layers: tuple[str, ...] | list[str] | None = None
+) -> ModelSpec:
+    """The :class:`ModelSpec` of a Places365 checkpoint ``name`` stored at ``weights``."""
+    entry = PLACES365_MODELS.get(name)
+    if entry is None:
+        raise UserError(f"unknown Places365 model {name!r}; known: {', '.join(PLACES365_MODELS)}")
+    return ModelSpec(
+        name=name,
+        layers=tuple(layers) if layers else entry.layers,
+        arch=entry.arch,
+        factory=entry.factory,
+        weights=str(weights),
+        preprocess="imagenet",
+        kwargs=dict(entry.kwargs),
+    )

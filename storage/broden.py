@@ -18,7 +18,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from storage.errors import BrodenFormatError
+from storage.errors import (
+    BrodenFormatError,
+    MissingFileError,
+    SizeMismatchError,
+    UnknownLabelError,
+    UnsafePathError,
+)
 
 SIZE_COLUMNS = ("ih", "iw", "sh", "sw")
 FIXED_COLUMNS = ("image", "split", *SIZE_COLUMNS)
@@ -106,7 +112,16 @@ def primary_category(coverage: dict[str, float], selected: list[str]) -> str | N
     return best
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def read_csv_rows(
+    path: Path,
+) -> tuple[list[str], list[tuple[int, list[str]]], list[BrodenFormatError]]:
+    """Header, well-formed data rows (with their 1-based lines) and one error per row whose
+    field count differs from the header's. A missing, empty or undecodable file raises.
+
+    Why lenient: ``stage=check`` reports every malformed row, not just the first. The strict
+    readers raise the first error of a scan; a scan lists malformed rows first, then the
+    errors inside well-formed rows, which is the order the strict readers always had.
+    """
     if not path.is_file():
         raise BrodenFormatError(f"{path}: file not found")
     try:
@@ -119,11 +134,23 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     except (csv.Error, UnicodeDecodeError) as exc:
         raise BrodenFormatError(f"{path}: not a readable CSV file ({exc})") from None
     header = [h.strip() for h in header]
+    good, errors = [], []
     for line, row in rows:
         if len(row) != len(header):
-            raise BrodenFormatError(
-                f"{path} line {line}: {len(row)} fields, expected {len(header)} ({','.join(header)})"
+            errors.append(
+                BrodenFormatError(
+                    f"{path} line {line}: {len(row)} fields, expected {len(header)} ({','.join(header)})"
+                )
             )
+        else:
+            good.append((line, row))
+    return header, good, errors
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    header, rows, errors = read_csv_rows(path)
+    if errors:
+        raise errors[0]
     return header, rows
 
 
@@ -131,6 +158,16 @@ def _require_columns(path: Path, header: list[str], needed: tuple[str, ...]) -> 
     missing = [c for c in needed if c not in header]
     if missing:
         raise BrodenFormatError(f"{path}: missing column(s) {', '.join(missing)}")
+
+
+def _require_columns_after(
+    path: Path, header: list[str], needed: tuple[str, ...], errors: list[BrodenFormatError]
+) -> None:
+    """Missing columns make a file unusable; raise, but an earlier malformed row first."""
+    try:
+        _require_columns(path, header, needed)
+    except BrodenFormatError as exc:
+        raise (errors[0] if errors else exc) from None
 
 
 def _int(path: Path, line: int, column: str, text: str) -> int:
@@ -157,62 +194,103 @@ def safe_relative_path(path: Path, line: int, column: str, text: str) -> str:
     if not posix.parts:
         raise BrodenFormatError(f"{path} line {line}, column {column!r}: {text!r} is not a file path")
     if text.startswith(("/", "\\")) or posix.is_absolute() or ":" in posix.parts[0] or ".." in posix.parts:
-        raise BrodenFormatError(
+        raise UnsafePathError(
             f"{path} line {line}, column {column!r}: path {text!r} escapes the dataset's images/ folder"
         )
     return str(posix)
 
 
-def read_categories(root: Path) -> list[str]:
+def scan_categories(root: Path) -> tuple[list[str], list[BrodenFormatError]]:
+    """category.csv names (empty names skipped) and the problems found; a file that cannot
+    be read at all raises."""
     path = root / "category.csv"
-    header, rows = _read_csv(path)
-    _require_columns(path, header, ("name",))
+    header, rows, errors = read_csv_rows(path)
+    _require_columns_after(path, header, ("name",), errors)
     col = header.index("name")
-    names = [row[col].strip() for _, row in rows]
-    for (line, _), name in zip(rows, names, strict=True):
-        if not name:
-            raise BrodenFormatError(f"{path} line {line}: empty category name")
+    names = []
+    for line, row in rows:
+        name = row[col].strip()
+        if name:
+            names.append(name)
+        else:
+            errors.append(BrodenFormatError(f"{path} line {line}: empty category name"))
+    return names, errors
+
+
+def read_categories(root: Path) -> list[str]:
+    names, errors = scan_categories(root)
+    if errors:
+        raise errors[0]
     return names
 
 
-def read_labels(root: Path, categories: list[str]) -> dict[int, LabelInfo]:
-    """label.csv names plus coverage/frequency of every c_<cat>.csv of ``categories``."""
+def scan_labels(
+    root: Path, categories: list[str]
+) -> tuple[dict[int, LabelInfo], list[BrodenFormatError]]:
+    """label.csv names plus coverage/frequency of every c_<cat>.csv of ``categories``, and
+    every problem found (bad rows are skipped, a missing c_<cat>.csv lists nothing). Only a
+    label.csv that cannot be read at all raises."""
     path = root / "label.csv"
-    header, rows = _read_csv(path)
-    _require_columns(path, header, ("number", "name"))
+    header, rows, errors = read_csv_rows(path)
+    _require_columns_after(path, header, ("number", "name"), errors)
     num_col, name_col = header.index("number"), header.index("name")
     names: dict[int, str] = {}
     for line, row in rows:
-        number = _int(path, line, "number", row[num_col])
+        try:
+            number = _int(path, line, "number", row[num_col])
+        except BrodenFormatError as exc:
+            errors.append(exc)
+            continue
         if number in names:
-            raise BrodenFormatError(f"{path} line {line}: label number {number} listed twice")
+            errors.append(BrodenFormatError(f"{path} line {line}: label number {number} listed twice"))
+            continue
         names[number] = row[name_col].strip()
     coverage: dict[int, dict[str, float]] = {n: {} for n in names}
     frequency: dict[int, dict[str, int]] = {n: {} for n in names}
     for cat in categories:
         cpath = root / f"c_{cat}.csv"
-        cheader, crows = _read_csv(cpath)
-        _require_columns(cpath, cheader, ("number",))
+        try:
+            cheader, crows, cerrors = read_csv_rows(cpath)
+            _require_columns_after(cpath, cheader, ("number",), cerrors)
+        except BrodenFormatError as exc:
+            errors.append(exc)
+            continue
+        errors.extend(cerrors)
         ncol = cheader.index("number")
         cov_col = cheader.index("coverage") if "coverage" in cheader else None
         freq_col = cheader.index("frequency") if "frequency" in cheader else None
         for line, row in crows:
-            number = _int(cpath, line, "number", row[ncol])
-            if number == 0:
-                continue
-            if number not in names:
-                raise BrodenFormatError(
-                    f"{cpath} line {line}: label number {number} is not in label.csv"
+            try:
+                number = _int(cpath, line, "number", row[ncol])
+                if number == 0:
+                    continue
+                if number not in names:
+                    raise UnknownLabelError(
+                        f"{cpath} line {line}: label number {number} is not in label.csv"
+                    )
+                cov = _float(cpath, line, "coverage", row[cov_col]) if cov_col is not None else 0.0
+                freq = (
+                    int(_float(cpath, line, "frequency", row[freq_col]))
+                    if freq_col is not None
+                    else 0
                 )
-            coverage[number][cat] = (
-                _float(cpath, line, "coverage", row[cov_col]) if cov_col is not None else 0.0
-            )
-            frequency[number][cat] = (
-                int(_float(cpath, line, "frequency", row[freq_col])) if freq_col is not None else 0
-            )
-    return {
+            except BrodenFormatError as exc:
+                errors.append(exc)
+                continue
+            coverage[number][cat] = cov
+            frequency[number][cat] = freq
+    labels = {
         n: LabelInfo(n, names[n], coverage[n], frequency[n]) for n in sorted(names) if n != 0
     }
+    return labels, errors
+
+
+def read_labels(root: Path, categories: list[str]) -> dict[int, LabelInfo]:
+    """label.csv names plus coverage/frequency of every c_<cat>.csv of ``categories``."""
+    labels, errors = scan_labels(root, categories)
+    if errors:
+        raise errors[0]
+    return labels
 
 
 def read_broden(root: str | Path, categories: list[str] | None = None) -> BrodenDataset:
@@ -251,49 +329,18 @@ def read_index(
     pos = {c: header.index(c) for c in header}
     images: list[ImageRecord] = []
     for row_index, (line, row) in enumerate(rows):
-        image = row[pos["image"]].strip()
-        if not image:
-            raise BrodenFormatError(f"{path} line {line}: empty image path")
-        image = safe_relative_path(path, line, "image", image)
-        sizes = [_int(path, line, c, row[pos[c]]) for c in SIZE_COLUMNS]
-        if min(sizes) <= 0:
-            raise BrodenFormatError(f"{path} line {line}: sizes must be positive, got {sizes}")
+        image = parse_image_path(path, line, row[pos["image"]])
+        sizes = parse_sizes(path, line, [row[pos[c]] for c in SIZE_COLUMNS])
         planes: dict[str, tuple[str, ...]] = {}
         scalars: dict[str, tuple[int, ...]] = {}
         for cat in selected:
             if cat not in pos:
                 continue
-            cell = row[pos[cat]].strip()
-            if not cell:
-                continue
-            cat_planes, cat_scalars = [], []
-            for entry in (e.strip() for e in cell.split(";")):
-                if not entry:
-                    continue
-                if entry.lower().endswith(".png"):
-                    cat_planes.append(safe_relative_path(path, line, cat, entry))
-                    continue
-                try:
-                    number = int(entry)
-                except ValueError:
-                    raise BrodenFormatError(
-                        f"{path} line {line}, column {cat!r}: {entry!r} is neither a .png "
-                        "path nor a label number"
-                    ) from None
-                if number not in labels:
-                    raise BrodenFormatError(
-                        f"{path} line {line}, column {cat!r}: label {number} is not in label.csv"
-                    )
-                if cat not in labels[number].coverage:
-                    raise BrodenFormatError(
-                        f"{path} line {line}, column {cat!r}: label {number} "
-                        f"({labels[number].name}) is not listed in c_{cat}.csv"
-                    )
-                cat_scalars.append(number)
+            cat_planes, cat_scalars = parse_label_cell(path, line, cat, row[pos[cat]], labels)
             if cat_planes:
-                planes[cat] = tuple(cat_planes)
+                planes[cat] = cat_planes
             if cat_scalars:
-                scalars[cat] = tuple(cat_scalars)
+                scalars[cat] = cat_scalars
         images.append(
             ImageRecord(
                 row_index, line, image, row[pos["split"]].strip(), *sizes, planes, scalars
@@ -302,11 +349,62 @@ def read_index(
     return images
 
 
+def parse_image_path(path: Path, line: int, text: str) -> str:
+    """The ``image`` cell of index.csv ``line``: a path inside images/."""
+    image = text.strip()
+    if not image:
+        raise BrodenFormatError(f"{path} line {line}: empty image path")
+    return safe_relative_path(path, line, "image", image)
+
+
+def parse_sizes(path: Path, line: int, cells: list[str]) -> tuple[int, int, int, int]:
+    """The ``ih, iw, sh, sw`` cells of index.csv ``line``: positive integers."""
+    sizes = [_int(path, line, c, text) for c, text in zip(SIZE_COLUMNS, cells, strict=True)]
+    if min(sizes) <= 0:
+        raise BrodenFormatError(f"{path} line {line}: sizes must be positive, got {sizes}")
+    ih, iw, sh, sw = sizes
+    return ih, iw, sh, sw
+
+
+def parse_label_cell(
+    path: Path, line: int, cat: str, cell: str, labels: dict[int, LabelInfo]
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """One category cell of index.csv ``line``: (PNG paths, image-level label numbers).
+
+    Image-level labels must be in label.csv and listed in ``c_<cat>.csv``."""
+    cat_planes: list[str] = []
+    cat_scalars: list[int] = []
+    for entry in (e.strip() for e in cell.strip().split(";")):
+        if not entry:
+            continue
+        if entry.lower().endswith(".png"):
+            cat_planes.append(safe_relative_path(path, line, cat, entry))
+            continue
+        try:
+            number = int(entry)
+        except ValueError:
+            raise BrodenFormatError(
+                f"{path} line {line}, column {cat!r}: {entry!r} is neither a .png "
+                "path nor a label number"
+            ) from None
+        if number not in labels:
+            raise UnknownLabelError(
+                f"{path} line {line}, column {cat!r}: label {number} is not in label.csv"
+            )
+        if cat not in labels[number].coverage:
+            raise UnknownLabelError(
+                f"{path} line {line}, column {cat!r}: label {number} "
+                f"({labels[number].name}) is not listed in c_{cat}.csv"
+            )
+        cat_scalars.append(number)
+    return tuple(cat_planes), tuple(cat_scalars)
+
+
 def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:
     """Decode a label PNG to int32 label numbers (R + 256·G) and check its size."""
     where = f" (index.csv line {line})" if line is not None else ""
     if not path.is_file():
-        raise BrodenFormatError(f"{path}: label image not found{where}")
+        raise MissingFileError(f"{path}: label image not found{where}")
     try:
         with Image.open(path) as img:
             img.load()
@@ -314,7 +412,7 @@ def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) ->
     except (OSError, ValueError) as exc:
         raise BrodenFormatError(f"{path}: not a readable image{where} ({exc})") from None
     if rgb.shape[:2] != tuple(shape):
-        raise BrodenFormatError(
+        raise SizeMismatchError(
             f"{path}: size {rgb.shape[1]}x{rgb.shape[0]} (w x h) differs from index.csv "
             f"sw x sh = {shape[1]}x{shape[0]}{where}"
         )
@@ -325,7 +423,7 @@ def load_image(path: Path, line: int | None = None) -> np.ndarray:
     """Decode an RGB image to uint8 (H, W, 3)."""
     where = f" (index.csv line {line})" if line is not None else ""
     if not path.is_file():
-        raise BrodenFormatError(f"{path}: image not found{where}")
+        raise MissingFileError(f"{path}: image not found{where}")
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))

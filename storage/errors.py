@@ -14,3 +14,19 @@ class BrodenFormatError(UserError):
 
 class StoreMismatchError(UserError):
     """An existing store was made from other inputs (another model or dataset)."""
+
+
+class UnsafePathError(BrodenFormatError):
+    """A path in a Broden file would leave the dataset's images/ folder."""
+
+
+class UnknownLabelError(BrodenFormatError):
+    """A label number absent from label.csv, or from the c_<category>.csv it must be in."""
+
+
+class MissingFileError(BrodenFormatError):
+    """A file that index.csv refers to does not exist."""
+
+
+class SizeMismatchError(BrodenFormatError):
+    """An image or label plane whose size differs from the one index.csv gives."""
