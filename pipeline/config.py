@@ -19,7 +19,7 @@ from storage.errors import UserError
 
 # Choices are enums, so OmegaConf refuses anything else while composing the config.
 Stage = StrEnum("Stage", ["dataset", "concepts", "model", "extract", "quantile", "iou",
-                          "rescore", "explain", "report", "all"])
+                          "rescore", "explain", "report", "all", "fetch", "check"])
 UnionMode = StrEnum("UnionMode", ["restricted", "global", "lite"])
 Planes = StrEnum("Planes", ["set", "multiset"])
 DType = StrEnum("DType", ["float32", "float16"])
@@ -39,6 +39,7 @@ class SyntheticOptions:
 @dataclass
 class DatasetOptions:
     path: str | None = None  # a Broden-format directory; null = the built-in synthetic set
+    release: str | None = None  # a registered Broden release (stage=fetch puts it in place)
     name: str | None = None  # dataset id in paths and tables; default: the directory's name
     block_size: int = 64  # images per chunk and per task in every store
     synthetic: SyntheticOptions = field(default_factory=SyntheticOptions)
@@ -64,6 +65,7 @@ class ModelOptions:
     layers: list[str] = field(default_factory=list)
     seed: int = 0  # random init (weights=none)
     preprocess: Preprocess = Preprocess.imagenet
+    input_size: int | None = None  # resize images to this many pixels square; null = native
     kwargs: dict[str, Any] = field(default_factory=dict)
     train: TrainOptions = field(default_factory=TrainOptions)
 
@@ -114,6 +116,23 @@ class ClusterOptions:
 
 
 @dataclass
+class FetchOptions:
+    data_dir: str | None = None  # where releases are unpacked; default <workdir>/datasets
+    urls: list[str] | None = None  # replace the official URL list (e.g. behind a firewall)
+    mirrors: list[str] = field(default_factory=list)  # tried in order after the official URL
+    archive: str | None = None  # a release's zip you already have (verified, then unpacked)
+    keep_archive: bool = False
+    timeout: float = 60.0  # seconds without data before a connection counts as lost
+    attempts: int = 3  # tries per URL
+
+
+@dataclass
+class CheckOptions:
+    decode: bool = True  # decode every image and label PNG (sizes, label numbers)
+    workers: int | None = None  # decoding threads; default one per core, at most 8
+
+
+@dataclass
 class Config:
     stage: Stage = Stage.iou
     workdir: str = "./workdir"  # every store, table, report and log lives here
@@ -126,6 +145,8 @@ class Config:
     explain: ExplainOptions = field(default_factory=ExplainOptions)
     report: ReportOptions = field(default_factory=ReportOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+    check: CheckOptions = field(default_factory=CheckOptions)
 
 
 ConfigStore.instance().store(name="netdissect_schema", node=Config)
@@ -148,6 +169,19 @@ def validate(cfg: Config) -> None:
         raise UserError(f"scoring.quantile={cfg.scoring.quantile}: must lie in (0, 1)")
     if not 0.0 <= cfg.scoring.iou_threshold < 1.0:
         raise UserError(f"scoring.iou_threshold={cfg.scoring.iou_threshold}: must lie in [0, 1)")
+    _positive("fetch.timeout", cfg.fetch.timeout)
+    _positive("fetch.attempts", cfg.fetch.attempts)
+    if cfg.model.input_size is not None:
+        _positive("model.input_size", cfg.model.input_size)
+    if cfg.dataset.path and cfg.dataset.release:
+        raise UserError(f"dataset.path={cfg.dataset.path} and dataset.release="
+                        f"{cfg.dataset.release}: give one of them")
+    if cfg.dataset.release:
+        from storage.registry import release
+
+        release(cfg.dataset.release, "dataset")
+    if cfg.fetch.archive and not Path(cfg.fetch.archive).expanduser().is_file():
+        raise UserError(f"fetch.archive={cfg.fetch.archive}: file not found")
     device = cfg.extract.device
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"extract.device={device!r}: choose auto, cpu, cuda or cuda:N")

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
 from pipeline.config import Stage
 from pipeline.graph import Run, Target
-from pipeline.layout import ModelIdentity, dataset_id, is_demo, model_identity, model_spec
+from pipeline.layout import (
+    ModelIdentity,
+    dataset_id,
+    is_demo,
+    model_identity,
+    model_spec,
+    registered_weights,
+)
 from stages import synthetic
 from stages.concepts import ConceptsConfig, build_concept_store
 from stages.extract import ExtractConfig, run_extract
@@ -20,6 +28,8 @@ from storage.artifacts import Artifact, atomic_file, digest
 from storage.broden import BrodenDataset, index_fingerprint, read_broden
 from storage.concepts import ConceptStore, store_artifact
 from storage.errors import StoreMismatchError, UserError
+
+log = logging.getLogger("netdissect")
 
 
 class DatasetInfo:
@@ -58,27 +68,28 @@ class Activations:
 
 
 # ---------------------------------------------------------------- dataset
-def _synthetic_dir(run: Run) -> Path:
-    return run.layout.synthetic_dataset(dataset_id(run.cfg))
-
-
 def plan_dataset(run: Run) -> list[Target]:
     d = run.cfg.dataset
+    root = run.layout.dataset_root(run.cfg)
+    if d.release:
+        if not (root / "index.csv").is_file():
+            raise UserError(f"dataset {d.release} is not in {root.parent}; fetch it first: "
+                            f"python -m pipeline.run stage=fetch dataset={d.release} "
+                            "(or point dataset.path at your copy)")
+        return []
     if d.path:
         return []
     params = asdict(d.synthetic)
-    out = _synthetic_dir(run)
 
     def build(_missing: list[Artifact]) -> None:
-        synthetic.generate(out, progress=run.cfg.progress, **params)
+        synthetic.generate(root, progress=run.cfg.progress, **params)
 
-    return [Target(f"synthetic dataset {out}", (synthetic.dataset_artifact(out, **params),), build)]
+    return [Target(f"synthetic dataset {root}", (synthetic.dataset_artifact(root, **params),),
+                   build)]
 
 
 def dataset_value(run: Run) -> DatasetInfo:
-    d = run.cfg.dataset
-    root = Path(d.path).expanduser().resolve() if d.path else _synthetic_dir(run)
-    return DatasetInfo(dataset_id(run.cfg), root)
+    return DatasetInfo(dataset_id(run.cfg), run.layout.dataset_root(run.cfg))
 
 
 # ---------------------------------------------------------------- concepts
@@ -100,6 +111,23 @@ def concepts_value(run: Run) -> ConceptStore:
 
 
 # ---------------------------------------------------------------- model
+def weights_target(run: Run) -> Target:
+    """A registered checkpoint (Places365) downloaded by checksum into the torch hub cache."""
+    from stages.fetch import fetch_weights, weights_cache_path
+
+    name, f = str(run.cfg.model.weights), run.cfg.fetch
+    path = weights_cache_path(name)
+    artifact = Artifact(path, {"release": name})
+
+    def build(_missing: list[Artifact]) -> None:
+        result = fetch_weights(name, urls=f.urls, mirrors=f.mirrors, progress=run.cfg.progress,
+                               timeout=f.timeout, attempts=f.attempts)
+        log.info("%s", result.message)
+        artifact.commit(md5=result.md5, md5_verified=result.md5_verified)
+
+    return Target(f"weights {name} {path}", (artifact,), build)
+
+
 def _demo_checkpoint(run: Run) -> tuple[Artifact, Path]:
     ds = run.get("dataset")
     fingerprint = {"dataset": ds.broden.fingerprint(), "train": asdict(run.cfg.model.train)}
@@ -108,6 +136,8 @@ def _demo_checkpoint(run: Run) -> tuple[Artifact, Path]:
 
 
 def plan_model(run: Run) -> list[Target]:
+    if registered_weights(run.cfg.model):
+        return [weights_target(run)]
     if not is_demo(run.cfg.model):
         return []
     from stages.demo_model import DemoTrainConfig, train_demo_model

@@ -25,13 +25,27 @@ class ModelIdentity:
     fingerprint: dict  # what the hash covers
 
 
+def registered_weights(m: ModelOptions) -> str | None:
+    """The registry name when model.weights names a registered checkpoint (Places365)."""
+    from storage.registry import RELEASES
+
+    entry = RELEASES.get(str(m.weights))
+    return entry.name if entry is not None and entry.kind == "weights" else None
+
+
 def model_spec(m: ModelOptions, weights: str | None = None, kwargs: dict | None = None) -> ModelSpec:
-    """The stage-level model description (``weights``/``kwargs`` override, for the demo)."""
+    """The stage-level model description (``weights``/``kwargs`` override, for the demo); a
+    registered checkpoint's name becomes its file in the torch hub cache."""
+    if weights is None and registered_weights(m):
+        from stages.fetch import weights_cache_path
+
+        weights = str(weights_cache_path(str(m.weights)))
     name = m.name or m.arch or str(m.factory).rsplit(":", 1)[-1]
     return ModelSpec(
         name=name, layers=tuple(m.layers), arch=m.arch, factory=m.factory,
         weights=m.weights if weights is None else weights, seed=m.seed,
-        preprocess=str(m.preprocess), kwargs=dict(m.kwargs if kwargs is None else kwargs),
+        preprocess=str(m.preprocess), input_size=m.input_size,
+        kwargs=dict(m.kwargs if kwargs is None else kwargs),
     )
 
 
@@ -41,6 +55,7 @@ def model_identity(spec: ModelSpec) -> ModelIdentity:
         "kwargs": spec.kwargs,
         "weights": weights_identity(spec),
         "preprocess": spec.preprocess,
+        **({"input_size": spec.input_size} if spec.input_size else {}),
     }
     w = spec.weights
     if w is None or str(w).lower() == "none":
@@ -59,6 +74,8 @@ def dataset_id(cfg: Config) -> str:
     d = cfg.dataset
     if d.name:
         return safe_name(d.name)
+    if d.release:
+        return safe_name(d.release)
     if d.path:
         return safe_name(Path(d.path).expanduser().resolve().name)
     params = asdict(d.synthetic)
@@ -96,6 +113,20 @@ class Layout:
 
     def synthetic_dataset(self, dataset: str) -> Path:
         return self.workdir / "datasets" / dataset
+
+    def data_dir(self, cfg: Config) -> Path:
+        """Where fetched releases are unpacked: fetch.data_dir, else <workdir>/datasets."""
+        d = cfg.fetch.data_dir
+        return Path(d).expanduser().resolve() if d else self.workdir / "datasets"
+
+    def dataset_root(self, cfg: Config) -> Path:
+        """The probe dataset's directory: dataset.path, a fetched release, or the synthetic set."""
+        d = cfg.dataset
+        if d.path:
+            return Path(d.path).expanduser().resolve()
+        if d.release:
+            return self.data_dir(cfg) / d.release
+        return self.synthetic_dataset(dataset_id(cfg))
 
     def concept_store(self, dataset: str) -> Path:
         return self.workdir / "concepts" / f"{dataset}.zarr"

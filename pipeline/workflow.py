@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline import data, publish, scoring, signatures
+from pipeline import acquire, data, publish, scoring, signatures
 from pipeline.cluster import dask_scheduler
 from pipeline.config import Config, Stage, validate
 from pipeline.graph import Run, StageDef, closure
@@ -29,7 +29,7 @@ GRAPH: dict[str, StageDef] = {s.name: s for s in (
     StageDef("dataset", (), ("dataset",), data.plan_dataset, data.dataset_value),
     StageDef("concepts", ("dataset",), ("dataset.block_size",), data.plan_concepts,
              data.concepts_value),
-    StageDef("model", ("dataset",), ("model",), data.plan_model, data.model_value),
+    StageDef("model", ("dataset",), ("model", "fetch"), data.plan_model, data.model_value),
     StageDef("extract", ("dataset", "model"), ("extract",), data.plan_extract, data.extract_value),
     StageDef("quantile", ("extract",), ("scoring.quantile",), scoring.plan_quantile,
              scoring.quantile_value),
@@ -42,6 +42,9 @@ GRAPH: dict[str, StageDef] = {s.name: s for s in (
              ("explain", "scoring.categories"), signatures.plan_explain, signatures.explain_value),
     StageDef("report", (), ("report",), publish.plan_report, publish.report_value),
     StageDef("all", ("iou", "report"), (), _none, _all_value),
+    StageDef("fetch", (), ("fetch", "dataset", "model.weights"), acquire.plan_fetch,
+             acquire.fetch_value),
+    StageDef("check", ("dataset",), ("check",), _none, acquire.check_value),
 )}
 ALWAYS_USED = ("stage", "workdir", "progress", "cluster", "hydra")
 

@@ -50,11 +50,12 @@ class ExtractConfig:
 
 
 def forward_layers(
-    model: torch.nn.Module, layers: tuple[str, ...], images: np.ndarray, mode: str, device: str
+    model: torch.nn.Module, layers: tuple[str, ...], images: np.ndarray, mode: str, device: str,
+    size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """One forward pass; every layer's output as float32 numpy (B, C, h, w)."""
     with torch.inference_mode(), record_layers(model, layers) as outputs:
-        model(preprocess(images, mode, device))
+        model(preprocess(images, mode, device, size))
         return {name: outputs[name].float().cpu().numpy() for name in layers}
 
 
@@ -76,7 +77,8 @@ def extract_block(cfg: ExtractConfig, item: tuple[int, list[ImageRecord], tuple[
             if i + 1 < len(batches):  # decode the next batch while this one runs
                 pending = pool.submit(_decode, cfg.images_dir, batches[i + 1])
             with lock:
-                outputs = forward_layers(model, layers, images, cfg.model.preprocess, device)
+                outputs = forward_layers(model, layers, images, cfg.model.preprocess, device,
+                                         cfg.model.input_size)
             for name, values in outputs.items():
                 parts[name].append(values)
     outputs = {name: np.concatenate(v) for name, v in parts.items()}
@@ -96,7 +98,7 @@ def layer_shapes(cfg: ExtractConfig, sample: ImageRecord, layers: tuple[str, ...
     """Probe the model on one image to learn each layer's (units, h, w)."""
     model = build_model(cfg.model)
     out = forward_layers(model, layers, _decode(cfg.images_dir, [sample]), cfg.model.preprocess,
-                         "cpu")
+                         "cpu", cfg.model.input_size)
     return {name: tuple(int(s) for s in v.shape[1:]) for name, v in out.items()}
 
 

@@ -10,18 +10,15 @@ way, with no network at all.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage.archive import extract_archive
+from storage.artifacts import Artifact
 from storage.download import ChecksumError, download, file_md5
 from storage.errors import UserError
 from storage.registry import Release, release
-
-MARKER = ".fetch.json"  # provenance of a fetched dataset, inside its folder
 
 
 @dataclass(frozen=True)
@@ -75,7 +72,9 @@ def fetch_dataset(
     entry = release(name, "dataset")
     root = dataset_dir(name, data_dir)
     if (root / "index.csv").is_file():
-        return FetchResult(name, root, None, False, "present", f"{name}: already at {root}")
+        made = fetched_artifact(root, entry).manifest()
+        how = "fetched" if made else "placed there by hand, not verified by this tool"
+        return FetchResult(name, root, None, False, "present", f"{name}: already at {root} ({how})")
     if root.exists():
         raise UserError(
             f"{root} exists but holds no index.csv (an interrupted copy?); remove it and fetch again"
@@ -99,7 +98,8 @@ def fetch_dataset(
         )
         md5, verified, source = result.md5, result.verified, result.url or str(zip_path)
     extract_archive(zip_path, root.parent, dest_name=name, require="index.csv", progress=progress)
-    _write_marker(root, entry, source, md5, verified)
+    fetched_artifact(root, entry).commit(source=source, md5=md5, md5_verified=verified,
+                                         md5_source=entry.md5_source)
     if archive is None and not keep_archive:
         zip_path.unlink()
     return FetchResult(
@@ -170,16 +170,7 @@ def _md5_note(entry: Release, md5: str, verified: bool) -> str:
     )
 
 
-def _write_marker(root: Path, entry: Release, source: str, md5: str, verified: bool) -> None:
-    """Record where the dataset came from (written atomically; informational only)."""
-    record = {
-        "name": entry.name,
-        "file": entry.filename,
-        "source": source,
-        "md5": md5,
-        "md5_verified": verified,
-        "md5_source": entry.md5_source,
-    }
-    tmp = root / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / MARKER)
+def fetched_artifact(root: Path, entry: Release) -> Artifact:
+    """A fetched dataset as an artifact: its manifest records the release and where it came
+    from (source, MD5 and whether that MD5 was the published one)."""
+    return Artifact(root, {"release": entry.name, "file": entry.filename, "md5": entry.md5})

@@ -42,6 +42,7 @@ class ModelSpec:
     weights: str | None = None  # torchvision weights name, checkpoint path, or "none"
     seed: int = 0
     preprocess: str = "imagenet"
+    input_size: int | None = None  # images resized to this square size; None = native
     kwargs: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -236,17 +237,25 @@ def record_layers(model: nn.Module, names: tuple[str, ...] | list[str]) -> Itera
             h.remove()
 
 
-def preprocess(images: np.ndarray, mode: str, device: str | torch.device = "cpu") -> torch.Tensor:
-    """uint8 (B, H, W, 3) RGB -> normalized float32 (B, 3, H, W) at native size."""
+def preprocess(images: np.ndarray, mode: str, device: str | torch.device = "cpu",
+               size: int | None = None) -> torch.Tensor:
+    """(B, H, W, 3) RGB on the 0-255 scale -> normalized float32 (B, 3, H, W); resized
+    bilinearly to ``size`` x ``size`` when given (e.g. AlexNet's 227 px), else native size.
+
+    ``netdissect`` is NetDissect's Caffe-era normalization as NetDissect-Lite applies it:
+    the BGR mean subtracted per channel, channels back in RGB order, divided by 255·0.224.
+    """
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
+    if size is not None and x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                            align_corners=False)
     if mode == "imagenet":
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         return (x / 255.0 - mean) / std
     if mode == "netdissect":
-        bgr = x.flip(1)
-        mean = torch.tensor(NETDISSECT_BGR_MEAN, device=device).view(1, 3, 1, 1)
-        return (bgr - mean) / (255.0 * 0.224)
+        rgb_mean = torch.tensor(NETDISSECT_BGR_MEAN[::-1], device=device).view(1, 3, 1, 1)
+        return (x - rgb_mean) / (255.0 * 0.224)
     raise UserError(f"model.preprocess={mode!r}: choose one of {', '.join(PREPROCESSING)}")
 
 
@@ -306,52 +315,3 @@ def places365_wideresnet18(num_classes: int = PLACES365_CLASSES) -> nn.Module:
     model = torchvision.models.resnet18(num_classes=num_classes)
     model.maxpool = nn.Identity()
     return model
-
-
-@dataclass(frozen=True)
-class Places365Model:
-    """How to build one registry checkpoint and what to dissect it on."""
-
-    arch: str | None
-    factory: str | None
-    layers: tuple[str, ...]
-    dataset: str  # the Broden release at the model's input size
-    kwargs: dict = field(default_factory=dict)
-
-
-PLACES365_MODELS: dict[str, Places365Model] = {
-    "resnet18_places365": Places365Model(
-        "resnet18", None, ("layer4",), "broden1_224", {"num_classes": PLACES365_CLASSES}
-    ),
-    "wideresnet18_places365": Places365Model(
-        None, "stages.models:places365_wideresnet18", ("layer4",), "broden1_224"
-    ),
-    "alexnet_places365": Places365Model(
-        "alexnet", None, ("features.10",), "broden1_227", {"num_classes": PLACES365_CLASSES}
-    ),
-    "densenet161_places365": Places365Model(
-        "densenet161",
-        None,
-        ("features.denseblock4",),
-        "broden1_224",
-        {"num_classes": PLACES365_CLASSES},
-    ),
-}
-
-
-def places365_spec(
-    name: str, weights: str | Path, layers: tuple[str, ...] | list[str] | None = None
-) -> ModelSpec:
-    """The :class:`ModelSpec` of a Places365 checkpoint ``name`` stored at ``weights``."""
-    entry = PLACES365_MODELS.get(name)
-    if entry is None:
-        raise UserError(f"unknown Places365 model {name!r}; known: {', '.join(PLACES365_MODELS)}")
-    return ModelSpec(
-        name=name,
-        layers=tuple(layers) if layers else entry.layers,
-        arch=entry.arch,
-        factory=entry.factory,
-        weights=str(weights),
-        preprocess="imagenet",
-        kwargs=dict(entry.kwargs),
-    )

@@ -203,9 +203,17 @@ def test_unknown_layer_cli_exit(synthetic_root, tmp_path):
 
 
 def test_netdissect_preprocessing():
+    """NetDissect-Lite: BGR mean subtracted, channels flipped back to RGB, / (255 * 0.224)."""
     img = np.zeros((1, 2, 2, 3), dtype=np.uint8)
     img[..., 0] = 200  # red
     x = preprocess(img, "netdissect")
-    # channel 0 is blue after RGB -> BGR: (0 - 109.5388) / (255 * 0.224)
-    assert torch.allclose(x[0, 0], torch.full((2, 2), -109.5388 / (255 * 0.224)))
-    assert torch.allclose(x[0, 2], torch.full((2, 2), (200 - 124.6901) / (255 * 0.224)))
+    # channel 0 stays red, minus the red mean (the last of the BGR mean)
+    assert torch.allclose(x[0, 0], torch.full((2, 2), (200 - 124.6901) / (255 * 0.224)))
+    assert torch.allclose(x[0, 2], torch.full((2, 2), -109.5388 / (255 * 0.224)))
+
+
+def test_input_size_resizes_before_the_model():
+    img = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    x = preprocess(img, "imagenet", size=227)
+    assert x.shape == (2, 3, 227, 227)
+    assert preprocess(img, "imagenet", size=224).shape == (2, 3, 224, 224)

@@ -27,19 +27,24 @@ import torchvision
 from torch import nn
 
 from stages.check import check_dataset
-from stages.fetch import MARKER, dataset_dir, fetch_dataset, fetch_weights, weights_cache_path
+from stages.fetch import (
+    dataset_dir,
+    fetch_dataset,
+    fetch_weights,
+    fetched_artifact,
+    weights_cache_path,
+)
 from stages.models import (
     build_model,
     legacy_checkpoint_key,
     load_checkpoint,
-    places365_spec,
     record_layers,
 )
 from stages.synthetic import generate
 from storage.archive import ArchiveError, extract_archive
 from storage.download import ChecksumError, DownloadError, download
 from storage.errors import UserError
-from storage.registry import RELEASES, Release
+from storage.registry import RELEASES, Release, release
 
 # --------------------------------------------------------------------------- local server
 
@@ -499,8 +504,10 @@ def test_fetch_dataset_downloads_extracts_validates_and_second_call_is_a_noop(
     )
     assert "matches the published checksum" in result.message and base in result.message
     assert sorted(p.name for p in result.path.iterdir()) == sorted(
-        [p.name for p in source.iterdir()] + [MARKER]
+        p.name for p in source.iterdir()
     )
+    made = fetched_artifact(result.path, release("broden_test")).manifest()
+    assert made["complete"] and made["info"]["md5_verified"] and base in made["info"]["source"]
     assert not (tmp_path / "data" / "broden_test.zip").exists()  # removed after unpacking
     check = check_dataset(result.path, progress=False)
     assert check.ok and check.census.images == 12
@@ -632,6 +639,14 @@ def test_places_resnet18_fetched_into_hub_cache_loads_and_runs(server, tmp_path)
     torch.testing.assert_close(logits, expected)
 
 
+def places365_spec(name: str, weights: Path):
+    """The model spec of the ``model=<name>`` preset with weights from ``weights``."""
+    from pipeline.layout import model_spec
+    from pipeline.run import compose_config
+
+    return model_spec(compose_config([f"model={name}", "stage=model"]).model, weights=str(weights))
+
+
 def test_default_weights_location_is_torch_hub_checkpoints() -> None:
     expected = Path(torch.hub.get_dir()).absolute() / "checkpoints" / "alexnet_places365.pth.tar"
     assert weights_cache_path("alexnet_places365") == expected
@@ -701,3 +716,83 @@ def test_checkpoint_of_another_architecture_is_still_refused(tmp_path) -> None:
     ckpt = places_checkpoint(torchvision.models.resnet18(num_classes=365), tmp_path / "r.pth.tar")
     with pytest.raises(UserError, match="does not fit the model"):
         build_model(places365_spec("densenet161_places365", ckpt))
+
+
+# ---------------------------------------------------------------- through the pipeline
+def _pipeline(workdir: Path, *overrides: str):
+    from pipeline.run import compose_config, run
+
+    return run(compose_config([f"workdir={workdir}", "cluster=none", "progress=false",
+                               *overrides]))
+
+
+def test_stage_fetch_then_the_release_is_the_dataset(server, broden_zip, tmp_path, monkeypatch,
+                                                     capsys) -> None:
+    """stage=fetch puts a release in <workdir>/datasets; then dataset.release points at it,
+    stage=check prints its census, and dissection runs on it."""
+    base, served = server
+    _, archive = broden_zip
+    served.files["/broden_test.zip"] = archive.read_bytes()
+    _register(monkeypatch, "broden_test", md5(archive.read_bytes()))
+    wd = tmp_path / "wd"
+    with pytest.raises(UserError, match="not in .*stage=fetch dataset=broden_test"):
+        _pipeline(wd, "stage=concepts", "dataset.release=broden_test")
+    _pipeline(wd, "stage=fetch", "dataset.release=broden_test",
+              f"fetch.mirrors=[{base}/broden_test.zip]", "fetch.attempts=1")
+    root = wd / "datasets" / "broden_test"
+    assert (root / "index.csv").is_file()
+    made = fetched_artifact(root, release("broden_test")).manifest()
+    assert made["complete"] and made["info"]["md5_verified"]
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    _pipeline(wd, "stage=fetch", "dataset.release=broden_test")  # current: nothing happens
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == mtimes
+    capsys.readouterr()
+    result = _pipeline(wd, "stage=check", "dataset.release=broden_test")
+    assert result.ok and result.census.images == 12
+    assert "12" in capsys.readouterr().out
+    _pipeline(wd, "stage=iou", "dataset.release=broden_test", "model=custom",
+              "model.factory=tests.tiny_models:tiny_cnn", "model.layers=[conv3]")
+    from storage.tables import read_table
+
+    assert set(read_table(wd / "results", "units")["dataset"]) == {"broden_test"}
+
+
+def test_stage_check_on_a_damaged_copy_lists_problems_and_exits_2(tmp_path) -> None:
+    import subprocess
+
+    from tests.conftest import REPO, cli, cli_env
+
+    root = generate(tmp_path / "data", n_images=6, progress=False)
+    (root / "images" / "synthetic" / "000003_object.png").unlink()
+    proc = subprocess.run(cli("stage=check", f"dataset.path={root}", f"workdir={tmp_path / 'w'}",
+                              "progress=false"), cwd=REPO, env=cli_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {root}: 1 problem(s) found, listed above"]
+    assert "not found" in proc.stdout and "images" in proc.stdout
+
+
+def test_places_preset_fetches_its_weights_and_extracts(server, tmp_path, monkeypatch) -> None:
+    """model=resnet18_places365: the checkpoint is downloaded into the hub cache, converted to
+    torchvision's resnet18 (365 classes) and dissected; its identity is its content."""
+    base, served = server
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    ckpt = places_checkpoint(torchvision.models.resnet18(num_classes=365), tmp_path / "r.pth.tar")
+    served.files["/r.pth.tar"] = ckpt.read_bytes()
+    data = generate(tmp_path / "data", n_images=4, progress=False)
+    wd = tmp_path / "wd"
+    args = ["model=resnet18_places365", f"fetch.mirrors=[{base}/r.pth.tar]", "fetch.attempts=1",
+            "fetch.timeout=5"]
+    monkeypatch.setitem(RELEASES, "resnet18_places365", Release(
+        "resnet18_places365", "weights", "resnet18_places365.pth.tar",
+        (closed_port_url("official"),), None, "test"))
+    _pipeline(wd, "stage=fetch", *args)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / "resnet18_places365.pth.tar"
+    assert cached.read_bytes() == ckpt.read_bytes()
+    acts = _pipeline(wd, "stage=extract", f"dataset.path={data}", *args)
+    assert acts.store.shape("layer4") == (4, 512, 4, 4)  # 112 px synthetic images
+    assert acts.model.identity.weights == "resnet18_places365.pth.tar"
+    assert acts.model.identity.fingerprint["weights"] == "sha256:" + hashlib.sha256(
+        ckpt.read_bytes()).hexdigest()

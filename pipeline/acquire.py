@@ -1,0 +1,60 @@
+"""Stages that get and vet real data: ``fetch`` (Broden releases, Places365 weights) and
+``check`` (validate a Broden-format directory completely and print its census)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.data import weights_target
+from pipeline.graph import Run, Target
+from pipeline.layout import registered_weights
+from stages.check import CheckResult, check_dataset, format_report
+from stages.fetch import fetch_dataset, fetched_artifact
+from storage.artifacts import Artifact
+from storage.errors import UserError
+from storage.registry import release
+
+log = logging.getLogger("netdissect")
+
+
+def plan_fetch(run: Run) -> list[Target]:
+    """The release named by dataset= and the checkpoint named by model.weights=, if any."""
+    d, f = run.cfg.dataset, run.cfg.fetch
+    targets = []
+    if d.release:
+        root = run.layout.dataset_root(run.cfg)
+        artifact = fetched_artifact(root, release(d.release, "dataset"))
+
+        def build(_missing: list[Artifact]) -> None:
+            result = fetch_dataset(
+                d.release, root.parent, archive=f.archive, urls=f.urls, mirrors=f.mirrors,
+                keep_archive=f.keep_archive, progress=run.cfg.progress, timeout=f.timeout,
+                attempts=f.attempts)
+            log.info("fetch: %s", result.message)
+            if result.action == "present":  # a copy placed by hand: recorded, not verified
+                artifact.commit(source="placed by hand", md5=None, md5_verified=False)
+
+        targets.append(Target(f"dataset {d.release} {root}", (artifact,), build))
+    if registered_weights(run.cfg.model):
+        targets.append(weights_target(run))
+    if not targets:
+        raise UserError("stage=fetch: nothing to fetch; name a release with dataset=broden1_224 "
+                        "(or broden1_227, broden1_384) and/or a registered checkpoint with "
+                        "model=resnet18_places365 (or wideresnet18, alexnet, densenet161)")
+    return targets
+
+
+def fetch_value(run: Run) -> list[Path]:
+    return [a.path for t in plan_fetch(run) for a in t.artifacts]
+
+
+def check_value(run: Run) -> CheckResult:
+    """Every CSV, file, PNG size and label number of the probe dataset, and its census."""
+    c = run.cfg.check
+    root = run.get("dataset").root
+    result = check_dataset(root, decode=c.decode, workers=c.workers, progress=run.cfg.progress)
+    print(format_report(result))
+    if not result.ok:
+        raise UserError(f"{root}: {result.n_problems} problem(s) found, listed above")
+    return result
