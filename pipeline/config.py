@@ -25,6 +25,7 @@ Planes = StrEnum("Planes", ["set", "multiset"])
 DType = StrEnum("DType", ["float32", "float16"])
 Preprocess = StrEnum("Preprocess", ["imagenet", "netdissect"])
 ClusterKind = StrEnum("ClusterKind", ["local", "threads", "none", "cuda"])
+TransformKind = StrEnum("TransformKind", ["none", "rotate", "pca", "linear"])
 DEMO_WEIGHTS = "train"  # model.weights value: train (or reuse) the demo model on the probe set
 
 
@@ -75,6 +76,8 @@ class ExtractOptions:
     dtype: DType = DType.float32
     batch_size: int = 32
     device: str = "auto"  # auto (cuda where the worker has one) | cpu | cuda | cuda:N
+    perturb: str = "none"  # none | noise:S | rotate:DEGREES | shuffle:N (input perturbation)
+    perturb_seed: int = 0  # draws of noise and shuffle, per image
 
 
 @dataclass
@@ -84,6 +87,18 @@ class ScoringOptions:
     planes: Planes = Planes.set
     categories: list[str] | None = None  # null = every category
     iou_threshold: float = 0.04  # detector: best IoU > this
+
+
+@dataclass
+class TransformOptions:
+    """A basis transform of each layer before scoring (SEMANTICS.md §7)."""
+
+    kind: TransformKind = TransformKind.none
+    alpha: float = 1.0  # rotate: Q^alpha, 0 = identity, 1 = the random rotation Q
+    seed: int = 0  # rotate: the draw of Q
+    whiten: bool = False  # pca: divide the projections by their standard deviations
+    path: str | None = None  # linear: .npy/.npz/.pt/.safetensors with W (and b)
+    activation: str = "none"  # linear: none | relu | topk:N
 
 
 @dataclass
@@ -141,6 +156,7 @@ class Config:
     model: ModelOptions = field(default_factory=ModelOptions)
     extract: ExtractOptions = field(default_factory=ExtractOptions)
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    transform: TransformOptions = field(default_factory=TransformOptions)
     concepts: ConceptsOptions = field(default_factory=ConceptsOptions)
     explain: ExplainOptions = field(default_factory=ExplainOptions)
     report: ReportOptions = field(default_factory=ReportOptions)
@@ -180,6 +196,10 @@ def validate(cfg: Config) -> None:
         from storage.registry import release
 
         release(cfg.dataset.release, "dataset")
+    _validate_transform(cfg.transform)
+    from stages.perturb import Perturbation
+
+    Perturbation.parse(cfg.extract.perturb, cfg.extract.perturb_seed)
     if cfg.fetch.archive and not Path(cfg.fetch.archive).expanduser().is_file():
         raise UserError(f"fetch.archive={cfg.fetch.archive}: file not found")
     device = cfg.extract.device
@@ -200,3 +220,15 @@ def validate(cfg: Config) -> None:
     if m.weights == DEMO_WEIGHTS and m.factory != "stages.demo_model:demo_net":
         raise UserError(f"model.weights={DEMO_WEIGHTS}: only the demo model is trained by the "
                         "pipeline; give a checkpoint path, a torchvision weights name or none")
+
+
+def _validate_transform(t: TransformOptions) -> None:
+    from stages.transforms import check_activation
+
+    if t.kind == TransformKind.linear:
+        if not t.path or not Path(t.path).expanduser().is_file():
+            raise UserError(f"transform.path={t.path}: transform=linear needs an existing "
+                            ".npy, .npz, .pt or .safetensors file")
+        check_activation(t.activation)
+    elif t.kind != TransformKind.none and t.path:
+        raise UserError(f"transform.path={t.path}: only transform=linear reads a file")

@@ -16,6 +16,8 @@ from pipeline.layout import (
     is_demo,
     model_identity,
     model_spec,
+    moved_labels,
+    perturbation,
     registered_weights,
 )
 from stages import synthetic
@@ -94,14 +96,15 @@ def dataset_value(run: Run) -> DatasetInfo:
 
 # ---------------------------------------------------------------- concepts
 def _concepts_path(run: Run) -> Path:
-    return run.layout.concept_store(run.get("dataset").id)
+    return run.layout.concept_store(run.get("dataset").id, moved_labels(run.cfg))
 
 
 def plan_concepts(run: Run) -> list[Target]:
     ds = run.get("dataset")
     path = _concepts_path(run)
-    artifact = store_artifact(path, ds.broden.fingerprint())
-    cfg = ConceptsConfig(ds.root, path, run.cfg.dataset.block_size, run.cfg.progress)
+    artifact = store_artifact(path, ds.broden.fingerprint(), moved_labels(run.cfg))
+    cfg = ConceptsConfig(ds.root, path, run.cfg.dataset.block_size, run.cfg.progress,
+                         perturbation(run.cfg))
     return [Target(f"concept store {path}", (artifact,),
                    lambda _missing: build_concept_store(cfg, run.scheduler()))]
 
@@ -166,7 +169,7 @@ def model_value(run: Run) -> ModelInfo:
         spec = model_spec(m, weights=str(artifact.path), kwargs=kwargs)
     else:
         spec = model_spec(m)
-    return ModelInfo(spec, model_identity(spec))
+    return ModelInfo(spec, model_identity(spec, str(perturbation(run.cfg))))
 
 
 # ---------------------------------------------------------------- extract
@@ -189,6 +192,7 @@ def _extract_setup(run: Run) -> tuple[ExtractConfig, DatasetInfo, ModelInfo]:
         images_dir=ds.root / "images", store_path=path, model=model.spec,
         fingerprint=fingerprint, dtype=dtype, block_size=run.cfg.dataset.block_size,
         batch_size=e.batch_size, device=e.device, progress=run.cfg.progress,
+        perturbation=perturbation(run.cfg),
     )
     if astore.store_artifact(path, fingerprint).state() == "stale":
         raise StoreMismatchError(
@@ -201,6 +205,9 @@ def _extract_setup(run: Run) -> tuple[ExtractConfig, DatasetInfo, ModelInfo]:
 
 def plan_extract(run: Run) -> list[Target]:
     cfg, ds, model = _extract_setup(run)
+    if ds.broden.images:
+        first = ds.broden.images[0]
+        cfg.perturbation.check_sizes(first.ih, first.iw, first.sh, first.sw)
     layers = tuple(astore.layer_artifact(cfg.store_path, cfg.fingerprint, layer)
                    for layer in cfg.model.layers)
     if run.cfg.stage == Stage.rescore:  # re-scoring never runs the model

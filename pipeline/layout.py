@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.config import DEMO_WEIGHTS, Config, ModelOptions, SyntheticOptions
 from stages.models import ModelSpec, weights_identity
+from stages.perturb import Perturbation
 from storage.artifacts import digest
 from storage.tables import safe_name
 
@@ -23,6 +24,7 @@ class ModelIdentity:
     model_id: str  # name-<hash>: keys stores and rows
     weights: str  # readable weights: checkpoint file name, torchvision name, random(seed=N)
     fingerprint: dict  # what the hash covers
+    perturbation: str = "none"  # the input perturbation the activations were made under
 
 
 def registered_weights(m: ModelOptions) -> str | None:
@@ -49,13 +51,16 @@ def model_spec(m: ModelOptions, weights: str | None = None, kwargs: dict | None 
     )
 
 
-def model_identity(spec: ModelSpec) -> ModelIdentity:
+def model_identity(spec: ModelSpec, perturbation: str = "none") -> ModelIdentity:
+    """The model as it makes activations: with an input perturbation it is another identity
+    (its own cache, its own rows), named in the ``perturbation`` column."""
     fingerprint = {
         "architecture": spec.arch or spec.factory,
         "kwargs": spec.kwargs,
         "weights": weights_identity(spec),
         "preprocess": spec.preprocess,
         **({"input_size": spec.input_size} if spec.input_size else {}),
+        **({"perturbation": perturbation} if perturbation != "none" else {}),
     }
     w = spec.weights
     if w is None or str(w).lower() == "none":
@@ -65,7 +70,8 @@ def model_identity(spec: ModelSpec) -> ModelIdentity:
     else:
         readable = str(w)
     name = safe_name(spec.name)
-    return ModelIdentity(name, f"{name}-{digest(fingerprint, 8)}", readable, fingerprint)
+    return ModelIdentity(name, f"{name}-{digest(fingerprint, 8)}", readable, fingerprint,
+                         perturbation)
 
 
 def dataset_id(cfg: Config) -> str:
@@ -89,6 +95,16 @@ def concept_set_id(cfg: Config) -> str:
     if c.path:
         return safe_name(c.name or Path(c.path).expanduser().resolve().name)
     return dataset_id(cfg)
+
+
+def perturbation(cfg: Config) -> Perturbation:
+    return Perturbation.parse(cfg.extract.perturb, cfg.extract.perturb_seed)
+
+
+def moved_labels(cfg: Config) -> str:
+    """The perturbation label planes go through: a geometric one, else none."""
+    p = perturbation(cfg)
+    return str(p) if p.geometric else "none"
 
 
 def is_demo(m: ModelOptions) -> bool:
@@ -128,11 +144,14 @@ class Layout:
             return self.data_dir(cfg) / d.release
         return self.synthetic_dataset(dataset_id(cfg))
 
-    def concept_store(self, dataset: str) -> Path:
-        return self.workdir / "concepts" / f"{dataset}.zarr"
+    def concept_store(self, dataset: str, moved: str = "none") -> Path:
+        """A dataset's labels (``moved``: the geometric perturbation they went through)."""
+        suffix = "" if moved == "none" else f"~{safe_name(moved)}"
+        return self.workdir / "concepts" / f"{dataset}{suffix}.zarr"
 
-    def concept_set_store(self, name: str) -> Path:
-        return self.workdir / "concepts" / f"set-{name}.zarr"
+    def concept_set_store(self, name: str, moved: str = "none") -> Path:
+        suffix = "" if moved == "none" else f"~{safe_name(moved)}"
+        return self.workdir / "concepts" / f"set-{name}{suffix}.zarr"
 
     def demo_checkpoint(self, dataset: str, key: str) -> Path:
         return self.workdir / "models" / f"demo-{dataset}-{key}.pt"

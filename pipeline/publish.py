@@ -12,8 +12,10 @@ import pandas as pd
 
 from pipeline.graph import Run, Target
 from pipeline.scoring import TOP_IMAGES_KEPT, top_images_artifact
+from stages.perturb import Perturbation
 from stages.report import Page, PageImages, ReportConfig, build_report
 from stages.statistics import TopImages, top_images
+from stages.transforms import LinearMap
 from storage import activations as astore
 from storage.artifacts import Artifact, scratch_path
 from storage.broden import index_fingerprint
@@ -75,8 +77,25 @@ def _page_source(run: Run, key: tuple[str, str, str, str]) -> tuple[Artifact | N
     layer_key = astore.layer_artifact(path, store.fingerprint, layer).key
     artifact = top_images_artifact(run.layout, dataset, model_id, layer, layer_key, transform,
                                    kept)
+    if not artifact.is_current() and transform != "none" and _basis_map(
+            run, dataset, model_id, layer, transform) is None:
+        return None, PageImages(note=f"No image strips: the {transform} basis of {layer} is "
+                                "gone from the workdir; re-run that transform's stage=iou.")
+    perturbed = Perturbation.from_text(store.fingerprint["model"].get("perturbation", "none"))
     return artifact, PageImages(images_dir=root / "images",
-                                image_paths=tuple(store.image_paths()))
+                                image_paths=tuple(store.image_paths()), perturbation=perturbed)
+
+
+def _basis_map(run: Run, dataset: str, model_id: str, layer: str, transform: str
+               ) -> LinearMap | None:
+    """The (W, b) a transformed page's units came from, found by its readable name."""
+    folder = run.layout.statistic("bases", dataset, model_id, layer, "x", "").parent
+    for manifest in sorted(folder.glob(".*.npz.artifact.json")):
+        made = json.loads(manifest.read_text())
+        if made.get("complete") and made["fingerprint"].get("transform") == transform:
+            return LinearMap(str(folder / manifest.name[1:-len(".artifact.json")]),
+                             made["fingerprint"].get("activation", "none"))
+    return None
 
 
 def plan_report(run: Run) -> list[Target]:
@@ -89,8 +108,9 @@ def plan_report(run: Run) -> list[Target]:
 
     def build_top(key: tuple[str, str, str, str], missing: list[Artifact]) -> None:
         path = _store(run, key[0], key[1])
+        basis = None if key[3] == "none" else _basis_map(run, *key)
         top = top_images(path, key[2], missing[0].fingerprint["top_n"], run.scheduler(),
-                         run.cfg.progress, checkpoint=scratch_path(missing))
+                         run.cfg.progress, basis, scratch_path(missing))
         save_arrays(missing[0], top.arrays())
 
     targets = [Target(f"{key[1]} {key[2]} top images", (artifact,), partial(build_top, key))
@@ -102,7 +122,8 @@ def plan_report(run: Run) -> list[Target]:
             return source
         arrays = load_arrays(artifact.path)
         top = TopImages(arrays["index"], arrays["value"], arrays["maps"])
-        return PageImages(top, source.images_dir, source.image_paths)
+        return PageImages(top, source.images_dir, source.image_paths,
+                          perturbation=source.perturbation)
 
     def order(page: Page) -> int:
         path = _store(run, page.key[0], page.key[1])
@@ -129,8 +150,12 @@ def print_summary(run: Run, summaries: dict[str, pd.DataFrame]) -> None:
     acts = run.get("extract")
     concept_set = next(iter(summaries.values()))["concept_set"].iloc[0] if summaries else ""
     ident = acts.model.identity
+    first = next(iter(summaries.values())) if summaries else None
+    extras = [f"{k} {first[k].iloc[0]}" for k in ("perturbation", "transform")
+              if first is not None and k in first and str(first[k].iloc[0]) != "none"]
     lines = [f"Network dissection of {ident.name} ({ident.model_id}, weights {ident.weights}) "
-             f"on {acts.dataset.id} (concepts: {concept_set})"]
+             f"on {acts.dataset.id} (concepts: {concept_set}"
+             + "".join(f"; {e}" for e in extras) + ")"]
     for layer, frame in summaries.items():
         overall = frame[frame["category"] == "all"].iloc[0]
         per_cat = ", ".join(f"{r.category} {r.unique_concepts}" for r in frame.itertuples()

@@ -11,7 +11,7 @@ import pandas as pd
 
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
-from pipeline.layout import Layout, concept_set_id
+from pipeline.layout import Layout, concept_set_id, moved_labels, perturbation
 from stages.blocks import LayerBlocks, ScoringBlocks
 from stages.concepts import ConceptsConfig, build_concept_store
 from stages.explain import Signatures
@@ -28,13 +28,17 @@ from storage.tables import partition_artifact, write_partition
 from storage.thresholds import load_thresholds, save_arrays, save_thresholds
 
 log = logging.getLogger("netdissect")
-TRANSFORM = "none"
 
 
-def blocks(run: Run, acts: Activations, layer: str, device: str | None = None) -> LayerBlocks:
-    """Blocks of one cached layer for the kernels: on the worker's GPU when it has one
-    (``extract.device=auto``), else CPU."""
-    return LayerBlocks(str(acts.store.path), layer, None, device or run.cfg.extract.device)
+def blocks(run: Run, acts: Activations, layer: str) -> LayerBlocks:
+    """Blocks of one cached layer for the kernels, through the run's basis transform, on the
+    worker's GPU when it has one (``extract.device=auto``), else CPU."""
+    return LayerBlocks(str(acts.store.path), layer, run.get("basis")[layer].map(),
+                       run.cfg.extract.device)
+
+
+def transform_of(run: Run, layer: str) -> str:
+    return run.get("basis")[layer].text
 
 
 # ---------------------------------------------------------------- quantile
@@ -43,7 +47,7 @@ TOP_IMAGES_KEPT = 8  # top images per unit found with the thresholds (the report
 
 def _threshold_artifact(run: Run, acts: Activations, layer: str) -> Artifact:
     fingerprint = {"activations": acts.layer_key(layer), "quantile": run.cfg.scoring.quantile,
-                   "transform": TRANSFORM}
+                   "transform": transform_of(run, layer)}
     path = run.layout.statistic("thresholds", acts.dataset.id, acts.model.identity.model_id,
                                 layer, digest(fingerprint), ".parquet")
     return Artifact(path, fingerprint)
@@ -66,12 +70,14 @@ def plan_quantile(run: Run) -> list[Target]:
     def target(layer: str) -> Target:
         thresholds = _threshold_artifact(run, acts, layer)
         top = top_images_artifact(run.layout, acts.dataset.id, ident, layer,
-                                  acts.layer_key(layer), TRANSFORM, TOP_IMAGES_KEPT)
+                                  acts.layer_key(layer), transform_of(run, layer),
+                                  TOP_IMAGES_KEPT)
 
         def build(missing: list[Artifact]) -> None:
             if thresholds not in missing:  # only the top images are missing
                 found = top_images(acts.store.path, layer, TOP_IMAGES_KEPT, run.scheduler(),
-                                   run.cfg.progress, checkpoint=scratch_path(missing))
+                                   run.cfg.progress, run.get("basis")[layer].map(),
+                                   scratch_path(missing))
                 save_arrays(top, found.arrays())
                 return
             values, found = threshold_pass(blocks(run, acts, layer), q, run.scheduler(),
@@ -117,7 +123,8 @@ def _set_source(run: Run) -> tuple[Path, str, Path] | None:
     if not c.path:
         return None
     name = concept_set_id(run.cfg)
-    return Path(c.path).expanduser().resolve(), name, run.layout.concept_set_store(name)
+    return (Path(c.path).expanduser().resolve(), name,
+            run.layout.concept_set_store(name, moved_labels(run.cfg)))
 
 
 def plan_concept_set(run: Run) -> list[Target]:
@@ -125,8 +132,9 @@ def plan_concept_set(run: Run) -> list[Target]:
     if source is None:
         return []
     root, name, path = source
-    artifact = store_artifact(path, read_broden(root).fingerprint())
-    cfg = ConceptsConfig(root, path, run.cfg.dataset.block_size, run.cfg.progress)
+    artifact = store_artifact(path, read_broden(root).fingerprint(), moved_labels(run.cfg))
+    cfg = ConceptsConfig(root, path, run.cfg.dataset.block_size, run.cfg.progress,
+                         perturbation(run.cfg))
     return [Target(f"concept set {name} {path}", (artifact,),
                    lambda _missing: build_concept_store(cfg, run.scheduler()))]
 
@@ -158,7 +166,8 @@ def concept_set_value(run: Run) -> ConceptSet:
     if rows is not None:
         log.info("%s: %d of %d cached images are in concept set %s", run.cfg.stage,
                  int((rows >= 0).sum()), len(rows), name)
-    return ConceptSet(name, store, store_artifact(store.path, store.fingerprint).key, rows)
+    return ConceptSet(name, store,
+                      store_artifact(store.path, store.fingerprint, store.perturbation).key, rows)
 
 
 def label_space_of(run: Run, cs: ConceptSet) -> LabelSpace:
@@ -169,11 +178,13 @@ def label_space_of(run: Run, cs: ConceptSet) -> LabelSpace:
     return space
 
 
-def row_keys(acts: Activations, cs: ConceptSet) -> dict:
+def row_keys(run: Run, layer: str) -> dict:
     """Row keys every result table shares (beside the model/layer partition columns)."""
+    acts, cs = run.get("extract"), run.get("concept_set")
     ident = acts.model.identity
-    return {"model_id": ident.model_id, "weights": ident.weights, "dataset": acts.dataset.id,
-            "concept_set": cs.name, "transform": TRANSFORM}
+    return {"model_id": ident.model_id, "weights": ident.weights,
+            "perturbation": ident.perturbation, "dataset": acts.dataset.id,
+            "concept_set": cs.name, "transform": transform_of(run, layer)}
 
 
 def upstream(thresholds: Thresholds, cs: ConceptSet, layer: str) -> dict:
@@ -186,7 +197,7 @@ def _iou_artifacts(run: Run, layer: str) -> dict[str, Artifact]:
     acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
     s = run.cfg.scoring
     space = label_space_of(run, cs)
-    params = {**row_keys(acts, cs), "quantile": s.quantile, "union_mode": str(s.union),
+    params = {**row_keys(run, layer), "quantile": s.quantile, "union_mode": str(s.union),
               "planes": str(s.planes), "categories": ",".join(space.categories)}
     fp = upstream(thr, cs, layer)
     with_threshold = {**params, "iou_threshold": s.iou_threshold}

@@ -48,15 +48,17 @@ def plan_formulas(run: Run) -> list[Target]:
     acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
     formulas = _formulas(run)
     space = label_space_of(run, cs)
-    params = {**row_keys(acts, cs), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
-              "planes": "set", "categories": "formula",
-              "formulas": {k: format_formula(v) for k, v in sorted(formulas.items())}}
     index: dict[str, list[int]] = {}
     for i, label_name in enumerate(space.names):
         index.setdefault(label_name, []).append(i + 1)
 
+    def params(layer: str) -> dict:
+        return {**row_keys(run, layer), "quantile": run.cfg.scoring.quantile,
+                "union_mode": "global", "planes": "set", "categories": "formula",
+                "formulas": {k: format_formula(v) for k, v in sorted(formulas.items())}}
+
     def build(layer: str, missing: list[Artifact]) -> None:
-        columns = {k: v for k, v in params.items() if k != "formulas"}
+        columns = {k: v for k, v in params(layer).items() if k != "formulas"}
         frame = formula_frame(signatures(run, layer), formulas, index, columns)
         write_partition(missing[0], frame)
         best = frame.sort_values("iou", ascending=False).head(3)
@@ -67,7 +69,7 @@ def plan_formulas(run: Run) -> list[Target]:
     for layer in acts.layers:
         fp = {**upstream(thr, cs, layer), "categories": list(space.categories)}
         artifact = partition_artifact(run.layout.results, "iou", acts.model.identity.name, layer,
-                                      params, fp)
+                                      params(layer), fp)
         targets.append(Target(f"{acts.model.identity.model_id} {layer} formula rows",
                               (artifact,), partial(build, layer)))
     return targets
@@ -78,7 +80,7 @@ def _explain_artifact(run: Run, layer: str) -> tuple[Artifact, dict]:
     acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
     e = run.cfg.explain
     space = label_space_of(run, cs)
-    params = {**row_keys(acts, cs), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
+    params = {**row_keys(run, layer), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
               "planes": "set", "categories": ",".join(space.categories), "beam": e.beam,
               "max_length": e.max_length}
     fp = {**upstream(thr, cs, layer), "categories": list(space.categories)}

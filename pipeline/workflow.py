@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline import acquire, data, publish, scoring, signatures
+from pipeline import acquire, basis, data, publish, scoring, signatures
 from pipeline.cluster import dask_scheduler
 from pipeline.config import Config, Stage, validate
 from pipeline.graph import Run, StageDef, closure
@@ -27,18 +27,19 @@ def _none(_run: Run) -> list:
 
 GRAPH: dict[str, StageDef] = {s.name: s for s in (
     StageDef("dataset", (), ("dataset",), data.plan_dataset, data.dataset_value),
-    StageDef("concepts", ("dataset",), ("dataset.block_size",), data.plan_concepts,
-             data.concepts_value),
+    StageDef("concepts", ("dataset",), ("dataset.block_size", "extract.perturb"),
+             data.plan_concepts, data.concepts_value),
     StageDef("model", ("dataset",), ("model", "fetch"), data.plan_model, data.model_value),
     StageDef("extract", ("dataset", "model"), ("extract",), data.plan_extract, data.extract_value),
-    StageDef("quantile", ("extract",), ("scoring.quantile",), scoring.plan_quantile,
+    StageDef("basis", ("extract",), ("transform",), basis.plan_basis, basis.basis_value),
+    StageDef("quantile", ("extract", "basis"), ("scoring.quantile",), scoring.plan_quantile,
              scoring.quantile_value),
     StageDef("concept_set", ("extract", "concepts"), ("concepts.path", "concepts.name"),
              scoring.plan_concept_set, scoring.concept_set_value),
-    StageDef("iou", ("extract", "quantile", "concept_set"), ("scoring", "concepts.formulas"),
-             scoring.plan_iou, scoring.iou_value),
+    StageDef("iou", ("extract", "basis", "quantile", "concept_set"),
+             ("scoring", "concepts.formulas"), scoring.plan_iou, scoring.iou_value),
     StageDef("rescore", ("iou",), (), _none, lambda run: run.get("iou")),
-    StageDef("explain", ("extract", "quantile", "concept_set"),
+    StageDef("explain", ("extract", "basis", "quantile", "concept_set"),
              ("explain", "scoring.categories"), signatures.plan_explain, signatures.explain_value),
     StageDef("report", (), ("report",), publish.plan_report, publish.report_value),
     StageDef("all", ("iou", "report"), (), _none, _all_value),

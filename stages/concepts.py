@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from stages.perturb import Perturbation
 from stages.reduction import map_blocks
 from storage import concepts as cstore
 from storage.artifacts import remove
@@ -22,11 +23,14 @@ class ConceptsConfig:
     store_path: Path
     block_size: int = 64
     progress: bool = True
+    perturbation: Perturbation = Perturbation()  # geometric ones move the label planes
 
 
-def _write(store_path: Path, images_dir: Path, categories, listed, item) -> int:
+def _write(cfg: ConceptsConfig, images_dir: Path, categories, listed, item) -> int:
     block, records = item
-    return cstore.write_block(store_path, images_dir, records, block, categories, listed)
+    hook = cfg.perturbation.planes if cfg.perturbation.geometric else None
+    return cstore.write_block(cfg.store_path, images_dir, records, block, categories, listed,
+                              hook)
 
 
 def _readable(path: Path) -> bool:
@@ -45,7 +49,8 @@ def build_concept_store(cfg: ConceptsConfig, scheduler: Any = "threads") -> csto
     damaged, is rebuilt.
     """
     dataset = read_broden(cfg.dataset_path)
-    artifact = cstore.store_artifact(cfg.store_path, dataset.fingerprint())
+    moved = str(cfg.perturbation) if cfg.perturbation.geometric else "none"
+    artifact = cstore.store_artifact(cfg.store_path, dataset.fingerprint(), moved)
     state = artifact.state()
     if state in ("complete", "partial") and not _readable(cfg.store_path):
         log.info("concepts: %s is unreadable; rebuilding", cfg.store_path)
@@ -60,13 +65,13 @@ def build_concept_store(cfg: ConceptsConfig, scheduler: Any = "threads") -> csto
         artifact.forget()
         remove(cfg.store_path)
         cfg.store_path.parent.mkdir(parents=True, exist_ok=True)
-        cstore.create_store(cfg.store_path, dataset, cfg.block_size)
+        cstore.create_store(cfg.store_path, dataset, cfg.block_size, moved)
     block_size = cstore.ConceptStore(cfg.store_path).block_size
     todo = cstore.missing_blocks(cfg.store_path)
     listed = cstore.listed_labels(dataset)
     items = [(b, dataset.images[b * block_size : (b + 1) * block_size]) for b in todo]
     map_blocks(
-        partial(_write, cfg.store_path, dataset.images_dir, dataset.all_categories, listed),
+        partial(_write, cfg, dataset.images_dir, dataset.all_categories, listed),
         items, scheduler=scheduler, desc="concepts", progress=cfg.progress,
     )
     artifact.commit(images=len(dataset.images))

@@ -27,6 +27,7 @@ from stages.models import (
     preprocess,
     record_layers,
 )
+from stages.perturb import Perturbation
 from stages.reduction import map_blocks
 from storage import activations as astore
 from storage.blocks import missing_blocks
@@ -47,6 +48,7 @@ class ExtractConfig:
     batch_size: int = 32
     device: str = "auto"
     progress: bool = True
+    perturbation: Perturbation = Perturbation()  # applied to the images before the model
 
 
 def forward_layers(
@@ -59,8 +61,12 @@ def forward_layers(
         return {name: outputs[name].float().cpu().numpy() for name in layers}
 
 
-def _decode(images_dir: Path, records: list[ImageRecord]) -> np.ndarray:
-    return np.stack([load_image(images_dir / r.image, r.line) for r in records])
+def _decode(images_dir: Path, records: list[ImageRecord],
+            perturbation: Perturbation | None = None) -> np.ndarray:
+    images = np.stack([load_image(images_dir / r.image, r.line) for r in records])
+    if perturbation is None or perturbation.kind == "none":
+        return images
+    return perturbation.images(images, np.array([r.row for r in records]))
 
 
 def extract_block(cfg: ExtractConfig, item: tuple[int, list[ImageRecord], tuple[str, ...]]) -> int:
@@ -71,11 +77,11 @@ def extract_block(cfg: ExtractConfig, item: tuple[int, list[ImageRecord], tuple[
     batches = [records[i : i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
     parts: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_decode, cfg.images_dir, batches[0])
+        pending = pool.submit(_decode, cfg.images_dir, batches[0], cfg.perturbation)
         for i in range(len(batches)):
             images = pending.result()
             if i + 1 < len(batches):  # decode the next batch while this one runs
-                pending = pool.submit(_decode, cfg.images_dir, batches[i + 1])
+                pending = pool.submit(_decode, cfg.images_dir, batches[i + 1], cfg.perturbation)
             with lock:
                 outputs = forward_layers(model, layers, images, cfg.model.preprocess, device,
                                          cfg.model.input_size)
@@ -97,8 +103,8 @@ def layer_shapes(cfg: ExtractConfig, sample: ImageRecord, layers: tuple[str, ...
                  ) -> dict[str, tuple[int, int, int]]:
     """Probe the model on one image to learn each layer's (units, h, w)."""
     model = build_model(cfg.model)
-    out = forward_layers(model, layers, _decode(cfg.images_dir, [sample]), cfg.model.preprocess,
-                         "cpu", cfg.model.input_size)
+    out = forward_layers(model, layers, _decode(cfg.images_dir, [sample], cfg.perturbation),
+                         cfg.model.preprocess, "cpu", cfg.model.input_size)
     return {name: tuple(int(s) for s in v.shape[1:]) for name, v in out.items()}
 
 

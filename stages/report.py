@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from stages.kernels import upsample_masks
+from stages.perturb import Perturbation
 from stages.statistics import TopImages
 from storage.artifacts import atomic_dir
 from storage.errors import UserError
@@ -45,10 +46,10 @@ from storage.tables import safe_name
 log = logging.getLogger("netdissect")
 
 # Parameter columns that distinguish one scoring of a layer from another (one page each).
-VARIANT_COLUMNS = ("model_id", "weights", "dataset", "concept_set", "transform", "quantile",
-                   "union_mode", "planes", "categories", "iou_threshold")
-SHOWN_PARAMS = ("weights", "dataset", "concept_set", "transform", "quantile", "union_mode",
-                "planes", "iou_threshold")
+VARIANT_COLUMNS = ("model_id", "weights", "perturbation", "dataset", "concept_set", "transform",
+                   "quantile", "union_mode", "planes", "categories", "iou_threshold")
+SHOWN_PARAMS = ("weights", "perturbation", "dataset", "concept_set", "transform", "quantile",
+                "union_mode", "planes", "iou_threshold")
 # Colours per category: the Broden categories get fixed ones, others the rest in turn.
 PALETTE = ("#4e79a7", "#59a14f", "#f28e2b", "#b07aa1", "#edc948", "#e15759", "#76b7b2",
            "#ff9da7", "#9c755f", "#bab0ac")
@@ -79,6 +80,7 @@ class PageImages:
     images_dir: Path | None = None
     image_paths: tuple[str, ...] = ()
     note: str = ""
+    perturbation: Perturbation | None = None  # what the model saw: shown as it saw it
 
 
 # ---------------------------------------------------------------- image tiles
@@ -118,10 +120,13 @@ def strip_image(tiles: list[np.ndarray], gap: int = 3) -> Image.Image:
 
 
 class ImageCache:
-    """Decoded RGB images by row, least recently used dropped past ``size`` entries."""
+    """Decoded RGB images by row (perturbed as the model saw them), least recently used
+    dropped past ``size`` entries."""
 
-    def __init__(self, images_dir: Path, paths: Sequence[str], size: int = 256):
+    def __init__(self, images_dir: Path, paths: Sequence[str], size: int = 256,
+                 perturbation: Perturbation | None = None):
         self.images_dir, self.paths, self.size = images_dir, paths, size
+        self.perturbation = perturbation
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __call__(self, row: int) -> np.ndarray:
@@ -134,6 +139,8 @@ class ImageCache:
                 array = np.asarray(im.convert("RGB"))
         except (OSError, ValueError) as exc:
             raise UserError(f"{path}: cannot read image for the report ({exc})") from None
+        if self.perturbation is not None and self.perturbation.kind != "none":
+            array = self.perturbation.images(array[None], np.array([row]))[0].astype(np.uint8)
         self.cache[row] = array
         if len(self.cache) > self.size:
             self.cache.popitem(last=False)
@@ -200,9 +207,11 @@ def plan_pages(frame: pd.DataFrame) -> list[Page]:
                                    str(g[0].get("transform", "none")) != "none"))
         first = groups[0][0]
         for params, rows in groups:
-            differs = [f"{k} {text(params[k])}" for k in ("concept_set", "transform", "quantile",
+            differs = [f"{k} {text(params[k])}" for k in ("concept_set", "quantile",
                                                           "union_mode", "planes", "categories")
                        if k in params and params[k] != first.get(k)]
+            differs += [f"{k} {text(params[k])}" for k in ("perturbation", "transform")
+                        if str(params.get(k, "none")) != "none"]
             stem = f"{safe_name(str(model_id))}/{safe_name(str(layer))}"
             if differs:
                 stem += "~" + safe_name("_".join(differs))
@@ -237,15 +246,17 @@ def category_colors(categories: Sequence[str]) -> dict[str, str]:
 def render_strips(pages: list[Page], images: Callable[[Page], PageImages], out: Path,
                   cfg: ReportConfig) -> None:
     """One strip per unit and page: its top images with the unit's mask."""
-    caches: dict[Path, ImageCache] = {}
+    caches: dict[tuple, ImageCache] = {}
     for page in pages:
         source = images(page)
         if source.top is None or source.images_dir is None:
             page.note = source.note
             continue
-        if source.images_dir not in caches:
-            caches[source.images_dir] = ImageCache(source.images_dir, source.image_paths)
-        load, top = caches[source.images_dir], source.top
+        cache_key = (source.images_dir, str(source.perturbation))
+        if cache_key not in caches:
+            caches[cache_key] = ImageCache(source.images_dir, source.image_paths,
+                                           perturbation=source.perturbation)
+        load, top = caches[cache_key], source.top
         strip_dir = out / page.strips_dir
         strip_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(page.units.itertuples(index=False), total=len(page.units),

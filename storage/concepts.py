@@ -19,6 +19,7 @@ layer's (:func:`store_artifact`): partial while blocks are written, complete aft
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,12 @@ class ConceptStore:
         }
 
     @property
+    def perturbation(self) -> str:
+        return str(self.attrs.get("perturbation", "none"))
+
+    @property
     def complete(self) -> bool:
-        return store_artifact(self.path, self.fingerprint).is_current()
+        return store_artifact(self.path, self.fingerprint, self.perturbation).is_current()
 
     def image_paths(self) -> list[str]:
         return [str(p) for p in self.group["image"][:]]
@@ -103,7 +108,8 @@ def plane_slots(images: list[ImageRecord]) -> tuple[int, int]:
     return max(planes, 1), max(scalars, 1)
 
 
-def create_store(path: Path, dataset: BrodenDataset, block_size: int) -> None:
+def create_store(path: Path, dataset: BrodenDataset, block_size: int,
+                 perturbation: str = "none") -> None:
     """Create empty arrays and attributes (not yet complete)."""
     ih, iw, sh, sw = dataset.uniform_sizes()
     n = len(dataset.images)
@@ -140,19 +146,23 @@ def create_store(path: Path, dataset: BrodenDataset, block_size: int) -> None:
                 for lab in dataset.labels.values()
             ],
             "n_images": n, "ih": ih, "iw": iw, "sh": sh, "sw": sw,
-            "block_size": block_size,
+            "block_size": block_size, "perturbation": perturbation,
         }
     )
-    store_artifact(path, dataset.fingerprint()).begin()
+    store_artifact(path, dataset.fingerprint(), perturbation).begin()
 
 
 def missing_blocks(path: Path) -> list[int]:
     return blocks.missing_blocks(path, PROGRESS)
 
 
-def store_artifact(path: Path, fingerprint: str) -> Artifact:
-    """The concept store as an artifact: made from the dataset CSVs with this fingerprint."""
-    return Artifact(Path(path), {"format": FORMAT_VERSION, "dataset": fingerprint})
+def store_artifact(path: Path, fingerprint: str, perturbation: str = "none") -> Artifact:
+    """The concept store as an artifact: made from the dataset CSVs with this fingerprint
+    (and the label planes moved by a geometric perturbation, when one is named)."""
+    made_by = {"format": FORMAT_VERSION, "dataset": fingerprint}
+    if perturbation != "none":
+        made_by["perturbation"] = perturbation
+    return Artifact(Path(path), made_by)
 
 
 def decode_block(
@@ -202,12 +212,19 @@ def write_block(
     block_index: int,
     categories: list[str],
     listed: dict[str, frozenset[int]],
+    planes_hook: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> int:
-    """Decode and write one image block, then mark it done. Returns the number of images."""
+    """Decode and write one image block, then mark it done. Returns the number of images.
+    ``planes_hook(planes, rows)`` may rewrite the decoded pixel planes first (a geometric
+    perturbation moving the labels with the images)."""
     group = zarr.open_group(str(path), mode="r+")
     n_planes = group["pixel_labels"].shape[1]
     n_scalars = group["image_labels"].shape[1]
     block = decode_block(images_dir, records, categories, listed, n_planes, n_scalars)
+    if planes_hook is not None:
+        rows = np.array([r.row for r in records])
+        block = ConceptBlock(planes_hook(block.pixel_labels, rows), block.plane_category,
+                             block.image_labels, block.image_label_category)
     start = records[0].row
     stop = start + len(records)
     group["pixel_labels"][start:stop] = block.pixel_labels

@@ -33,3 +33,22 @@ def save_checkpoint(path, seed: int) -> None:
     checkpoint)."""
     torch.manual_seed(seed)
     torch.save(tiny_cnn().state_dict(), path)
+
+
+class RedDetector(nn.Module):
+    """One 1x1 convolution, ``red``, that fires where a pixel is red (R minus the other
+    channels, on the normalized input): a unit with a known concept."""
+
+    def __init__(self):
+        super().__init__()
+        self.red = nn.Conv2d(3, 1, 1)
+        with torch.no_grad():
+            self.red.weight.copy_(torch.tensor([1.0, -0.5, -0.5]).view(1, 3, 1, 1))
+            self.red.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.red(x)
+
+
+def red_detector() -> RedDetector:
+    return RedDetector()

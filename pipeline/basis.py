@@ -1,0 +1,106 @@
+"""Stage ``basis``: the transform each scored layer goes through before thresholds and IoU
+(SEMANTICS.md §7) — a (W, b) per layer saved once as an artifact, applied block by block by
+every pass that reads the layer; the transformed layer is never written to disk."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import TransformKind, TransformOptions
+from pipeline.data import Activations
+from pipeline.graph import Run, Target
+from pipeline.layout import Layout
+from stages.blocks import LayerBlocks
+from stages.reduction import Pass, reduce_blocks
+from stages.statistics import Covariance
+from stages.transforms import LinearMap, fractional_power, load_linear, pca_basis, random_rotation
+from storage.artifacts import Artifact, digest, file_digest, scratch_path
+from storage.thresholds import save_arrays
+
+log = logging.getLogger("netdissect")
+
+
+@dataclass(frozen=True)
+class Basis:
+    """One layer's transform: its readable name (the ``transform`` column) and (W, b)."""
+
+    text: str
+    artifact: Artifact | None = None  # None: no transform
+    activation: str = "none"
+
+    def map(self) -> LinearMap | None:
+        return None if self.artifact is None else LinearMap(str(self.artifact.path),
+                                                            self.activation)
+
+
+def transform_text(t: TransformOptions) -> str:
+    """``none``, ``rotate(alpha=0.5,seed=0)``, ``pca(whiten=false)`` or
+    ``linear(file=sae.pt,sha=1a2b3c4d,activation=relu)``."""
+    if t.kind == TransformKind.rotate:
+        return f"rotate(alpha={t.alpha:g},seed={t.seed})"
+    if t.kind == TransformKind.pca:
+        return f"pca(whiten={str(t.whiten).lower()})"
+    if t.kind == TransformKind.linear:
+        path = Path(str(t.path)).expanduser()
+        return f"linear(file={path.name},sha={file_digest(path)[:8]},activation={t.activation})"
+    return "none"
+
+
+def basis_artifact(layout: Layout, dataset: str, model_id: str, layer: str, layer_key: str,
+                   text: str, activation: str) -> Artifact:
+    """Where a layer's (W, b) for a transform lives; the report finds it from the same keys."""
+    fingerprint = {"activations": layer_key, "transform": text, "activation": activation}
+    return Artifact(layout.statistic("bases", dataset, model_id, layer, digest(fingerprint),
+                                     ".npz"), fingerprint)
+
+
+def _layer_basis(run: Run, acts: Activations, layer: str) -> Basis:
+    t = run.cfg.transform
+    text = transform_text(t)
+    if t.kind == TransformKind.none:
+        return Basis(text)
+    activation = t.activation if t.kind == TransformKind.linear else "none"
+    return Basis(text, basis_artifact(run.layout, acts.dataset.id, acts.model.identity.model_id,
+                                      layer, acts.layer_key(layer), text, activation), activation)
+
+
+def plan_basis(run: Run) -> list[Target]:
+    acts = run.get("extract")
+    t = run.cfg.transform
+    targets = []
+    for layer in acts.layers:
+        basis = _layer_basis(run, acts, layer)
+        if basis.artifact is None:
+            continue
+        units = acts.store.shape(layer)[1]
+
+        def build(missing: list[Artifact], layer=layer, units=units, basis=basis) -> None:
+            if t.kind == TransformKind.rotate:
+                weight = fractional_power(random_rotation(units, t.seed), t.alpha)
+                bias = np.zeros(units)
+            elif t.kind == TransformKind.pca:
+                blocks = LayerBlocks(str(acts.store.path), layer, None, run.cfg.extract.device)
+                moments = reduce_blocks(Pass(blocks, (Covariance(),), single=True),
+                                        acts.store.n_blocks(), run.scheduler(),
+                                        f"covariance {layer}", run.cfg.progress,
+                                        checkpoint=scratch_path(missing))
+                covariance = moments.scatter / max(int(moments.count) - 1, 1)
+                weight, bias, _ = pca_basis(moments.mean, covariance, t.whiten)
+            else:
+                weight, bias = load_linear(Path(str(t.path)).expanduser(), units)
+            save_arrays(missing[0], {"weight": weight, "bias": bias})
+            log.info("basis: %s %s: %s, %d -> %d units", acts.model.identity.model_id, layer,
+                     basis.text, weight.shape[1], weight.shape[0])
+
+        targets.append(Target(f"{acts.model.identity.model_id} {layer} {basis.text} basis",
+                              (basis.artifact,), build))
+    return targets
+
+
+def basis_value(run: Run) -> dict[str, Basis]:
+    acts = run.get("extract")
+    return {layer: _layer_basis(run, acts, layer) for layer in acts.layers}
