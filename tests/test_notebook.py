@@ -6,13 +6,10 @@ per test session through the CLI, in a subprocess, and reused by a marker file.
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import nbformat
-import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
@@ -73,16 +70,19 @@ def test_committed_notebook_is_clean_and_documents_the_workdir():
     assert "NETDISSECT_WORKDIR" in nb.cells[0].source  # the first cell says how to point it
     headings = " ".join(c.source for c in nb.cells if c.cell_type == "markdown").lower()
     for section in ("unique detectors per category", "iou distributions", "top concepts",
-                    "across layers and models", "across training checkpoints", "rotation curve"):
+                    "across layers and models", "across training checkpoints", "rotation curve",
+                    "input perturbations", "units vs pca vs sparse-autoencoder latents"):
         assert section in headings, section
 
 
 def test_notebook_runs_on_a_real_run(tiny_run, tmp_path, monkeypatch):
     nb = execute(tiny_run, tmp_path, monkeypatch)
     assert not outputs(nb, "error")
-    # stacked bars, IoU histograms, top concepts, layer comparison; no checkpoint or rotation
+    # stacked bars, IoU histograms, top concepts, layer comparison; no experiment sections
     assert figures(nb) == 4
-    assert "No rotation rows" in stdout(nb) and "No checkpoint sweep" in stdout(nb)
+    for empty in ("No rotation rows", "No checkpoint sweep", "No perturbed rows",
+                  "No other bases"):
+        assert empty in stdout(nb), empty
     assert not list(tmp_path.iterdir()), "the notebook wrote files into its directory"
 
 
@@ -112,28 +112,34 @@ def test_notebook_draws_detectors_across_checkpoints(synthetic_root, tmp_path, m
     assert tables, "the checkpoint section shows its table"
 
 
-def test_notebook_draws_the_rotation_curve(tiny_run, tmp_path, monkeypatch):
-    """With rotate(...) rows in the units table the last section plots detectors vs alpha."""
-    from storage.tables import partition_artifact, write_partition
+def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path, monkeypatch):
+    """Rotation sweep, perturbations, PCA and an SAE-like linear map, all run for real on a
+    tiny CNN: the rotation, perturbation and bases sections each draw their figure."""
+    import numpy as np
 
+    from pipeline.run import compose_config, run
+
+    sae = tmp_path / "sae.npz"
+    rng = np.random.default_rng(0)
+    np.savez(sae, W_enc=rng.standard_normal((16, 32)), b_enc=np.zeros(32))
     wd = tmp_path / "wd"
-    shutil.copytree(tiny_run / "results", wd / "results")
-    units = pd.read_parquet(wd / "results" / "units")
-    for (model, layer), rows in units.groupby(["model", "layer"], observed=True):
-        rows = rows.drop(columns=["model", "layer"]).sort_values("unit")
-        for i, alpha in enumerate((0.0, 0.5, 1.0)):
-            rotated = rows.assign(transform=f"rotate(alpha={alpha},seed=0)")
-            # fewer detectors as alpha grows, as in the paper
-            rotated["is_detector"] = rotated["is_detector"] & (rotated["unit"] % 3 >= i)
-            params = {"concept_set": str(rows["concept_set"].iloc[0]),
-                      "transform": rotated["transform"].iloc[0]}
-            write_partition(partition_artifact(wd / "results", "units", str(model), str(layer),
-                                               params, {}), rotated)
-    nb = execute(wd, tmp_path, monkeypatch)
+    base = [f"workdir={wd}", f"dataset.path={synthetic_root}", "stage=iou", "model=custom",
+            "model.factory=tests.tiny_models:tiny_cnn", "model.weights=none",
+            "model.layers=[conv3]", "cluster=none", "progress=false", "scoring.quantile=0.05"]
+    for extra in ([], ["transform=rotate", "transform.alpha=0.5"],
+                  ["transform=rotate", "transform.alpha=1"], ["transform=pca"],
+                  ["transform=linear", f"transform.path={sae}", "transform.activation=relu"],
+                  ["extract.perturb=noise:40"], ["extract.perturb=rotate:90"]):
+        run(compose_config([*base, *extra]))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    nb = execute(wd, run_dir, monkeypatch)
     assert not outputs(nb, "error")
-    assert figures(nb) == 5
-    assert "No rotation rows" not in stdout(nb)
-    curve = [o for o in outputs(nb, "execute_result") + outputs(nb, "display_data")
-             if "alpha" in o.get("data", {}).get("text/plain", "")]
-    assert curve, "the rotation section shows its table"
-    assert re.search(r"\b0\.5\b", curve[-1]["data"]["text/plain"])
+    text = stdout(nb)
+    assert "No rotation rows" not in text and "No perturbed rows" not in text
+    assert "No other bases" not in text and "No checkpoint sweep" in text
+    assert figures(nb) == 7  # 4 common + rotation + perturbations + bases
+    shown = " ".join(o.get("data", {}).get("text/plain", "")
+                     for o in outputs(nb, "execute_result") + outputs(nb, "display_data"))
+    for needle in ("alpha", "pca(whiten=false)", "linear(file=sae.npz,activation=relu)", "noise"):
+        assert needle in shown, needle
