@@ -38,7 +38,8 @@ def test_imports_run_pipeline_to_stages_to_storage():
         assert "pipeline" not in _imports(path), path
 
 
-SHARED = {"blocks", "kernels", "labels", "reduction", "models", "formulas", "statistics", "__init__"}
+SHARED = {"blocks", "kernels", "labels", "reduction", "models", "formulas", "statistics",
+          "transforms", "perturb", "__init__"}
 
 
 def test_a_stage_never_imports_another_stage():
