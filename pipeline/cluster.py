@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -15,15 +16,18 @@ from pipeline.config import ClusterKind, ClusterOptions
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
+WORKER_WAIT = 60.0  # seconds to wait for a worker on an existing scheduler
 
 
 def worker_env(threads: int) -> dict[str, str]:
     """Worker environment: glibc's mmap threshold fixed (torch workers ran ~40% slower with
-    the adaptive one) and one BLAS/OpenMP pool per worker thread budget."""
+    the adaptive one), one BLAS/OpenMP pool per worker thread budget, and Dask's own logs at
+    critical only (a task's error reaches the user once, as one line, from this process)."""
     return {
         "MALLOC_MMAP_THRESHOLD_": "65536",
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
+        "DASK_LOGGING__DISTRIBUTED": "critical",
     }
 
 
@@ -59,6 +63,12 @@ class LazyScheduler:
                 raise UserError(f"cluster.address={o.address}: cannot reach the scheduler "
                                 f"({exc})") from None
             self.stack.callback(client.close)
+            try:
+                client.wait_for_workers(1, timeout=WORKER_WAIT)
+            except TimeoutError:
+                raise UserError(f"cluster.address={o.address}: the scheduler has no workers "
+                                f"(waited {WORKER_WAIT:g} s); start some with dask worker "
+                                f"{o.address}") from None
             log.info("dask: scheduler %s (dashboard %s)", o.address, client.dashboard_link)
             return client
         if o.kind == ClusterKind.none:
@@ -86,11 +96,17 @@ class LazyScheduler:
 
             threads = o.threads_per_worker
             n_workers = o.n_workers or max(1, (os.cpu_count() or 1) // threads)
-            cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=threads, processes=True,
-                memory_limit=o.memory_limit, env=worker_env(threads), dashboard_address=":0",
-                silence_logs=logging.ERROR,
-            )
+            # worker processes inherit an ignored SIGINT: Ctrl-C reaches only this process,
+            # which closes the cluster; no worker prints its own KeyboardInterrupt
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                cluster = LocalCluster(
+                    n_workers=n_workers, threads_per_worker=threads, processes=True,
+                    memory_limit=o.memory_limit, env=worker_env(threads),
+                    dashboard_address=":0", silence_logs=logging.CRITICAL,
+                )
+            finally:
+                signal.signal(signal.SIGINT, previous)
         self.stack.callback(cluster.close)
         client = Client(cluster)
         self.stack.callback(client.close)

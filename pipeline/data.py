@@ -91,7 +91,10 @@ def plan_dataset(run: Run) -> list[Target]:
 
 
 def dataset_value(run: Run) -> DatasetInfo:
-    return DatasetInfo(dataset_id(run.cfg), run.layout.dataset_root(run.cfg))
+    ds = DatasetInfo(dataset_id(run.cfg), run.layout.dataset_root(run.cfg))
+    if not ds.broden.images:
+        raise UserError(f"{ds.root / 'index.csv'}: lists no images; nothing to dissect")
+    return ds
 
 
 # ---------------------------------------------------------------- concepts

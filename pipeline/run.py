@@ -9,14 +9,18 @@ one line naming what to fix and exit with status 2.
 from __future__ import annotations
 
 import difflib
+import errno
 import logging
 import os
+import signal
 import sys
+import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, NoReturn, get_type_hints
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -127,23 +131,78 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="zarr")
 
 
-def fail(message: str) -> None:
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) turned into an exception, so clean-up runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def guarded(action: Callable[[], object]) -> None:
+    """Run ``action``; whatever ends it reaches the user as one line (and an exit status):
+    their mistakes as ``error: …`` with status 2, an interruption as the way to resume with
+    128 + the signal number, a full disk as what to free, a lost Dask worker as what broke.
+    Anything else is a bug: a short traceback and where the full one is."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        action()
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(128 + signum)
+    except (HydraException, OmegaConfBaseException) as exc:
+        fail(config_error(exc))
+    except UserError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            internal_error(exc)
+        fail(f"{exc.filename or 'a file'}: no space left to write it ({exc.strerror}); free "
+             "some space (or choose another workdir=) and run the same command again")
+    except Exception as exc:  # noqa: BLE001 - the last resort: say where the full story is
+        if type(exc).__name__ == "KilledWorker":
+            task = exc.args[0] if exc.args else "a task"
+            fail(f"Dask workers died running {task!r} more often than Dask retries a task "
+                 "(out of memory? raise cluster.memory_limit or lower "
+                 "cluster.threads_per_worker)", code=1)
+        internal_error(exc)
+
+
+def internal_error(exc: BaseException) -> NoReturn:
+    files = [h.baseFilename for h in logging.getLogger().handlers
+             if isinstance(h, logging.FileHandler)]
+    full = "".join(traceback.format_exception(exc))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.stream.write(full)
+            handler.flush()
+    short = "".join(traceback.format_exception(exc, limit=-3))
+    where = f"; the full traceback is in {files[0]}" if files else ""
+    print(f"{short.rstrip()}\ninternal error (a bug, not your input){where}", file=sys.stderr)
+    sys.exit(1)
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(composed: DictConfig) -> None:
     logging.getLogger("netdissect").setLevel(logging.INFO)
     quiet_libraries()
-    try:
+
+    def job() -> None:
         cfg = OmegaConf.to_object(composed)
         check_overrides_used(cfg, override_keys(list(HydraConfig.get().overrides.task)))
         run(cfg)
-    except (HydraException, OmegaConfBaseException) as exc:
-        fail(config_error(exc))
-    except UserError as exc:
-        fail(str(exc))
+
+    guarded(job)
 
 
 def jobs(argv: list[str]) -> list[list[str]]:
@@ -161,13 +220,12 @@ def check_command_line(argv: list[str]) -> None:
     """Compose and check every job before Hydra starts the first (fail before work)."""
     if any(arg.split("=")[0] in HYDRA_FLAGS for arg in argv):
         return
-    try:
+
+    def check() -> None:
         for job in jobs(argv):
             preflight(compose_config(job))
-    except (HydraException, OmegaConfBaseException) as exc:
-        fail(config_error(exc))
-    except UserError as exc:
-        fail(str(exc))
+
+    guarded(check)
 
 
 if __name__ == "__main__":

@@ -127,11 +127,30 @@ def _set_source(run: Run) -> tuple[Path, str, Path] | None:
             run.layout.concept_set_store(name, moved_labels(run.cfg)))
 
 
+def _check_set_against_cache(run: Run, root: Path) -> None:
+    """Before a concept set's labels are decoded: its images are in the cache, at the size
+    the activations were made from."""
+    acts = run.get("extract")
+    images = read_broden(root).images
+    cached = set(acts.store.image_paths())
+    missing = [r.image for r in images if r.image not in cached]
+    if missing:
+        raise UserError(f"{root}: {len(missing)} concept-set image(s) are not in the activation "
+                        f"cache {acts.store.path} (first: {', '.join(missing[:3])})")
+    size = acts.fingerprint.get("image_size")
+    wrong = next((r for r in images if size and [r.ih, r.iw] != list(size)), None)
+    if wrong is not None:
+        raise UserError(f"{root / 'index.csv'} line {wrong.line}: image {wrong.image} is "
+                        f"{wrong.ih}x{wrong.iw} but the cache was made from {size[0]}x{size[1]} "
+                        "images; a concept set must label the same images")
+
+
 def plan_concept_set(run: Run) -> list[Target]:
     source = _set_source(run)
     if source is None:
         return []
     root, name, path = source
+    _check_set_against_cache(run, root)
     artifact = store_artifact(path, read_broden(root).fingerprint(), moved_labels(run.cfg))
     cfg = ConceptsConfig(root, path, run.cfg.dataset.block_size, run.cfg.progress,
                          perturbation(run.cfg))

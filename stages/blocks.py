@@ -44,6 +44,14 @@ def open_concepts(path: str) -> ConceptStore:
     return _concept_store(str(path), _mtime(path))
 
 
+def damaged(path: str, what: str, start: int, stop: int, exc: Exception) -> UserError:
+    """A chunk that cannot be decoded: disk damage, not a bug; rebuilding the store fixes it."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(f"{path}: the {what} of images {start}-{stop - 1} cannot be read "
+                     f"({reason}); the store is damaged: remove {path} and run the same command "
+                     "again to rebuild it")
+
+
 @dataclass(frozen=True)
 class Block:
     """What one read of a block gives the statistics of a pass."""
@@ -85,7 +93,12 @@ class LayerBlocks:
         """The block's values and its image rows [start, stop)."""
         store = self.store()
         start, stop = store.block_range(block)
-        values = torch.from_numpy(store.array(self.layer)[start:stop])
+        array = store.array(self.layer)
+        try:
+            raw = array[start:stop]
+        except Exception as exc:  # noqa: BLE001 - codecs raise many kinds on damaged chunks
+            raise damaged(self.store_path, f"layer {self.layer}", start, stop, exc) from None
+        values = torch.from_numpy(raw)
         values = values.to(self.resolved_device()).float()
         if self.transform is not None:
             values = self.transform(values).float()
@@ -120,11 +133,16 @@ class ScoringBlocks:
         acts, start, stop = self.layer.load_rows(block)
         store = self.concepts()
         seg = (store.sh, store.sw)
-        if self.rows is None:
-            return Block(acts, np.arange(start, stop), store.read_block(start, stop), seg)
-        wanted = self.rows[start:stop]
+        wanted = np.arange(start, stop) if self.rows is None else self.rows[start:stop]
         keep = wanted >= 0
         if not keep.any():
             return Block(acts[:0], np.zeros(0, np.int64), None, seg)
+        try:
+            labels = (store.read_block(start, stop) if self.rows is None
+                      else store.read_rows(wanted[keep]))
+        except Exception as exc:  # noqa: BLE001 - codecs raise many kinds on damaged chunks
+            raise damaged(self.concept_path, "labels", start, stop, exc) from None
+        if self.rows is None:
+            return Block(acts, wanted, labels, seg)
         kept = acts[torch.from_numpy(keep).to(acts.device)]
-        return Block(kept, np.arange(start, stop)[keep], store.read_rows(wanted[keep]), seg)
+        return Block(kept, np.arange(start, stop)[keep], labels, seg)

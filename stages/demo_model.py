@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from stages.models import preprocess
-from storage.broden import BrodenDataset, load_image, read_broden
+from storage.broden import BrodenDataset, dataset_file, load_image, read_broden
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
@@ -98,7 +98,8 @@ def train_demo_model(dataset_root: Path, cfg: DemoTrainConfig, progress: bool = 
 
     dataset = read_broden(dataset_root)
     scenes, targets = scene_targets(dataset)
-    images = np.stack([load_image(dataset.images_dir / r.image, r.line) for r in dataset.images])
+    images = np.stack([load_image(dataset_file(dataset.images_dir, r.image, r.line), r.line)
+                       for r in dataset.images])
     split = np.array([r.split for r in dataset.images])
     train = np.flatnonzero((split == "train") & (targets >= 0))
     val = np.flatnonzero((split != "train") & (targets >= 0))

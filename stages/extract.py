@@ -31,7 +31,7 @@ from stages.perturb import Perturbation
 from stages.reduction import map_blocks
 from storage import activations as astore
 from storage.blocks import missing_blocks
-from storage.broden import ImageRecord, load_image
+from storage.broden import ImageRecord, dataset_file, load_image
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
@@ -63,7 +63,8 @@ def forward_layers(
 
 def _decode(images_dir: Path, records: list[ImageRecord],
             perturbation: Perturbation | None = None) -> np.ndarray:
-    images = np.stack([load_image(images_dir / r.image, r.line) for r in records])
+    images = np.stack([load_image(dataset_file(images_dir, r.image, r.line), r.line)
+                       for r in records])
     if perturbation is None or perturbation.kind == "none":
         return images
     return perturbation.images(images, np.array([r.row for r in records]))

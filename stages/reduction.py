@@ -27,9 +27,11 @@ from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
 from storage.artifacts import atomic_file
+from storage.errors import UserError
 
 P = TypeVar("P")
 CHECKPOINT_EVERY = 30.0  # seconds between saved partials of a long pass
+NO_WORKER_GRACE = 60.0  # seconds without any Dask worker before a pass gives up
 
 
 class Statistic(Protocol[P]):
@@ -274,8 +276,7 @@ def compute(
         scheduler = "sync"
     if _is_client(scheduler):
         futures = scheduler.compute(list(objs))
-        if progress:
-            _client_progress(futures, desc)
+        wait_with_workers(scheduler, futures)
         return tuple(scheduler.gather(futures))
     if progress:
         with _TqdmCallback(desc, unit, scale):
@@ -287,13 +288,31 @@ def _is_client(scheduler: Any) -> bool:
     return type(scheduler).__name__ == "Client" and hasattr(scheduler, "gather")
 
 
-def _client_progress(futures, desc: str) -> None:
+def wait_with_workers(client: Any, futures: list, on_done: Callable[[Any], None] | None = None
+                      ) -> None:
+    """Wait for ``futures`` (``on_done`` is called on each as it finishes); if the cluster
+    has had no worker for a while (Dask config ``netdissect.no-worker-timeout``, default
+    60 s), stop with one line instead of waiting forever."""
     from distributed import wait
 
-    bar = tqdm(total=len(futures), desc=desc, unit="task", leave=False, disable=None)
-    wait(futures)
-    bar.update(len(futures))
-    bar.close()
+    grace = float(dask.config.get("netdissect.no-worker-timeout", NO_WORKER_GRACE))
+    pending, alone_since = set(futures), None
+    while pending:
+        try:
+            done, pending = wait(pending, timeout=2, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            done = set()
+        for future in done:
+            if on_done is not None:
+                on_done(future)
+        if done or client.scheduler_info().get("workers"):
+            alone_since = None
+            continue
+        alone_since = alone_since or time.monotonic()
+        if time.monotonic() - alone_since > grace:
+            raise UserError(f"no Dask worker left on {client.scheduler.address} for {grace:g} s; "
+                            "start workers (or use another cluster) and run the same command "
+                            "again")
 
 
 def map_blocks(
@@ -313,15 +332,16 @@ def map_blocks(
     if not blocks:
         return []
     if _is_client(scheduler):
-        from distributed import as_completed
-
         futures = scheduler.map(func, list(blocks), pure=False)
         results = {}
         bar = tqdm(total=len(blocks) * unit_scale, desc=desc, unit=unit,
                    disable=None if progress else True)
-        for fut in as_completed(futures):
-            results[fut.key] = fut.result()
+
+        def collect(future) -> None:
+            results[future.key] = future.result()
             bar.update(unit_scale)
+
+        wait_with_workers(scheduler, futures, collect)
         bar.close()
         return [results[f.key] for f in futures]
     tasks = [dask.delayed(func, pure=False)(b) for b in blocks]

@@ -40,6 +40,7 @@ from stages.kernels import upsample_masks
 from stages.perturb import Perturbation
 from stages.statistics import TopImages
 from storage.artifacts import atomic_dir
+from storage.broden import dataset_file
 from storage.errors import UserError
 from storage.tables import safe_name
 
@@ -133,7 +134,7 @@ class ImageCache:
         if row in self.cache:
             self.cache.move_to_end(row)
             return self.cache[row]
-        path = self.images_dir / self.paths[row]
+        path = dataset_file(self.images_dir, self.paths[row])
         try:
             with Image.open(path) as im:
                 array = np.asarray(im.convert("RGB"))

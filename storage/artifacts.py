@@ -173,11 +173,21 @@ def _temporary_sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:12]}"
 
 
+def _clear_leftovers(path: Path) -> None:
+    """Remove what a killed writer of ``path`` left (its temporary siblings).  Writers hold
+    the artifact's lock, so any such sibling belongs to a run that is gone."""
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        remove(leftover)
+    for leftover in path.parent.glob(f".{path.name}.old-*"):
+        remove(leftover)
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
     tmp = _temporary_sibling(path, "tmp")
     try:
         yield tmp
@@ -197,6 +207,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     (two renames on one filesystem: a reader sees the old directory or the new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(path)
     tmp = _temporary_sibling(path, "tmp")
     tmp.mkdir()
     try:

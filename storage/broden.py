@@ -400,6 +400,18 @@ def parse_label_cell(
     return tuple(cat_planes), tuple(cat_scalars)
 
 
+def dataset_file(images_dir: Path, rel: str, line: int | None = None) -> Path:
+    """``images_dir / rel``, refused when a symbolic link takes it outside ``images/`` (the
+    relative path itself was already checked for ``..`` and absolute parts)."""
+    path = Path(images_dir) / rel
+    real = path.resolve()
+    if not real.is_relative_to(Path(images_dir).resolve()):
+        where = f" (index.csv line {line})" if line is not None else ""
+        raise UnsafePathError(f"{path}: a link to {real}, outside the dataset's images/ "
+                              f"folder{where}; copy the file into the dataset instead")
+    return path
+
+
 def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:
     """Decode a label PNG to int32 label numbers (R + 256·G) and check its size."""
     where = f" (index.csv line {line})" if line is not None else ""

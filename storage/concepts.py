@@ -28,7 +28,7 @@ import zarr
 
 from storage import blocks
 from storage.artifacts import Artifact
-from storage.broden import BrodenDataset, ImageRecord, LabelInfo, decode_plane
+from storage.broden import BrodenDataset, ImageRecord, LabelInfo, dataset_file, decode_plane
 from storage.errors import BrodenFormatError
 
 FORMAT_VERSION = 3
@@ -185,7 +185,7 @@ def decode_block(
         qslot = 0
         for ci, cat in enumerate(categories):
             for rel in rec.planes.get(cat, ()):
-                plane_path = images_dir / rel
+                plane_path = dataset_file(images_dir, rel, rec.line)
                 plane = decode_plane(plane_path, (rec.sh, rec.sw), rec.line)
                 present = np.unique(plane)
                 present = present[present != 0]

@@ -348,6 +348,8 @@ window.addEventListener('load', () => {
     bars: bars,
     svgs: document.querySelectorAll('svg').length,
     rows: document.querySelectorAll('tr.unit').length,
+    scripts: document.scripts.length,
+    text: document.body.innerText,
   });
   document.body.appendChild(out);
 });
@@ -405,3 +407,49 @@ def test_pages_render_in_a_real_browser(built, units, model_id, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_label_names_and_paths_are_escaped_in_the_report(tmp_path):
+    """A label named <script>alert(1)</script> is shown as text: in the HTML (autoescaped
+    templates) and, where chromium exists, in a real browser (no script of its own runs)."""
+    from tests.broden_factory import BrodenBuilder, save_rgb
+
+    hostile = "<script>alert(1)</script>"
+    odd = 'x"&<b>'  # in every image path: shown in the strips' titles
+    b = BrodenBuilder(tmp_path / "data", ["object"], ih=32, iw=32, sh=16, sw=16)
+    b.label(1, hostile, object=0.5)
+    for i in range(8):
+        plane = np.zeros((16, 16), dtype=np.int64)
+        plane[2 + i : 9 + i, 3:12] = 1
+        b.image(name=f"img/{i}{odd}.png", planes={"object": [plane]})
+    root = b.write()
+    for i in range(8):
+        save_rgb(root / "images" / f"img/{i}{odd}.png", 32, 32, seed=i)
+    wd = tmp_path / "wd"
+    run(compose_config([f"workdir={wd}", f"dataset.path={root}", "stage=all", "cluster=none",
+                        "progress=false", "model=custom", "model.weights=none",
+                        "model.factory=tests.tiny_models:tiny_cnn", "model.layers=[conv1]",
+                        "scoring.quantile=0.2"]))
+    pages = list((wd / "report").rglob("*.html"))
+    html = "".join(p.read_text() for p in pages)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "x&#34;&amp;&lt;b&gt;.png" in html  # the image paths in the strips' titles
+    assert "<script>alert" not in html and odd not in html
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not found on PATH (.ci/run installs Debian's chromium package)")
+    (page,) = [p for p in pages if p.name == "conv1.html"]
+    page.with_suffix(".check.html").write_text(page.read_text().replace("</body>",
+                                                                        CHECK_JS + "</body>"))
+    handler = functools.partial(QuietHandler, directory=str(wd / "report"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = (f"http://127.0.0.1:{server.server_address[1]}/"
+               f"{page.relative_to(wd / 'report').with_suffix('.check.html')}")
+        result = browser_check(chromium, url, tmp_path / "profile")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["scripts"] == 1  # only the check script: the label's never ran
+    assert hostile in result["text"]

@@ -52,3 +52,51 @@ class RedDetector(nn.Module):
 
 def red_detector() -> RedDetector:
     return RedDetector()
+
+
+class _Single(nn.Module):
+    """One 3x3 convolution named ``conv`` and a forward of the caller's choosing."""
+
+    def __init__(self, forward):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self._forward = forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(self.conv(x))
+
+
+def broken_model() -> nn.Module:
+    """A model whose forward pass fails: stands in for a bug, not a user's mistake."""
+
+    def fail(_x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a bug in the model")
+
+    return _Single(fail)
+
+
+def nan_model() -> nn.Module:
+    """Unit 1 of layer ``conv`` is NaN everywhere (a diverged checkpoint)."""
+    model = _Single(lambda x: x)
+    with torch.no_grad():
+        model.conv.bias[1] = float("nan")
+    return model
+
+
+class SlowCNN(nn.Sequential):
+    """tiny_cnn that sleeps in every forward pass: a run long enough to interrupt, without
+    the compute of a large model."""
+
+    def __init__(self, delay: float):
+        super().__init__(OrderedDict(tiny_cnn().named_children()))
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.delay)
+        return super().forward(x)
+
+
+def slow_cnn(delay: float = 0.1) -> SlowCNN:
+    return SlowCNN(delay)
