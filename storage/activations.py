@@ -4,7 +4,7 @@ Contract (``<workdir>/activations/<dataset-id>/<model-identity>.zarr``, a Zarr v
 ``xarray.open_zarr`` opens; metadata consolidated whenever a layer completes):
 
 - one independent array per layer, named by its dotted module name, shape (image, unit, y,
-  x), float32 (or float16), byte-shuffled and Zstd-compressed, chunked ``(block_size, units,
+  x), float32 (or float16), Zstd-compressed, chunked ``(block_size, units,
   y, x)``, fill value NaN, so an unwritten chunk can never pass for data.  Zarr dimension
   names are ``image, unit_<layer>, y_<layer>, x_<layer>`` because an xarray Dataset needs one
   size per dimension name and layers differ in size; :func:`open_layer` gives the plain
@@ -46,9 +46,10 @@ def layer_dims(layer: str) -> list[str]:
 
 
 def compressors() -> list:
-    """Byte-shuffle before Zstd: float exponents and zero runs line up, which Zstd then
-    packs far better than interleaved float bytes."""
-    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
+    """Zstd level 3.  Measured on ReLU activations (the demo's trained layers: 0.47 and 0.40
+    of raw float32), it beat byte- and bit-shuffle before Zstd on size and read speed; on
+    dense random-init activations every lossless codec tried stayed near 0.62."""
+    return [zarr.codecs.ZstdCodec(level=3)]
 
 
 def open_group(path: Path, mode: str = "r") -> zarr.Group:

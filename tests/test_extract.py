@@ -44,7 +44,7 @@ def _direct(spec: ModelSpec, root: Path) -> dict[str, np.ndarray]:
 
         handles = [modules[name].register_forward_hook(keep(name)) for name in spec.layers]
         with torch.no_grad():
-            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+            x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
             mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
             std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
             model((x - mean) / std)
@@ -74,8 +74,7 @@ def test_cnn_layers_equal_direct_forward(synthetic_root, tmp_path):
     assert set(ds.data_vars) == {"layer2", "layer1.0.conv1"}
     assert store.fingerprint["dtype"] == "float32"
     codecs = zarr.open_array(str(store_path / "layer2")).metadata.codecs
-    blosc = [c for c in codecs if type(c).__name__ == "BloscCodec"]
-    assert blosc and blosc[0].cname.value == "zstd" and blosc[0].shuffle.value == "shuffle"
+    assert any(type(c).__name__ == "ZstdCodec" for c in codecs)
 
 
 def test_transformer_block_becomes_grid(synthetic_root, tmp_path):
