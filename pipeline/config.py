@@ -50,7 +50,7 @@ class DatasetOptions:
 class TrainOptions:
     """The demo model's trainer (``model.weights=train``)."""
 
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 64
     lr: float = 0.003
     seed: int = 0
@@ -123,7 +123,7 @@ class ReportOptions:
 
 @dataclass
 class ClusterOptions:
-    kind: ClusterKind = ClusterKind.local
+    kind: ClusterKind = ClusterKind.threads
     address: str | None = None  # tcp://HOST:8786: an existing scheduler (any kind)
     n_workers: int | None = None  # LocalCluster: default one worker process per core
     threads_per_worker: int = 1

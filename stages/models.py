@@ -111,10 +111,9 @@ def _weights(spec: ModelSpec) -> str | None:
 
 def _instantiate(spec: ModelSpec, torchvision_weights: str | None = None) -> nn.Module:
     """The architecture, randomly initialised (or with torchvision's named weights)."""
-    import torchvision
-
     if spec.factory:
         return _call_factory(spec)
+    import torchvision  # only here: its model zoo costs seconds of imports
     if not spec.arch:
         raise UserError("model: set model.arch (a torchvision name) or model.factory")
     names = torchvision.models.list_models()
