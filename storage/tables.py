@@ -84,8 +84,3 @@ def read_table(root: Path, table: str, **filters) -> pd.DataFrame:
         if col in frame.columns:
             frame[col] = frame[col].astype(str)
     return frame.reset_index(drop=True)
-
-
-def read_metadata(path: Path) -> dict:
-    meta = pq.read_schema(path).metadata or {}
-    return {k.decode(): json.loads(v) for k, v in meta.items() if k not in (b"pandas", b"ARROW:schema")}
