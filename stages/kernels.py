@@ -110,16 +110,47 @@ def radix_step(
 
 
 # ---------------------------------------------------------------- IoU tally
+#
+# Counting is a matrix product per image: the masks of its active units, one 0/1 row per
+# unit over the S pixels, times a per-image label indicator (S, L_i) over the labels the image
+# carries.  Entries are small integers, so the product is exact in bfloat16 as long as no
+# partial sum passes 2^8: the pixel axis is cut into chunks that keep every sum at or below
+# that and the chunk results are added in float32 (exact far beyond S).  This holds whatever
+# precision the backend accumulates in, on every device.
+
+BF16_EXACT = 256  # every integer up to 2^8 is a bfloat16
+MIN_GEMM_CHUNK = 16  # narrower exact chunks are not worth a batched product: use float64
 
 
 @dataclass
 class TallyInputs:
-    """Labels of one image block, already mapped to dense label indices (0 = none)."""
+    """Labels of one image block as stored, and how the tally reads them (SEMANTICS.md §3).
 
-    pixel: torch.Tensor  # (B, P, S) int64 dense label index per pixel plane
-    image: torch.Tensor  # (B, Q) int64 dense index of image-level labels
+    Label numbers stay as stored (planes of unselected categories already zeroed): the kernel
+    numbers each image's labels itself, so no per-pixel dense copy of the block is made.
+    """
+
+    stored_pixel: torch.Tensor  # (B, P, S) int32 label number per pixel plane, 0 = none
+    stored_image: torch.Tensor  # (B, Q) int32 image-level label numbers, 0 = none
+    lut: torch.Tensor  # (V,) int64 label number -> dense index, 0 = not scored
     label_category: torch.Tensor  # (L + 1,) int64 primary category index, -1 for index 0
     n_categories: int
+    planes: str = "set"  # "set": a pixel counts once per label; "multiset": once per plane
+
+    @property
+    def pixel(self) -> torch.Tensor:
+        """(B, P, S) int64 dense label index of every pixel plane (repeats kept)."""
+        return _lookup(self.lut, self.stored_pixel)
+
+    @property
+    def image(self) -> torch.Tensor:
+        """(B, Q) int64 dense index of every image-level label (repeats kept)."""
+        return _lookup(self.lut, self.stored_image)
+
+
+def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] through index_select (an order of magnitude faster than advanced indexing)."""
+    return table.index_select(0, index.reshape(-1).long()).view(index.shape)
 
 
 def set_semantics(
@@ -153,51 +184,6 @@ def set_semantics(
         covered = (pixel == lab[:, None, None]) & (lab[:, None, None] > 0)
         pixel[covered] = 0
     return pixel, image
-
-
-def pixel_label_counts(pixel: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """(B, L+1) pixel count of every dense label in each image, over all its planes."""
-    b = pixel.shape[0]
-    width = n_labels + 1
-    offsets = (torch.arange(b, device=pixel.device) * width).view(b, 1, 1)
-    return torch.bincount((pixel + offsets).reshape(-1), minlength=b * width).view(b, width)
-
-
-def label_area(inputs: TallyInputs, n_labels: int, seg_pixels: int,
-               pixel_counts: torch.Tensor) -> torch.Tensor:
-    """G_l over the block: pixel counts (from :func:`pixel_label_counts`) plus seg_pixels
-    per image-level occurrence."""
-    area = pixel_counts.sum(dim=0)
-    area += torch.bincount(inputs.image.reshape(-1), minlength=n_labels + 1) * seg_pixels
-    area[0] = 0
-    return area
-
-
-def image_incidence(image: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """(B, L+1) counts of each image-level label per image (column 0 zeroed)."""
-    b = image.shape[0]
-    rows = torch.arange(b, device=image.device).unsqueeze(1).expand_as(image)
-    inc = torch.zeros((b, n_labels + 1), dtype=torch.int64, device=image.device)
-    inc.index_put_((rows.reshape(-1), image.reshape(-1)), torch.ones_like(image.reshape(-1)), accumulate=True)
-    inc[:, 0] = 0
-    return inc
-
-
-def category_presence(
-    inputs: TallyInputs, pixel_counts: torch.Tensor, image_counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C) bools: image carries a label of primary category c (any kind), and image
-    carries an image-level label of category c.  Takes the per-image label counts of
-    :func:`pixel_label_counts` and :func:`image_incidence`."""
-    c = inputs.n_categories
-    lc = inputs.label_category
-    n_labels = lc.shape[0] - 1
-    onehot = torch.zeros((n_labels + 1, c), dtype=torch.float64, device=lc.device)
-    known = torch.nonzero(lc >= 0)[:, 0]
-    onehot[known, lc[known]] = 1.0
-    image_level = (image_counts.double() @ onehot) > 0
-    pixel_level = ((pixel_counts[:, 1:] > 0).double() @ onehot[1:]) > 0
-    return pixel_level | image_level, image_level
 
 
 def float32_below(thresholds: torch.Tensor) -> torch.Tensor:
@@ -263,11 +249,27 @@ def _source_rows(h: int, sh: int) -> torch.Tensor:
     return src.floor().long().clamp(max=h - 1)
 
 
-def _band_valid(y0: torch.Tensor, lo: int, hi: int, h: int, s: int) -> torch.Tensor:
+def _band_valid(y0: torch.Tensor, lo, hi, h: int, s: int) -> torch.Tensor:
     """Rows of a band [lo, hi] whose value equals the full map's: both source rows inside
-    the band and no clamping that the full map doesn't have."""
-    rows = y0[lo * s : (hi + 1) * s]
+    the band and no clamping that the full map doesn't have.  lo and hi are ints, or (n, 1)
+    tensors for n bands at once (then y0 holds each band's rows, (n, rows))."""
+    rows = y0[lo * s : (hi + 1) * s] if isinstance(lo, int) else y0
     return (rows >= lo) & ((rows <= hi - 1) | (hi == h - 1))
+
+
+def row_bands(maps: torch.Tensor, t32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per map, the band [lo, hi] of input rows whose interpolation can hold mask pixels:
+    one row around every hot row (a row with a cell above :func:`skip_bound`), at least two
+    rows (torch treats a one-row input specially)."""
+    h = maps.shape[1]
+    hot = (maps > skip_bound(t32)[:, None, None]).any(dim=2)  # (P, h)
+    idx = torch.arange(h, device=maps.device)
+    lo = (torch.where(hot, idx, h).amin(dim=1) - 1).clamp(min=0)
+    hi = (torch.where(hot, idx, -1).amax(dim=1) + 1).clamp(max=h - 1)
+    single = hi <= lo
+    lo = torch.where(single & (lo > 0), lo - 1, lo)
+    hi = torch.where(single & (lo == hi), hi + 1, hi)
+    return lo, hi
 
 
 def masked_pixels(
@@ -276,10 +278,9 @@ def masked_pixels(
     """(pair, pixel) of every output pixel with bilinear(map) > t32, exactly as a full
     :func:`upsample_masks` would give.
 
-    Where :func:`row_bands_exact` holds, each map is upsampled only over the band of rows
-    around its hot rows (cells above :func:`skip_bound`): rows outside the band interpolate
-    cells that cannot produce a mask pixel.  Maps are grouped by band so each group is one
-    interpolate call.
+    Where :func:`row_bands_exact` holds, each map is upsampled only over its
+    :func:`row_bands`: rows outside the band interpolate cells that cannot produce a mask
+    pixel.  Maps are grouped by band so each group is one interpolate call.
     """
     p, h, w = maps.shape
     sh, sw = size
@@ -296,13 +297,7 @@ def masked_pixels(
             pixels.append(pix)
         return torch.cat(pairs), torch.cat(pixels)
     s = sh // h
-    hot = (maps > skip_bound(t32)[:, None, None]).any(dim=2)  # (P, h)
-    idx = torch.arange(h, device=maps.device)
-    lo = (torch.where(hot, idx, h).amin(dim=1) - 1).clamp(min=0)
-    hi = (torch.where(hot, idx, -1).amax(dim=1) + 1).clamp(max=h - 1)
-    single = hi <= lo  # widen one-row bands: torch treats a one-row input specially
-    lo = torch.where(single & (lo > 0), lo - 1, lo)
-    hi = torch.where(single & (lo == hi), hi + 1, hi)
+    lo, hi = row_bands(maps, t32)
     y0 = _source_rows(h, sh).to(maps.device)
     pairs, pixels = [], []
     keys = lo * h + hi
@@ -320,6 +315,148 @@ def masked_pixels(
     return torch.cat(pairs), torch.cat(pixels)
 
 
+def write_masks(canvas: torch.Tensor, rows: torch.Tensor, maps: torch.Tensor, t32: torch.Tensor,
+                size: tuple[int, int]) -> None:
+    """canvas[rows[i]] = M_i as 0/1, for maps (n, h, w) and their float32 thresholds.
+
+    canvas (m, sh·sw) holds zeros in those rows.  Where :func:`row_bands_exact` holds only
+    each map's :func:`row_bands` are interpolated, in one call per band height; rows of a band
+    that differ from the full map's (clamping at the band's edges) are thresholded at +inf,
+    which is right because they interpolate cells that cannot reach the threshold.
+    """
+    n, h, w = maps.shape
+    sh, sw = size
+    if n == 0:
+        return
+    if not row_bands_exact(h, w, sh, sw, maps.device.type):
+        for start in range(0, n, FULL_MAP_CHUNK):
+            stop = start + FULL_MAP_CHUNK
+            up = F.interpolate(maps[start:stop, None].float(), size=size, mode="bilinear",
+                               align_corners=False)[:, 0]
+            mask = torch.gt(up, t32[start:stop, None, None],
+                            out=torch.empty_like(up, dtype=canvas.dtype))
+            canvas.index_copy_(0, rows[start:stop], mask.view(len(mask), -1))
+        return
+    s = sh // h
+    lo, hi = row_bands(maps, t32)
+    y0 = _source_rows(h, sh).to(maps.device)
+    cell_rows = canvas.view(-1, s * sw)  # one block of s output rows per input row
+    heights = hi - lo + 1
+    for height in torch.unique(heights).tolist():
+        sel = torch.nonzero(heights == height)[:, 0]
+        band_rows = lo[sel, None] + torch.arange(height, device=maps.device)  # (g, height)
+        band_in = maps[sel].gather(1, band_rows[:, :, None].expand(-1, -1, w))
+        band = F.interpolate(band_in[:, None].float(), size=(height * s, sw), mode="bilinear",
+                             align_corners=False)[:, 0]
+        out_rows = lo[sel, None] * s + torch.arange(height * s, device=maps.device)
+        valid = _band_valid(y0[out_rows], lo[sel, None], hi[sel, None], h, s)
+        limit = torch.where(valid, t32[sel, None], torch.inf)
+        mask = torch.gt(band, limit[:, :, None], out=torch.empty_like(band, dtype=canvas.dtype))
+        cell_rows.index_copy_(0, (rows[sel, None] * h + band_rows).view(-1), mask.view(-1, s * sw))
+
+
+# ---------------------------------------------------------------- labels of a run of images
+
+
+@dataclass
+class ImageLabels:
+    """The labels of a run of images, numbered per image ("local" columns).
+
+    Column 0 of every image is "every pixel" (its count under a mask is the mask's area);
+    columns 1..widths[i]-1 are the labels image i carries, ascending; later columns are
+    padding (dense label 0, indicator 0).
+    """
+
+    labels: torch.Tensor  # (n, W) int64 dense label of each column
+    widths: list[int]  # columns used by each image
+    indicator: torch.Tensor  # (n, S, W) bfloat16 how often each column covers each pixel
+    image_only: torch.Tensor  # (n, W) float32 image-level occurrences not in the indicator
+    largest: int  # largest indicator entry
+
+
+def image_labels(inputs: TallyInputs, first: int, last: int) -> ImageLabels:
+    """Local label columns and pixel indicators of images [first, last) (SEMANTICS.md §3).
+
+    ``set``: the indicator is 1 wherever any plane or image-level label carries the label.
+    ``multiset``: it counts the pixel planes, and image-level occurrences are left to
+    ``image_only`` (they add area x occurrences).
+    """
+    pixel = inputs.stored_pixel[first:last]
+    image = inputs.stored_image[first:last].long()
+    n, p, s = pixel.shape
+    v = inputs.lut.numel()
+    device = pixel.device
+    keys = pixel + (torch.arange(n * p, device=device) * v).view(n, p, 1)  # (image, plane, label)
+    in_plane = torch.bincount(keys.view(-1), minlength=n * p * v).view(n, p, v) > 0
+    image_keys = image + (torch.arange(n, device=device) * v)[:, None]
+    on_image = torch.bincount(image_keys.view(-1), minlength=n * v).view(n, v) > 0
+    scored = inputs.lut > 0
+    carried = (in_plane.any(dim=1) | on_image) & scored
+    local = carried.cumsum(dim=1) * carried  # label number -> local column (0 = none)
+    counts = carried.sum(dim=1)
+    widths = (counts + 1).tolist()
+    width = max(widths)
+    labels = torch.zeros((n, width), dtype=torch.int64, device=device)
+    img, number = torch.nonzero(carried, as_tuple=True)
+    labels[img, local[img, number]] = inputs.lut[number]
+    image_local = _lookup(local.view(-1), image_keys)  # (n, q)
+    # flat position of (image, pixel, column) in the indicator, for every plane entry
+    image_start = (torch.arange(n, device=device) * (s * width))[:, None]
+    pixel_start = (torch.arange(s, device=device) * width)[None, None, :]
+    pixel_at = _lookup((image_start + local)[:, None, :].expand(n, p, v).reshape(-1), keys)
+    pixel_at += pixel_start
+    indicator = torch.zeros((n, s, width), dtype=torch.bfloat16, device=device)
+    image_only = torch.zeros((n, width), dtype=torch.float32, device=device)
+    if inputs.planes == "set":
+        image_at = (image_start + image_local)[:, :, None] + pixel_start  # whole columns
+        indicator.view(-1).index_fill_(0, torch.cat([pixel_at, image_at], dim=1).view(-1), 1.0)
+        largest = 1
+    else:
+        one = torch.ones(1, dtype=torch.bfloat16, device=device)
+        indicator.view(-1).index_add_(0, pixel_at.view(-1), one.expand(pixel_at.numel()))
+        image_only.scatter_add_(1, image_local, torch.ones_like(image_local, dtype=torch.float32))
+        image_only[:, 0] = 0
+        largest = int((in_plane & scored).sum(dim=1).max())
+    indicator[:, :, 0] = 1
+    return ImageLabels(labels, widths, indicator, image_only, max(largest, 1))
+
+
+def gemm_chunk(pixels: int, largest: int) -> int:
+    """Widest chunk of the pixel axis that divides it and keeps bfloat16 sums exact."""
+    cap = max(BF16_EXACT // largest, 1)
+    return max(d for d in range(1, min(cap, pixels) + 1) if pixels % d == 0)
+
+
+def exact_counts(masks: torch.Tensor, indicator: torch.Tensor, chunk: int) -> torch.Tensor:
+    """masks (m, S) 0/1 @ indicator (S, W) small integers -> (m, W) float32, exactly.
+
+    bfloat16 products over ``chunk`` pixels at a time (see :func:`gemm_chunk`), summed in
+    float32; float64 where the chunks would be too narrow to pay.
+    """
+    m, s = masks.shape
+    if chunk < MIN_GEMM_CHUNK:
+        return (masks.double() @ indicator.double()).float()
+    parts = torch.bmm(masks.view(m, s // chunk, chunk).transpose(0, 1),
+                      indicator.view(s // chunk, chunk, -1))
+    return parts.sum(dim=0, dtype=torch.float32)
+
+
+def label_counts(canvas: torch.Tensor, row_image: torch.Tensor, labels: ImageLabels) -> torch.Tensor:
+    """(rows, W) float32: each canvas row (a 0/1 mask of one image) against its image's
+    label columns; one exact product per image."""
+    chunk = gemm_chunk(canvas.shape[1], labels.largest)
+    out = torch.zeros((canvas.shape[0], labels.labels.shape[1]), dtype=torch.float32,
+                      device=canvas.device)
+    images, sizes = torch.unique_consecutive(row_image, return_counts=True)
+    start = 0
+    for image, size in zip(images.tolist(), sizes.tolist(), strict=True):
+        width = labels.widths[image]
+        out[start : start + size, :width] = exact_counts(
+            canvas[start : start + size], labels.indicator[image, :, :width], chunk)
+        start += size
+    return out + out[:, :1] * labels.image_only[row_image]
+
+
 def tally_block(
     acts: torch.Tensor,
     thresholds: torch.Tensor,
@@ -327,62 +464,65 @@ def tally_block(
     n_labels: int,
     seg_size: tuple[int, int],
     union: str,
-    pair_chunk: int = 4096,
+    pair_chunk: int = 1024,
 ) -> dict[str, torch.Tensor]:
     """Exact int64 counts of one block of images for every unit and label.
 
     acts (B, K, h, w) raw activations; thresholds (K,) float64.  Only (image, unit) pairs
     whose raw maximum can reach the threshold are upsampled (:func:`skip_bound`): a bilinear
-    value is a convex combination of raw cells, so the others have empty masks.
+    value is a convex combination of raw cells, so the others have empty masks.  Each image
+    contributes one all-ones row (its label areas) and one mask row per active unit; at most
+    ``pair_chunk`` such rows are held at once.
     Returns intersection (K, L+1), unit_area (K, C), label_area (L+1,).
     """
+    if union not in ("restricted", "global", "lite"):
+        raise ValueError(f"unknown union mode {union!r}")
     device = acts.device
     b, k = acts.shape[:2]
     c = inputs.n_categories
-    s = seg_size[0] * seg_size[1]
+    sh, sw = seg_size
     width = n_labels + 1
-    thresholds = float32_below(thresholds.to(device=device, dtype=torch.float64))
-    active = acts.float().amax(dim=(2, 3)) > skip_bound(thresholds)[None, :]
-    img_idx, unit_idx = torch.nonzero(active, as_tuple=True)
-    inter_flat = torch.zeros(k * width, dtype=torch.int64, device=device)
+    t32 = float32_below(thresholds.to(device=device, dtype=torch.float64))
+    maps = acts.float().reshape(b * k, *acts.shape[2:])
+    active = maps.amax(dim=(1, 2)).view(b, k) > skip_bound(t32)[None, :]
+    whole = torch.ones((b, 1), dtype=torch.bool, device=device)
+    row_image, row_column = torch.nonzero(torch.cat([whole, active], dim=1), as_tuple=True)
+    row_unit = row_column - 1  # -1: the image's all-ones row
+    intersection = torch.zeros((k, width), dtype=torch.int64, device=device)
+    label_area = torch.zeros(width, dtype=torch.int64, device=device)
     area = torch.zeros((b, k), dtype=torch.int64, device=device)
-    pixel_overlap = torch.zeros((len(img_idx), c), dtype=torch.bool, device=device)
-    pixel = inputs.pixel
-    lc = inputs.label_category
-    for start in range(0, len(img_idx), pair_chunk):
-        bi = img_idx[start : start + pair_chunk]
-        ki = unit_idx[start : start + pair_chunk]
-        pair, pix = masked_pixels(acts[bi, ki], thresholds[ki], seg_size)
-        area[bi, ki] = torch.bincount(pair, minlength=len(bi))
-        labels = pixel[bi[pair], :, pix]  # (M, P)
-        owner = ki[pair].unsqueeze(1).expand_as(labels)
-        keep = labels > 0
-        inter_flat += torch.bincount(owner[keep] * width + labels[keep], minlength=k * width)
+    carries = torch.zeros((b, c + 1), dtype=torch.bool, device=device)  # column 0: no category
+    lite_area = torch.zeros((k, c + 1), dtype=torch.int64, device=device)
+    category = inputs.label_category + 1
+    for start in range(0, len(row_image), max(pair_chunk, 1)):
+        img = row_image[start : start + pair_chunk]
+        unit = row_unit[start : start + pair_chunk]
+        first, last = int(img[0]), int(img[-1]) + 1
+        labels = image_labels(inputs, first, last)
+        canvas = torch.zeros((len(img), sh * sw), dtype=torch.bfloat16, device=device)
+        whole_rows = torch.nonzero(unit < 0)[:, 0]
+        canvas.index_fill_(0, whole_rows, 1.0)
+        pair_rows = torch.nonzero(unit >= 0)[:, 0]
+        pi, pu = img[pair_rows], unit[pair_rows]
+        write_masks(canvas, pair_rows, maps.index_select(0, pi * k + pu), t32[pu], seg_size)
+        counts = label_counts(canvas, img - first, labels).long()
+        columns = labels.labels[img - first]  # dense label of every count
+        label_area.index_put_((columns[whole_rows],), counts[whole_rows], accumulate=True)
+        pair_counts, pair_columns = counts[pair_rows], columns[pair_rows]
+        intersection.index_put_((pu[:, None].expand_as(pair_columns), pair_columns), pair_counts,
+                                accumulate=True)
+        area[pi, pu] = pair_counts[:, 0]
+        carries[first:last].scatter_(1, category[labels.labels], True)
         if union == "lite":
-            cats = lc[labels]
-            rows = (pair + start).unsqueeze(1).expand_as(labels)
-            ok = keep & (cats >= 0)
-            hits = torch.bincount(rows[ok] * c + cats[ok], minlength=len(img_idx) * c)
-            pixel_overlap |= hits.view(len(img_idx), c) > 0
-    intersection = inter_flat.view(k, width)
-    # image-level labels: the whole mask intersects (float64 matmul is exact here)
-    inc = image_incidence(inputs.image, n_labels)
-    intersection += torch.round(area.double().T @ inc.double()).to(torch.int64)
-    pixel_counts = pixel_label_counts(pixel, n_labels)
-    any_cat, image_cat = category_presence(inputs, pixel_counts, inc)
+            overlap = torch.zeros((len(pair_rows), c + 1), dtype=torch.int64, device=device)
+            overlap.scatter_add_(1, category[pair_columns[:, 1:]], (pair_counts[:, 1:] > 0).long())
+            lite_area.index_add_(0, pu, pair_counts[:, :1] * (overlap > 0))
+    intersection[:, 0] = 0
+    label_area[0] = 0
     if union == "global":
         unit_area = area.sum(dim=0, keepdim=True).T.expand(k, c).clone()
     elif union == "restricted":
-        unit_area = torch.round(area.double().T @ any_cat.double()).to(torch.int64)
-    elif union == "lite":
-        indicator = pixel_overlap | image_cat[img_idx]
-        unit_area = torch.zeros((k, c), dtype=torch.int64, device=device)
-        unit_area.index_add_(0, unit_idx, area[img_idx, unit_idx][:, None] * indicator)
+        unit_area = torch.round(area.double().T @ carries[:, 1:].double()).to(torch.int64)
     else:
-        raise ValueError(f"unknown union mode {union!r}")
-    intersection[:, 0] = 0
-    return {
-        "intersection": intersection,
-        "unit_area": unit_area,
-        "label_area": label_area(inputs, n_labels, s, pixel_counts),
-    }
+        unit_area = lite_area[:, 1:].contiguous()
+    return {"intersection": intersection, "unit_area": unit_area, "label_area": label_area}
