@@ -355,6 +355,132 @@ def write_masks(canvas: torch.Tensor, rows: torch.Tensor, maps: torch.Tensor, t3
         cell_rows.index_copy_(0, (rows[sel, None] * h + band_rows).view(-1), mask.view(-1, s * sw))
 
 
+# ---------------------------------------------------------------- quads
+#
+# With integer scale factors every output pixel lies in one "quad": the pixels between input
+# rows j-1, j and columns i-1, i (j in 0..h, i in 0..w; the border quads hold the clamped
+# pixels and only read one row or column).  A quad can hold mask pixels only if one of its
+# corner cells is hot, which on resnet-like layers is ~6 quads of 64 per active pair.  For
+# large outputs torch's CPU kernel is separable (a horizontal linear pass, then a vertical
+# one, each a fused multiply-add), so a quad's exact values come from two 1-D interpolations:
+# the whole map's rows, then a two-row segment of those rows over the quad's columns.  That
+# identity is checked per shape and device (:func:`quads_exact`), like :func:`row_bands_exact`.
+
+
+@dataclass(frozen=True)
+class AxisQuads:
+    """Quads along one axis of n_in cells upsampled to n_out positions."""
+
+    start: torch.Tensor  # (n_in + 1,) first output position of each quad
+    size: torch.Tensor  # (n_in + 1,) output positions in each quad
+    segment: torch.Tensor  # (n_in + 1,) first of the two input cells a quad's segment reads
+    tile: int  # the largest quad
+
+
+def axis_quads(n_in: int, n_out: int) -> AxisQuads:
+    """Quad of every output position from torch's own source index (align_corners=False)."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+    src = scale * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5
+    i0 = src.clamp(min=0).floor().long().clamp(max=n_in - 1)
+    quad = torch.where(src < 0, 0, torch.where(i0 == n_in - 1, n_in, i0 + 1))
+    start = torch.full((n_in + 1,), n_out, dtype=torch.int64).scatter_reduce(
+        0, quad, torch.arange(n_out), "amin")
+    size = torch.bincount(quad, minlength=n_in + 1)
+    segment = (torch.arange(n_in + 1) - 1).clamp(0, n_in - 2)
+    return AxisQuads(start, size, segment, int(size.max()))
+
+
+@dataclass(frozen=True)
+class QuadGrid:
+    """Every output pixel as (quad, position in the quad's tile); tiles are column-major
+    (tile_cols x tile_rows), padded where a quad is smaller than the largest."""
+
+    rows: AxisQuads
+    cols: AxisQuads
+    position: torch.Tensor  # (sh·sw,) tile-axis position of each pixel, row-major pixels
+
+    @property
+    def n_quads(self) -> int:
+        return len(self.rows.start) * len(self.cols.start)
+
+    @property
+    def tile(self) -> int:
+        return self.rows.tile * self.cols.tile
+
+
+@lru_cache(maxsize=64)
+def quad_grid(h: int, w: int, sh: int, sw: int, device: str = "cpu") -> QuadGrid | None:
+    """The quads of an (h, w) -> (sh, sw) upsampling; None unless both scale factors are
+    integers (then every quad's segment output lines up with the full map's)."""
+    if sh % h or sw % w or h < 2 or w < 2:
+        return None
+    rows, cols = axis_quads(h, sh), axis_quads(w, sw)
+    y, x = torch.arange(sh), torch.arange(sw)
+    qy = torch.bucketize(y, rows.start, right=True) - 1
+    qx = torch.bucketize(x, cols.start, right=True) - 1
+    quad = qy[:, None] * (w + 1) + qx[None, :]
+    inner = (x[None, :] - cols.start[qx][None, :]) * rows.tile + (y[:, None] - rows.start[qy][:, None])
+    position = (quad * (rows.tile * cols.tile) + inner).reshape(-1)
+
+    def to(a: AxisQuads) -> AxisQuads:
+        return AxisQuads(a.start.to(device), a.size.to(device), a.segment.to(device), a.tile)
+
+    return QuadGrid(to(rows), to(cols), position.to(device))
+
+
+def active_quads(maps: torch.Tensor, t32: torch.Tensor) -> torch.Tensor:
+    """(n, (h+1)·(w+1)) bool: quads with a hot corner cell (above :func:`skip_bound`)."""
+    hot = (maps > skip_bound(t32)[:, None, None]).float()[:, None]
+    return F.max_pool2d(F.pad(hot, (1, 1, 1, 1)), 2, stride=1)[:, 0].flatten(1) > 0
+
+
+def quad_values(rows: torch.Tensor, pair: torch.Tensor, quad: torch.Tensor,
+                grid: QuadGrid) -> torch.Tensor:
+    """(E, tile_cols, tile_rows) float32: the bilinear values of quad ``quad[e]`` of map
+    ``pair[e]``, from ``rows`` (n, h, sw), the maps' rows interpolated to the output width.
+
+    Each quad reads a two-row segment of ``rows`` over its columns and interpolates it
+    vertically; positions past a quad's size read clamped neighbours (tile padding).
+    """
+    n, h, sw = rows.shape
+    device = rows.device
+    ry, rx = grid.rows, grid.cols
+    qy, qx = quad // len(rx.start), quad % len(rx.start)
+    cols = (rx.start[qx, None] + torch.arange(rx.tile, device=device)).clamp(max=sw - 1)
+    seg_rows = ry.segment[qy, None] + torch.arange(2, device=device)
+    at = ((pair[:, None, None] * h + seg_rows[:, :, None]) * sw + cols[:, None, :])
+    segment = rows.reshape(-1).index_select(0, at.view(-1)).view(len(pair), 2, rx.tile)
+    seg_len = 2 * ry.tile
+    column = F.interpolate(segment.transpose(1, 2), size=seg_len, mode="linear",
+                           align_corners=False)  # (E, tile_cols, 2 * tile_rows)
+    first = ry.start[qy] - ry.segment[qy] * ry.tile
+    take = (first[:, None] + torch.arange(ry.tile, device=device)).clamp(max=seg_len - 1)
+    return column.gather(2, take[:, None, :].expand(-1, rx.tile, -1))
+
+
+def _horizontal(maps: torch.Tensor, sw: int) -> torch.Tensor:
+    return F.interpolate(maps.float(), size=sw, mode="linear", align_corners=False)
+
+
+@lru_cache(maxsize=64)
+def quads_exact(h: int, w: int, sh: int, sw: int, device: str = "cpu") -> bool:
+    """Do :func:`quad_values` equal ``F.interpolate`` bit for bit on this device?  Checked on
+    random maps of mixed magnitude over every pixel of every quad."""
+    grid = quad_grid(h, w, sh, sw, device)
+    if grid is None:
+        return False
+    gen = torch.Generator().manual_seed(12345)
+    scale = torch.tensor([1e-30, 1e-3, 1, 1, 10, 1e3, 1e5, 1e30]).view(8, 1, 1)
+    maps = (torch.randn((8, h, w), generator=gen) * scale).to(device)
+    maps[1] = maps[1].round()  # plateaus
+    full = F.interpolate(maps[:, None], size=(sh, sw), mode="bilinear", align_corners=False)
+    pair = torch.arange(8, device=device).repeat_interleave(grid.n_quads)
+    quad = torch.arange(grid.n_quads, device=device).repeat(8)
+    tiles = quad_values(_horizontal(maps, sw), pair, quad, grid).view(8, -1)
+    got = tiles.gather(1, grid.position[None, :].expand(8, -1))
+    return torch.equal(got, full.view(8, -1))
+
+
 # ---------------------------------------------------------------- labels of a run of images
 
 
@@ -363,20 +489,31 @@ class ImageLabels:
     """The labels of a run of images, numbered per image ("local" columns).
 
     Column 0 of every image is "every pixel" (its count under a mask is the mask's area);
-    columns 1..widths[i]-1 are the labels image i carries, ascending; later columns are
-    padding (dense label 0, indicator 0).
+    columns 1..widths[i]-1 are the labels image i carries, ascending; later columns of
+    ``labels`` are padding (dense label 0).  Image i's indicator is a (positions, widths[i])
+    block of ``indicator`` starting at ``starts[i]``: how often each column covers the pixel
+    at each position (positions are pixels, or quad tile positions; padding rows are 0).
     """
 
     labels: torch.Tensor  # (n, W) int64 dense label of each column
-    widths: list[int]  # columns used by each image
-    indicator: torch.Tensor  # (n, S, W) bfloat16 how often each column covers each pixel
+    widths: list[int]
+    starts: list[int]
+    positions: int
+    indicator: torch.Tensor  # flat bfloat16
     image_only: torch.Tensor  # (n, W) float32 image-level occurrences not in the indicator
     largest: int  # largest indicator entry
 
+    def block(self, i: int) -> torch.Tensor:
+        start = self.starts[i]
+        return self.indicator[start : start + self.positions * self.widths[i]].view(
+            self.positions, self.widths[i])
 
-def image_labels(inputs: TallyInputs, first: int, last: int) -> ImageLabels:
-    """Local label columns and pixel indicators of images [first, last) (SEMANTICS.md §3).
 
+def image_labels(inputs: TallyInputs, first: int, last: int, position: torch.Tensor,
+                 positions: int) -> ImageLabels:
+    """Local label columns and indicators of images [first, last) (SEMANTICS.md §3).
+
+    ``position`` (S,) places every pixel on the indicator's axis of ``positions`` rows.
     ``set``: the indicator is 1 wherever any plane or image-level label carries the label.
     ``multiset``: it counts the pixel planes, and image-level occurrences are left to
     ``image_only`` (they add area x occurrences).
@@ -393,68 +530,155 @@ def image_labels(inputs: TallyInputs, first: int, last: int) -> ImageLabels:
     scored = inputs.lut > 0
     carried = (in_plane.any(dim=1) | on_image) & scored
     local = carried.cumsum(dim=1) * carried  # label number -> local column (0 = none)
-    counts = carried.sum(dim=1)
-    widths = (counts + 1).tolist()
-    width = max(widths)
-    labels = torch.zeros((n, width), dtype=torch.int64, device=device)
+    width = carried.sum(dim=1) + 1
+    widths = width.tolist()
+    starts = torch.cumsum(width * positions, dim=0) - width * positions
+    labels = torch.zeros((n, max(widths)), dtype=torch.int64, device=device)
     img, number = torch.nonzero(carried, as_tuple=True)
     labels[img, local[img, number]] = inputs.lut[number]
     image_local = _lookup(local.view(-1), image_keys)  # (n, q)
-    # flat position of (image, pixel, column) in the indicator, for every plane entry
-    image_start = (torch.arange(n, device=device) * (s * width))[:, None]
-    pixel_start = (torch.arange(s, device=device) * width)[None, None, :]
-    pixel_at = _lookup((image_start + local)[:, None, :].expand(n, p, v).reshape(-1), keys)
-    pixel_at += pixel_start
-    indicator = torch.zeros((n, s, width), dtype=torch.bfloat16, device=device)
-    image_only = torch.zeros((n, width), dtype=torch.float32, device=device)
+    # flat index of (image, pixel, column 0) in the indicator; + local column
+    row_at = starts[:, None] + position[None, :] * width[:, None]  # (n, s)
+    pixel_at = _lookup(local[:, None, :].expand(n, p, v).reshape(-1), keys)
+    pixel_at += row_at[:, None, :]
+    indicator = torch.zeros(int(width @ torch.full_like(width, positions)), dtype=torch.bfloat16,
+                            device=device)
+    image_only = torch.zeros(labels.shape, dtype=torch.float32, device=device)
     if inputs.planes == "set":
-        image_at = (image_start + image_local)[:, :, None] + pixel_start  # whole columns
-        indicator.view(-1).index_fill_(0, torch.cat([pixel_at, image_at], dim=1).view(-1), 1.0)
+        image_at = row_at[:, None, :] + image_local[:, :, None]  # whole columns
+        indicator.index_fill_(0, pixel_at.view(-1), 1.0)
+        indicator.index_fill_(0, image_at.view(-1), 1.0)
         largest = 1
     else:
         one = torch.ones(1, dtype=torch.bfloat16, device=device)
-        indicator.view(-1).index_add_(0, pixel_at.view(-1), one.expand(pixel_at.numel()))
+        indicator.index_add_(0, pixel_at.view(-1), one.expand(pixel_at.numel()))
         image_only.scatter_add_(1, image_local, torch.ones_like(image_local, dtype=torch.float32))
         image_only[:, 0] = 0
         largest = int((in_plane & scored).sum(dim=1).max())
-    indicator[:, :, 0] = 1
-    return ImageLabels(labels, widths, indicator, image_only, max(largest, 1))
+    indicator.index_fill_(0, row_at.view(-1), 1.0)  # column 0: every pixel
+    return ImageLabels(labels, widths, starts.tolist(), positions, indicator, image_only,
+                       max(largest, 1))
 
 
-def gemm_chunk(pixels: int, largest: int) -> int:
-    """Widest chunk of the pixel axis that divides it and keeps bfloat16 sums exact."""
+# ---------------------------------------------------------------- exact products
+
+
+def product_plan(k: int, largest: int) -> tuple[int, torch.dtype]:
+    """(chunk, dtype) for exact products over a K axis of 0/1 masks and indicator entries up
+    to ``largest``: the widest divisor of K that keeps every partial sum <= 2^8 in bfloat16,
+    or all of K in float64 where no such divisor is wide enough to pay."""
     cap = max(BF16_EXACT // largest, 1)
-    return max(d for d in range(1, min(cap, pixels) + 1) if pixels % d == 0)
+    chunk = max(d for d in range(1, min(cap, k) + 1) if k % d == 0)
+    return (chunk, torch.bfloat16) if chunk >= MIN_GEMM_CHUNK else (k, torch.float64)
 
 
-def exact_counts(masks: torch.Tensor, indicator: torch.Tensor, chunk: int) -> torch.Tensor:
-    """masks (m, S) 0/1 @ indicator (S, W) small integers -> (m, W) float32, exactly.
-
-    bfloat16 products over ``chunk`` pixels at a time (see :func:`gemm_chunk`), summed in
-    float32; float64 where the chunks would be too narrow to pay.
-    """
-    m, s = masks.shape
-    if chunk < MIN_GEMM_CHUNK:
-        return (masks.double() @ indicator.double()).float()
-    parts = torch.bmm(masks.view(m, s // chunk, chunk).transpose(0, 1),
-                      indicator.view(s // chunk, chunk, -1))
-    return parts.sum(dim=0, dtype=torch.float32)
+def exact_products(masks: torch.Tensor, indicator: torch.Tensor, group: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """masks (B, m, chunk) @ indicator (B, chunk, W), summed over runs of ``group`` batches
+    -> (B / group, m, W) float32; exact in the dtype of :func:`product_plan`."""
+    parts = torch.bmm(masks.to(dtype), indicator.to(dtype))
+    b, m, w = parts.shape
+    return parts.view(b // group, group, m, w).sum(dim=1, dtype=torch.float32)
 
 
-def label_counts(canvas: torch.Tensor, row_image: torch.Tensor, labels: ImageLabels) -> torch.Tensor:
-    """(rows, W) float32: each canvas row (a 0/1 mask of one image) against its image's
-    label columns; one exact product per image."""
-    chunk = gemm_chunk(canvas.shape[1], labels.largest)
-    out = torch.zeros((canvas.shape[0], labels.labels.shape[1]), dtype=torch.float32,
-                      device=canvas.device)
-    images, sizes = torch.unique_consecutive(row_image, return_counts=True)
+@dataclass
+class TallyRows:
+    """A run of count rows of a block: per image an all-ones row, then one row per active
+    unit.  ``image`` is relative to ``first``; ``whole``/``pairs`` index the rows."""
+
+    image: torch.Tensor  # (R,) image of each row, minus first
+    unit: torch.Tensor  # (R,) unit of each row, -1 for the all-ones rows
+    first: int
+    last: int
+
+    @property
+    def whole(self) -> torch.Tensor:
+        return torch.nonzero(self.unit < 0)[:, 0]
+
+    @property
+    def pairs(self) -> torch.Tensor:
+        return torch.nonzero(self.unit >= 0)[:, 0]
+
+
+def dense_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: TallyInputs,
+                 size: tuple[int, int]) -> tuple[torch.Tensor, ImageLabels]:
+    """Counts of every row when quads don't apply: one full (sh·sw) mask row per pair and
+    per image (all ones), times the image's indicator."""
+    s = size[0] * size[1]
+    device = maps.device
+    labels = image_labels(inputs, rows.first, rows.last, torch.arange(s, device=device), s)
+    canvas = torch.zeros((len(rows.image), s), dtype=torch.bfloat16, device=device)
+    canvas.index_fill_(0, rows.whole, 1.0)
+    write_masks(canvas, rows.pairs, maps, t32, size)
+    chunk, dtype = product_plan(s, labels.largest)
+    counts = torch.zeros((len(rows.image), labels.labels.shape[1]), dtype=torch.float32,
+                         device=device)
+    images, sizes = torch.unique_consecutive(rows.image, return_counts=True)
     start = 0
-    for image, size in zip(images.tolist(), sizes.tolist(), strict=True):
+    for image, n in zip(images.tolist(), sizes.tolist(), strict=True):
         width = labels.widths[image]
-        out[start : start + size, :width] = exact_counts(
-            canvas[start : start + size], labels.indicator[image, :, :width], chunk)
-        start += size
-    return out + out[:, :1] * labels.image_only[row_image]
+        masks = canvas[start : start + n].view(n, s // chunk, chunk).transpose(0, 1)
+        indicator = labels.block(image).view(s // chunk, chunk, width)
+        counts[start : start + n, :width] = exact_products(masks, indicator, s // chunk, dtype)[0]
+        start += n
+    return counts, labels
+
+
+def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: TallyInputs,
+                grid: QuadGrid, sw: int) -> tuple[torch.Tensor, ImageLabels]:
+    """Counts of every row on the quad grid: only the quads with a hot corner are computed.
+
+    Per image and quad, slot 0 is all ones (label areas) and slots 1.. hold the active quads
+    of its pairs, so each image's product is one batched product over its quads.
+    """
+    device = maps.device
+    n_quads, tile = grid.n_quads, grid.tile
+    n = rows.last - rows.first
+    labels = image_labels(inputs, rows.first, rows.last, grid.position, n_quads * tile)
+    chunk, dtype = product_plan(tile, labels.largest)
+    per_tile = tile // chunk
+    entry_pair, entry_quad = torch.nonzero(active_quads(maps, t32), as_tuple=True)
+    entry_image = rows.image[rows.pairs][entry_pair]
+    key = entry_image * n_quads + entry_quad
+    in_quad = torch.bincount(key, minlength=n * n_quads)
+    order = torch.argsort(key, stable=True)
+    slot = torch.empty_like(key)
+    slot[order] = torch.arange(len(key), device=device) - (in_quad.cumsum(0) - in_quad)[key[order]] + 1
+    slots = in_quad.view(n, n_quads).amax(dim=1) + 1  # slot 0: all ones
+    rows_per_image = n_quads * slots  # product rows
+    row_start = rows_per_image.cumsum(0) - rows_per_image
+    canvas = torch.zeros((int(rows_per_image.sum()) * per_tile, chunk), dtype=torch.bfloat16,
+                         device=device)
+
+    def canvas_rows(image: torch.Tensor, quad: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """(…, per_tile) canvas rows of (image, quad, slot): layout (quad, chunk, slot)."""
+        base = row_start[image] * per_tile + quad * per_tile * slots[image] + slot
+        return base[..., None] + torch.arange(per_tile, device=device) * slots[image][..., None]
+
+    whole_image = rows.image[rows.whole]
+    all_quads = torch.arange(n_quads, device=device)
+    canvas.index_fill_(0, canvas_rows(whole_image[:, None], all_quads, 0).view(-1), 1.0)
+    if len(key):
+        values = quad_values(_horizontal(maps, sw), entry_pair, entry_quad, grid)
+        mask = torch.gt(values, t32[entry_pair, None, None],
+                        out=torch.empty_like(values, dtype=torch.bfloat16))
+        canvas.index_copy_(0, canvas_rows(entry_image, entry_quad, slot).view(-1),
+                           mask.view(-1, chunk))
+    products = torch.zeros((int(rows_per_image.sum()), labels.labels.shape[1]),
+                           dtype=torch.float32, device=device)
+    for image, (start, count) in enumerate(zip(row_start.tolist(), slots.tolist(), strict=True)):
+        width = labels.widths[image]
+        masks = canvas[start * per_tile : (start + n_quads * count) * per_tile]
+        products[start : start + n_quads * count, :width] = exact_products(
+            masks.view(n_quads * per_tile, count, chunk),
+            labels.block(image).view(n_quads * per_tile, chunk, width), per_tile, dtype,
+        ).view(n_quads * count, width)
+    counts = torch.zeros((len(rows.image), products.shape[1]), dtype=torch.float32, device=device)
+    entry_row = row_start[entry_image] + entry_quad * slots[entry_image] + slot
+    counts.index_add_(0, rows.pairs[entry_pair], products[entry_row])
+    whole_row = row_start[whole_image, None] + all_quads * slots[whole_image, None]
+    counts.index_add_(0, rows.whole.repeat_interleave(n_quads), products[whole_row.view(-1)])
+    return counts, labels
 
 
 def tally_block(
@@ -464,30 +688,31 @@ def tally_block(
     n_labels: int,
     seg_size: tuple[int, int],
     union: str,
-    pair_chunk: int = 1024,
+    pair_chunk: int = 2048,
 ) -> dict[str, torch.Tensor]:
     """Exact int64 counts of one block of images for every unit and label.
 
     acts (B, K, h, w) raw activations; thresholds (K,) float64.  Only (image, unit) pairs
     whose raw maximum can reach the threshold are upsampled (:func:`skip_bound`): a bilinear
     value is a convex combination of raw cells, so the others have empty masks.  Each image
-    contributes one all-ones row (its label areas) and one mask row per active unit; at most
-    ``pair_chunk`` such rows are held at once.
+    contributes one all-ones row (its label areas) and one row per active unit; at most
+    ``pair_chunk`` such rows are counted at once.
     Returns intersection (K, L+1), unit_area (K, C), label_area (L+1,).
     """
     if union not in ("restricted", "global", "lite"):
         raise ValueError(f"unknown union mode {union!r}")
     device = acts.device
-    b, k = acts.shape[:2]
+    b, k, h, w = acts.shape
     c = inputs.n_categories
     sh, sw = seg_size
     width = n_labels + 1
     t32 = float32_below(thresholds.to(device=device, dtype=torch.float64))
-    maps = acts.float().reshape(b * k, *acts.shape[2:])
+    maps = acts.float().reshape(b * k, h, w)
     active = maps.amax(dim=(1, 2)).view(b, k) > skip_bound(t32)[None, :]
     whole = torch.ones((b, 1), dtype=torch.bool, device=device)
     row_image, row_column = torch.nonzero(torch.cat([whole, active], dim=1), as_tuple=True)
     row_unit = row_column - 1  # -1: the image's all-ones row
+    grid = quad_grid(h, w, sh, sw, device.type) if quads_exact(h, w, sh, sw, device.type) else None
     intersection = torch.zeros((k, width), dtype=torch.int64, device=device)
     label_area = torch.zeros(width, dtype=torch.int64, device=device)
     area = torch.zeros((b, k), dtype=torch.int64, device=device)
@@ -496,17 +721,18 @@ def tally_block(
     category = inputs.label_category + 1
     for start in range(0, len(row_image), max(pair_chunk, 1)):
         img = row_image[start : start + pair_chunk]
-        unit = row_unit[start : start + pair_chunk]
         first, last = int(img[0]), int(img[-1]) + 1
-        labels = image_labels(inputs, first, last)
-        canvas = torch.zeros((len(img), sh * sw), dtype=torch.bfloat16, device=device)
-        whole_rows = torch.nonzero(unit < 0)[:, 0]
-        canvas.index_fill_(0, whole_rows, 1.0)
-        pair_rows = torch.nonzero(unit >= 0)[:, 0]
-        pi, pu = img[pair_rows], unit[pair_rows]
-        write_masks(canvas, pair_rows, maps.index_select(0, pi * k + pu), t32[pu], seg_size)
-        counts = label_counts(canvas, img - first, labels).long()
-        columns = labels.labels[img - first]  # dense label of every count
+        rows = TallyRows(img - first, row_unit[start : start + pair_chunk], first, last)
+        pair_rows = rows.pairs
+        pi, pu = img[pair_rows], rows.unit[pair_rows]
+        pair_maps, pair_t32 = maps.index_select(0, pi * k + pu), t32[pu]
+        if grid is None:
+            counts, labels = dense_counts(pair_maps, pair_t32, rows, inputs, seg_size)
+        else:
+            counts, labels = quad_counts(pair_maps, pair_t32, rows, inputs, grid, sw)
+        counts = (counts + counts[:, :1] * labels.image_only[rows.image]).long()
+        columns = labels.labels[rows.image]  # dense label of every count
+        whole_rows = rows.whole
         label_area.index_put_((columns[whole_rows],), counts[whole_rows], accumulate=True)
         pair_counts, pair_columns = counts[pair_rows], columns[pair_rows]
         intersection.index_put_((pu[:, None].expand_as(pair_columns), pair_columns), pair_counts,
