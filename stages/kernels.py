@@ -122,6 +122,31 @@ BF16_EXACT = 256  # every integer up to 2^8 is a bfloat16
 MIN_GEMM_CHUNK = 16  # narrower exact chunks are not worth a batched product: use float64
 
 
+class Workspace:
+    """Scratch tensors reused by the chunks of one tally.
+
+    A fresh large tensor costs a page fault per 4 KiB on first touch (always so under
+    ``MALLOC_MMAP_THRESHOLD_``, as the Dask workers run), which costs more than the cheap
+    passes that fill it; buffers here are allocated once per call and grown on demand.
+    A view handed out is valid until the same name is requested again.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            buf = torch.empty(n + n // 4, dtype=dtype, device=self.device)  # slack for growth
+            self.buffers[name] = buf
+        return buf[:n].view(shape)
+
+    def zeros(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.empty(name, shape, dtype).zero_()
+
+
 @dataclass
 class TallyInputs:
     """Labels of one image block as stored, and how the tally reads them (SEMANTICS.md §3).
@@ -434,32 +459,43 @@ def active_quads(maps: torch.Tensor, t32: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(F.pad(hot, (1, 1, 1, 1)), 2, stride=1)[:, 0].flatten(1) > 0
 
 
-def quad_values(rows: torch.Tensor, pair: torch.Tensor, quad: torch.Tensor,
-                grid: QuadGrid) -> torch.Tensor:
+def _linear(x: torch.Tensor, size: int, out: torch.Tensor) -> torch.Tensor:
+    """F.interpolate(x, size, mode="linear", align_corners=False) into ``out`` (same kernel)."""
+    return torch.ops.aten.upsample_linear1d.out(x, [size], False, None, out=out)
+
+
+def quad_rows(maps: torch.Tensor, sw: int, ws: Workspace) -> torch.Tensor:
+    """(n, h, sw): every row of every map interpolated to the output width."""
+    n, h, _ = maps.shape
+    return _linear(maps.float(), sw, ws.empty("quad_rows", (n, h, sw), torch.float32))
+
+
+def quad_values(rows: torch.Tensor, pair: torch.Tensor, quad: torch.Tensor, grid: QuadGrid,
+                ws: Workspace) -> torch.Tensor:
     """(E, tile_cols, tile_rows) float32: the bilinear values of quad ``quad[e]`` of map
-    ``pair[e]``, from ``rows`` (n, h, sw), the maps' rows interpolated to the output width.
+    ``pair[e]``, from ``rows`` (n, h, sw) as given by :func:`quad_rows`.
 
     Each quad reads a two-row segment of ``rows`` over its columns and interpolates it
     vertically; positions past a quad's size read clamped neighbours (tile padding).
     """
     n, h, sw = rows.shape
+    e = len(pair)
     device = rows.device
     ry, rx = grid.rows, grid.cols
     qy, qx = quad // len(rx.start), quad % len(rx.start)
     cols = (rx.start[qx, None] + torch.arange(rx.tile, device=device)).clamp(max=sw - 1)
-    seg_rows = ry.segment[qy, None] + torch.arange(2, device=device)
-    at = ((pair[:, None, None] * h + seg_rows[:, :, None]) * sw + cols[:, None, :])
-    segment = rows.reshape(-1).index_select(0, at.view(-1)).view(len(pair), 2, rx.tile)
+    seg_rows = (pair[:, None] * h + ry.segment[qy, None] + torch.arange(2, device=device)) * sw
+    at = torch.add(seg_rows[:, :, None], cols[:, None, :], out=ws.empty("at", (e, 2, rx.tile),
+                                                                         torch.int64))
+    segment = torch.index_select(rows.view(-1), 0, at.view(-1),
+                                 out=ws.empty("segment", (e * 2 * rx.tile,), torch.float32))
     seg_len = 2 * ry.tile
-    column = F.interpolate(segment.transpose(1, 2), size=seg_len, mode="linear",
-                           align_corners=False)  # (E, tile_cols, 2 * tile_rows)
+    column = _linear(segment.view(e, 2, rx.tile).transpose(1, 2), seg_len,
+                     ws.empty("column", (e, rx.tile, seg_len), torch.float32))
     first = ry.start[qy] - ry.segment[qy] * ry.tile
     take = (first[:, None] + torch.arange(ry.tile, device=device)).clamp(max=seg_len - 1)
-    return column.gather(2, take[:, None, :].expand(-1, rx.tile, -1))
-
-
-def _horizontal(maps: torch.Tensor, sw: int) -> torch.Tensor:
-    return F.interpolate(maps.float(), size=sw, mode="linear", align_corners=False)
+    return torch.gather(column, 2, take[:, None, :].expand(-1, rx.tile, -1),
+                        out=ws.empty("values", (e, rx.tile, ry.tile), torch.float32))
 
 
 @lru_cache(maxsize=64)
@@ -476,7 +512,8 @@ def quads_exact(h: int, w: int, sh: int, sw: int, device: str = "cpu") -> bool:
     full = F.interpolate(maps[:, None], size=(sh, sw), mode="bilinear", align_corners=False)
     pair = torch.arange(8, device=device).repeat_interleave(grid.n_quads)
     quad = torch.arange(grid.n_quads, device=device).repeat(8)
-    tiles = quad_values(_horizontal(maps, sw), pair, quad, grid).view(8, -1)
+    ws = Workspace(device)
+    tiles = quad_values(quad_rows(maps, sw, ws), pair, quad, grid, ws).view(8, -1)
     got = tiles.gather(1, grid.position[None, :].expand(8, -1))
     return torch.equal(got, full.view(8, -1))
 
@@ -500,7 +537,7 @@ class ImageLabels:
     starts: list[int]
     positions: int
     indicator: torch.Tensor  # flat bfloat16
-    image_only: torch.Tensor  # (n, W) float32 image-level occurrences not in the indicator
+    image_level: torch.Tensor  # (n, W) float32 occurrences of each column as image-level label
     largest: int  # largest indicator entry
 
     def block(self, i: int) -> torch.Tensor:
@@ -510,23 +547,26 @@ class ImageLabels:
 
 
 def image_labels(inputs: TallyInputs, first: int, last: int, position: torch.Tensor,
-                 positions: int) -> ImageLabels:
+                 positions: int, ws: Workspace) -> ImageLabels:
     """Local label columns and indicators of images [first, last) (SEMANTICS.md §3).
 
     ``position`` (S,) places every pixel on the indicator's axis of ``positions`` rows.
-    ``set``: the indicator is 1 wherever any plane or image-level label carries the label.
-    ``multiset``: it counts the pixel planes, and image-level occurrences are left to
-    ``image_only`` (they add area x occurrences).
+    The indicator holds the pixel planes only: 1 wherever a plane carries the label
+    (``set``) or the number of planes that do (``multiset``); image-level labels cover the
+    whole image, so :func:`whole_image_labels` adds them to the counts afterwards.
     """
     pixel = inputs.stored_pixel[first:last]
     image = inputs.stored_image[first:last].long()
     n, p, s = pixel.shape
     v = inputs.lut.numel()
     device = pixel.device
-    keys = pixel + (torch.arange(n * p, device=device) * v).view(n, p, 1)  # (image, plane, label)
-    in_plane = torch.bincount(keys.view(-1), minlength=n * p * v).view(n, p, v) > 0
+    keys = torch.add(pixel, (torch.arange(n * p, device=device) * v).view(n, p, 1),
+                     out=ws.empty("keys", (n, p, s), torch.int64))  # (image, plane, label)
+    in_plane = ws.zeros("in_plane", (n, p, v), torch.bool)
+    in_plane.view(-1).index_fill_(0, keys.view(-1), True)
     image_keys = image + (torch.arange(n, device=device) * v)[:, None]
-    on_image = torch.bincount(image_keys.view(-1), minlength=n * v).view(n, v) > 0
+    on_image = torch.zeros((n, v), dtype=torch.bool, device=device)
+    on_image.view(-1).index_fill_(0, image_keys.view(-1), True)
     scored = inputs.lut > 0
     carried = (in_plane.any(dim=1) | on_image) & scored
     local = carried.cumsum(dim=1) * carried  # label number -> local column (0 = none)
@@ -538,26 +578,36 @@ def image_labels(inputs: TallyInputs, first: int, last: int, position: torch.Ten
     labels[img, local[img, number]] = inputs.lut[number]
     image_local = _lookup(local.view(-1), image_keys)  # (n, q)
     # flat index of (image, pixel, column 0) in the indicator; + local column
-    row_at = starts[:, None] + position[None, :] * width[:, None]  # (n, s)
-    pixel_at = _lookup(local[:, None, :].expand(n, p, v).reshape(-1), keys)
-    pixel_at += row_at[:, None, :]
-    indicator = torch.zeros(int(width @ torch.full_like(width, positions)), dtype=torch.bfloat16,
-                            device=device)
-    image_only = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+    row_at = torch.mul(position[None, :], width[:, None], out=ws.empty("row_at", (n, s),
+                                                                        torch.int64))
+    row_at += starts[:, None]
+    pixel_at = torch.index_select(local[:, None, :].expand(n, p, v).reshape(-1), 0,
+                                  keys.view(-1), out=ws.empty("pixel_at", (n * p * s,), torch.int64))
+    pixel_at.view(n, p, s).add_(row_at[:, None, :])
+    indicator = ws.zeros("indicator", (sum(widths) * positions,), torch.bfloat16)
     if inputs.planes == "set":
-        image_at = row_at[:, None, :] + image_local[:, :, None]  # whole columns
-        indicator.index_fill_(0, pixel_at.view(-1), 1.0)
-        indicator.index_fill_(0, image_at.view(-1), 1.0)
+        indicator.index_fill_(0, pixel_at, 1.0)
         largest = 1
     else:
         one = torch.ones(1, dtype=torch.bfloat16, device=device)
-        indicator.index_add_(0, pixel_at.view(-1), one.expand(pixel_at.numel()))
-        image_only.scatter_add_(1, image_local, torch.ones_like(image_local, dtype=torch.float32))
-        image_only[:, 0] = 0
+        indicator.index_add_(0, pixel_at, one.expand(pixel_at.numel()))
         largest = int((in_plane & scored).sum(dim=1).max())
     indicator.index_fill_(0, row_at.view(-1), 1.0)  # column 0: every pixel
-    return ImageLabels(labels, widths, starts.tolist(), positions, indicator, image_only,
+    image_level = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+    image_level.scatter_add_(1, image_local, torch.ones_like(image_local, dtype=torch.float32))
+    image_level[:, 0] = 0
+    return ImageLabels(labels, widths, starts.tolist(), positions, indicator, image_level,
                        max(largest, 1))
+
+
+def whole_image_labels(counts: torch.Tensor, occurrences: torch.Tensor, planes: str) -> torch.Tensor:
+    """Add image-level labels to plane counts (rows, W) whose column 0 is the mask area:
+    such a label covers every pixel, so it meets the whole mask once (``set``, whatever the
+    planes say) or once per occurrence on top of the planes (``multiset``)."""
+    area = counts[:, :1]
+    if planes == "set":
+        return torch.where(occurrences > 0, area, counts)
+    return counts + area * occurrences
 
 
 # ---------------------------------------------------------------- exact products
@@ -573,41 +623,41 @@ def product_plan(k: int, largest: int) -> tuple[int, torch.dtype]:
 
 
 def exact_products(masks: torch.Tensor, indicator: torch.Tensor, group: int,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
     """masks (B, m, chunk) @ indicator (B, chunk, W), summed over runs of ``group`` batches
-    -> (B / group, m, W) float32; exact in the dtype of :func:`product_plan`."""
+    into ``out`` (B / group, m, W) float32; exact in the dtype of :func:`product_plan`."""
     parts = torch.bmm(masks.to(dtype), indicator.to(dtype))
     b, m, w = parts.shape
-    return parts.view(b // group, group, m, w).sum(dim=1, dtype=torch.float32)
+    return torch.sum(parts.view(b // group, group, m, w), dim=1, dtype=torch.float32, out=out)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TallyRows:
     """A run of count rows of a block: per image an all-ones row, then one row per active
-    unit.  ``image`` is relative to ``first``; ``whole``/``pairs`` index the rows."""
+    unit.  ``image`` is relative to ``first``."""
 
     image: torch.Tensor  # (R,) image of each row, minus first
     unit: torch.Tensor  # (R,) unit of each row, -1 for the all-ones rows
     first: int
     last: int
+    whole: torch.Tensor  # rows that are all ones
+    pairs: torch.Tensor  # rows that are (image, unit) masks
 
-    @property
-    def whole(self) -> torch.Tensor:
-        return torch.nonzero(self.unit < 0)[:, 0]
 
-    @property
-    def pairs(self) -> torch.Tensor:
-        return torch.nonzero(self.unit >= 0)[:, 0]
+def tally_rows(image: torch.Tensor, unit: torch.Tensor) -> TallyRows:
+    first, last = int(image[0]), int(image[-1]) + 1
+    return TallyRows(image - first, unit, first, last, torch.nonzero(unit < 0)[:, 0],
+                     torch.nonzero(unit >= 0)[:, 0])
 
 
 def dense_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: TallyInputs,
-                 size: tuple[int, int]) -> tuple[torch.Tensor, ImageLabels]:
+                 size: tuple[int, int], ws: Workspace) -> tuple[torch.Tensor, ImageLabels]:
     """Counts of every row when quads don't apply: one full (sh·sw) mask row per pair and
     per image (all ones), times the image's indicator."""
     s = size[0] * size[1]
     device = maps.device
-    labels = image_labels(inputs, rows.first, rows.last, torch.arange(s, device=device), s)
-    canvas = torch.zeros((len(rows.image), s), dtype=torch.bfloat16, device=device)
+    labels = image_labels(inputs, rows.first, rows.last, torch.arange(s, device=device), s, ws)
+    canvas = ws.zeros("canvas", (len(rows.image), s), torch.bfloat16)
     canvas.index_fill_(0, rows.whole, 1.0)
     write_masks(canvas, rows.pairs, maps, t32, size)
     chunk, dtype = product_plan(s, labels.largest)
@@ -619,13 +669,13 @@ def dense_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs:
         width = labels.widths[image]
         masks = canvas[start : start + n].view(n, s // chunk, chunk).transpose(0, 1)
         indicator = labels.block(image).view(s // chunk, chunk, width)
-        counts[start : start + n, :width] = exact_products(masks, indicator, s // chunk, dtype)[0]
+        exact_products(masks, indicator, s // chunk, dtype, counts[start : start + n, :width][None])
         start += n
     return counts, labels
 
 
 def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: TallyInputs,
-                grid: QuadGrid, sw: int) -> tuple[torch.Tensor, ImageLabels]:
+                grid: QuadGrid, sw: int, ws: Workspace) -> tuple[torch.Tensor, ImageLabels]:
     """Counts of every row on the quad grid: only the quads with a hot corner are computed.
 
     Per image and quad, slot 0 is all ones (label areas) and slots 1.. hold the active quads
@@ -634,7 +684,7 @@ def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: 
     device = maps.device
     n_quads, tile = grid.n_quads, grid.tile
     n = rows.last - rows.first
-    labels = image_labels(inputs, rows.first, rows.last, grid.position, n_quads * tile)
+    labels = image_labels(inputs, rows.first, rows.last, grid.position, n_quads * tile, ws)
     chunk, dtype = product_plan(tile, labels.largest)
     per_tile = tile // chunk
     entry_pair, entry_quad = torch.nonzero(active_quads(maps, t32), as_tuple=True)
@@ -647,8 +697,7 @@ def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: 
     slots = in_quad.view(n, n_quads).amax(dim=1) + 1  # slot 0: all ones
     rows_per_image = n_quads * slots  # product rows
     row_start = rows_per_image.cumsum(0) - rows_per_image
-    canvas = torch.zeros((int(rows_per_image.sum()) * per_tile, chunk), dtype=torch.bfloat16,
-                         device=device)
+    canvas = ws.zeros("canvas", (int(rows_per_image.sum()) * per_tile, chunk), torch.bfloat16)
 
     def canvas_rows(image: torch.Tensor, quad: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """(…, per_tile) canvas rows of (image, quad, slot): layout (quad, chunk, slot)."""
@@ -659,20 +708,20 @@ def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: 
     all_quads = torch.arange(n_quads, device=device)
     canvas.index_fill_(0, canvas_rows(whole_image[:, None], all_quads, 0).view(-1), 1.0)
     if len(key):
-        values = quad_values(_horizontal(maps, sw), entry_pair, entry_quad, grid)
+        values = quad_values(quad_rows(maps, sw, ws), entry_pair, entry_quad, grid, ws)
         mask = torch.gt(values, t32[entry_pair, None, None],
-                        out=torch.empty_like(values, dtype=torch.bfloat16))
+                        out=ws.empty("mask", values.shape, torch.bfloat16))
         canvas.index_copy_(0, canvas_rows(entry_image, entry_quad, slot).view(-1),
                            mask.view(-1, chunk))
-    products = torch.zeros((int(rows_per_image.sum()), labels.labels.shape[1]),
-                           dtype=torch.float32, device=device)
+    products = ws.zeros("products", (int(rows_per_image.sum()), labels.labels.shape[1]),
+                        torch.float32)
     for image, (start, count) in enumerate(zip(row_start.tolist(), slots.tolist(), strict=True)):
         width = labels.widths[image]
         masks = canvas[start * per_tile : (start + n_quads * count) * per_tile]
-        products[start : start + n_quads * count, :width] = exact_products(
-            masks.view(n_quads * per_tile, count, chunk),
-            labels.block(image).view(n_quads * per_tile, chunk, width), per_tile, dtype,
-        ).view(n_quads * count, width)
+        exact_products(masks.view(n_quads * per_tile, count, chunk),
+                       labels.block(image).view(n_quads * per_tile, chunk, width), per_tile,
+                       dtype, products[start : start + n_quads * count, :width]
+                       .view(n_quads, count, width))
     counts = torch.zeros((len(rows.image), products.shape[1]), dtype=torch.float32, device=device)
     entry_row = row_start[entry_image] + entry_quad * slots[entry_image] + slot
     counts.index_add_(0, rows.pairs[entry_pair], products[entry_row])
@@ -719,28 +768,29 @@ def tally_block(
     carries = torch.zeros((b, c + 1), dtype=torch.bool, device=device)  # column 0: no category
     lite_area = torch.zeros((k, c + 1), dtype=torch.int64, device=device)
     category = inputs.label_category + 1
+    ws = Workspace(device)
     for start in range(0, len(row_image), max(pair_chunk, 1)):
-        img = row_image[start : start + pair_chunk]
-        first, last = int(img[0]), int(img[-1]) + 1
-        rows = TallyRows(img - first, row_unit[start : start + pair_chunk], first, last)
-        pair_rows = rows.pairs
-        pi, pu = img[pair_rows], rows.unit[pair_rows]
-        pair_maps, pair_t32 = maps.index_select(0, pi * k + pu), t32[pu]
+        rows = tally_rows(row_image[start : start + pair_chunk], row_unit[start : start + pair_chunk])
+        pi = rows.image.index_select(0, rows.pairs) + rows.first
+        pu = rows.unit.index_select(0, rows.pairs)
+        pair_maps, pair_t32 = maps.index_select(0, pi * k + pu), t32.index_select(0, pu)
         if grid is None:
-            counts, labels = dense_counts(pair_maps, pair_t32, rows, inputs, seg_size)
+            counts, labels = dense_counts(pair_maps, pair_t32, rows, inputs, seg_size, ws)
         else:
-            counts, labels = quad_counts(pair_maps, pair_t32, rows, inputs, grid, sw)
-        counts = (counts + counts[:, :1] * labels.image_only[rows.image]).long()
-        columns = labels.labels[rows.image]  # dense label of every count
-        whole_rows = rows.whole
-        label_area.index_put_((columns[whole_rows],), counts[whole_rows], accumulate=True)
-        pair_counts, pair_columns = counts[pair_rows], columns[pair_rows]
-        intersection.index_put_((pu[:, None].expand_as(pair_columns), pair_columns), pair_counts,
-                                accumulate=True)
-        area[pi, pu] = pair_counts[:, 0]
-        carries[first:last].scatter_(1, category[labels.labels], True)
+            counts, labels = quad_counts(pair_maps, pair_t32, rows, inputs, grid, sw, ws)
+        counts = whole_image_labels(counts, labels.image_level.index_select(0, rows.image),
+                                    inputs.planes).long()
+        columns = labels.labels.index_select(0, rows.image)  # dense label of every count
+        label_area.index_add_(0, columns.index_select(0, rows.whole).view(-1),
+                              counts.index_select(0, rows.whole).view(-1))
+        pair_counts = counts.index_select(0, rows.pairs)
+        pair_columns = columns.index_select(0, rows.pairs)
+        intersection.view(-1).index_add_(0, (pu[:, None] * width + pair_columns).view(-1),
+                                         pair_counts.view(-1))
+        area.view(-1).index_add_(0, pi * k + pu, pair_counts[:, 0])
+        carries[rows.first : rows.last].scatter_(1, category[labels.labels], True)
         if union == "lite":
-            overlap = torch.zeros((len(pair_rows), c + 1), dtype=torch.int64, device=device)
+            overlap = torch.zeros((len(pu), c + 1), dtype=torch.int64, device=device)
             overlap.scatter_add_(1, category[pair_columns[:, 1:]], (pair_counts[:, 1:] > 0).long())
             lite_area.index_add_(0, pu, pair_counts[:, :1] * (overlap > 0))
     intersection[:, 0] = 0

@@ -278,7 +278,7 @@ def test_quad_path_equals_dense_path(monkeypatch):
 @pytest.mark.parametrize("shape", [(7, 7, 112, 112), (6, 8, 96, 128), (14, 14, 112, 112)])
 def test_quad_values_equal_full_upsample(shape):
     """Every pixel of every quad, on adversarial maps, where quads are used."""
-    from stages.kernels import quad_grid, quad_values, quads_exact
+    from stages.kernels import Workspace, quad_grid, quad_values, quads_exact
 
     h, w, sh, sw = shape
     if not quads_exact(h, w, sh, sw):
@@ -294,7 +294,7 @@ def test_quad_values_equal_full_upsample(shape):
     pair = torch.arange(n).repeat_interleave(grid.n_quads)
     quad = torch.arange(grid.n_quads).repeat(n)
     rows = F.interpolate(maps, size=sw, mode="linear", align_corners=False)
-    tiles = quad_values(rows, pair, quad, grid).view(n, -1)
+    tiles = quad_values(rows, pair, quad, grid, Workspace("cpu")).view(n, -1)
     assert torch.equal(tiles.gather(1, grid.position[None].expand(n, -1)), full.view(n, -1))
 
 
