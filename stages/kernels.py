@@ -588,9 +588,10 @@ def image_labels(inputs: TallyInputs, first: int, last: int, position: torch.Ten
     if inputs.planes == "set":
         indicator.index_fill_(0, pixel_at, 1.0)
         largest = 1
-    else:
-        one = torch.ones(1, dtype=torch.bfloat16, device=device)
-        indicator.index_add_(0, pixel_at, one.expand(pixel_at.numel()))
+    else:  # count planes; a plane meets each position once, so no index repeats per call
+        for plane_at in pixel_at.view(n, p, s).unbind(dim=1):
+            at = plane_at.reshape(-1)
+            indicator.index_copy_(0, at, indicator.index_select(0, at) + 1)
         largest = int((in_plane & scored).sum(dim=1).max())
     indicator.index_fill_(0, row_at.view(-1), 1.0)  # column 0: every pixel
     image_level = torch.zeros(labels.shape, dtype=torch.float32, device=device)
@@ -628,6 +629,8 @@ def exact_products(masks: torch.Tensor, indicator: torch.Tensor, group: int,
     into ``out`` (B / group, m, W) float32; exact in the dtype of :func:`product_plan`."""
     parts = torch.bmm(masks.to(dtype), indicator.to(dtype))
     b, m, w = parts.shape
+    if group == 1:
+        return out.copy_(parts)
     return torch.sum(parts.view(b // group, group, m, w), dim=1, dtype=torch.float32, out=out)
 
 
@@ -737,7 +740,7 @@ def tally_block(
     n_labels: int,
     seg_size: tuple[int, int],
     union: str,
-    pair_chunk: int = 2048,
+    pair_chunk: int = 1024,
 ) -> dict[str, torch.Tensor]:
     """Exact int64 counts of one block of images for every unit and label.
 
