@@ -436,8 +436,9 @@ class QuadGrid:
 @lru_cache(maxsize=64)
 def quad_grid(h: int, w: int, sh: int, sw: int, device: str = "cpu") -> QuadGrid | None:
     """The quads of an (h, w) -> (sh, sw) upsampling; None unless both scale factors are
-    integers (then every quad's segment output lines up with the full map's)."""
-    if sh % h or sw % w or h < 2 or w < 2:
+    integers (then every quad's segment output lines up with the full map's) and tiles are
+    large enough for a batched product per quad to pay."""
+    if sh % h or sw % w or h < 2 or w < 2 or (sh // h) * (sw // w) < MIN_GEMM_CHUNK:
         return None
     rows, cols = axis_quads(h, sh), axis_quads(w, sw)
     y, x = torch.arange(sh), torch.arange(sw)
@@ -508,7 +509,7 @@ def quads_exact(h: int, w: int, sh: int, sw: int, device: str = "cpu") -> bool:
     gen = torch.Generator().manual_seed(12345)
     scale = torch.tensor([1e-30, 1e-3, 1, 1, 10, 1e3, 1e5, 1e30]).view(8, 1, 1)
     maps = (torch.randn((8, h, w), generator=gen) * scale).to(device)
-    maps[1] = maps[1].round()  # plateaus
+    maps[3] = maps[3].round()  # plateaus
     full = F.interpolate(maps[:, None], size=(sh, sw), mode="bilinear", align_corners=False)
     pair = torch.arange(8, device=device).repeat_interleave(grid.n_quads)
     quad = torch.arange(grid.n_quads, device=device).repeat(8)
@@ -764,7 +765,8 @@ def tally_block(
     whole = torch.ones((b, 1), dtype=torch.bool, device=device)
     row_image, row_column = torch.nonzero(torch.cat([whole, active], dim=1), as_tuple=True)
     row_unit = row_column - 1  # -1: the image's all-ones row
-    grid = quad_grid(h, w, sh, sw, device.type) if quads_exact(h, w, sh, sw, device.type) else None
+    exact = quads_exact(h, w, sh, sw, device.type)
+    grid = quad_grid(h, w, sh, sw, str(device)) if exact else None
     intersection = torch.zeros((k, width), dtype=torch.int64, device=device)
     label_area = torch.zeros(width, dtype=torch.int64, device=device)
     area = torch.zeros((b, k), dtype=torch.int64, device=device)
