@@ -561,10 +561,10 @@ def image_labels(inputs: TallyInputs, first: int, last: int, position: torch.Ten
     n, p, s = pixel.shape
     v = inputs.lut.numel()
     device = pixel.device
-    keys = torch.add(pixel, (torch.arange(n * p, device=device) * v).view(n, p, 1),
-                     out=ws.empty("keys", (n, p, s), torch.int64))  # (image, plane, label)
-    in_plane = ws.zeros("in_plane", (n, p, v), torch.bool)
-    in_plane.view(-1).index_fill_(0, keys.view(-1), True)
+    key_type = torch.int32 if n * p * v < 2**31 else torch.int64  # half the bytes of int64
+    keys = torch.add(pixel, (torch.arange(n * p, device=device, dtype=key_type) * v).view(n, p, 1),
+                     out=ws.empty("keys", (n, p, s), key_type))  # (image, plane, label)
+    in_plane = torch.bincount(keys.view(-1), minlength=n * p * v).view(n, p, v) > 0
     image_keys = image + (torch.arange(n, device=device) * v)[:, None]
     on_image = torch.zeros((n, v), dtype=torch.bool, device=device)
     on_image.view(-1).index_fill_(0, image_keys.view(-1), True)
