@@ -460,9 +460,11 @@ def active_quads(maps: torch.Tensor, t32: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(F.pad(hot, (1, 1, 1, 1)), 2, stride=1)[:, 0].flatten(1) > 0
 
 
-def _linear(x: torch.Tensor, size: int, out: torch.Tensor) -> torch.Tensor:
-    """F.interpolate(x, size, mode="linear", align_corners=False) into ``out`` (same kernel)."""
-    return torch.ops.aten.upsample_linear1d.out(x, [size], False, None, out=out)
+def _linear(x: torch.Tensor, size: int, out: torch.Tensor, scale: float | None = None
+            ) -> torch.Tensor:
+    """F.interpolate(x, size, mode="linear", align_corners=False) into ``out`` (same kernel);
+    ``scale`` (output/input) lets a longer output's first ``size`` positions be computed."""
+    return torch.ops.aten.upsample_linear1d.out(x, [size], False, scale, out=out)
 
 
 def quad_rows(maps: torch.Tensor, sw: int, ws: Workspace) -> torch.Tensor:
@@ -472,31 +474,37 @@ def quad_rows(maps: torch.Tensor, sw: int, ws: Workspace) -> torch.Tensor:
 
 
 def quad_values(rows: torch.Tensor, pair: torch.Tensor, quad: torch.Tensor, grid: QuadGrid,
-                ws: Workspace) -> torch.Tensor:
-    """(E, tile_cols, tile_rows) float32: the bilinear values of quad ``quad[e]`` of map
-    ``pair[e]``, from ``rows`` (n, h, sw) as given by :func:`quad_rows`.
+                ws: Workspace) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The bilinear values of quad ``quad[e]`` of map ``pair[e]``, from ``rows`` (n, h, sw)
+    as given by :func:`quad_rows`: [(entries (E_g,), values (E_g, tile_cols, r_g))] per
+    group of entries whose tiles start at the same row of their segment.
 
-    Each quad reads a two-row segment of ``rows`` over its columns and interpolates it
-    vertically; positions past a quad's size read clamped neighbours (tile padding).
+    Each quad reads a two-row segment of ``rows`` over its columns (columns past the quad
+    read clamped neighbours) and interpolates it vertically, only as far as its tile needs;
+    tile rows past r_g (bottom border quads) are padding.
     """
     n, h, sw = rows.shape
-    e = len(pair)
     device = rows.device
     ry, rx = grid.rows, grid.cols
     qy, qx = quad // len(rx.start), quad % len(rx.start)
+    first = ry.start[qy] - ry.segment[qy] * ry.tile  # segment row of each tile's first row
     cols = (rx.start[qx, None] + torch.arange(rx.tile, device=device)).clamp(max=sw - 1)
     seg_rows = (pair[:, None] * h + ry.segment[qy, None] + torch.arange(2, device=device)) * sw
-    at = torch.add(seg_rows[:, :, None], cols[:, None, :], out=ws.empty("at", (e, 2, rx.tile),
-                                                                         torch.int64))
-    segment = torch.index_select(rows.view(-1), 0, at.view(-1),
-                                 out=ws.empty("segment", (e * 2 * rx.tile,), torch.float32))
-    seg_len = 2 * ry.tile
-    column = _linear(segment.view(e, 2, rx.tile).transpose(1, 2), seg_len,
-                     ws.empty("column", (e, rx.tile, seg_len), torch.float32))
-    first = ry.start[qy] - ry.segment[qy] * ry.tile
-    take = (first[:, None] + torch.arange(ry.tile, device=device)).clamp(max=seg_len - 1)
-    return torch.gather(column, 2, take[:, None, :].expand(-1, rx.tile, -1),
-                        out=ws.empty("values", (e, rx.tile, ry.tile), torch.float32))
+    groups = []
+    for top in torch.unique(first).tolist():
+        sel = torch.nonzero(first == top)[:, 0]
+        e = len(sel)
+        length = min(top + ry.tile, 2 * ry.tile)
+        at = torch.add(seg_rows[sel, :, None], cols[sel, None, :],
+                       out=ws.empty(f"at{top}", (e, 2, rx.tile), torch.int64))
+        segment = torch.index_select(rows.view(-1), 0, at.view(-1),
+                                     out=ws.empty(f"segment{top}", (e * 2 * rx.tile,),
+                                                  torch.float32))
+        column = _linear(segment.view(e, 2, rx.tile).transpose(1, 2), length,
+                         ws.empty(f"column{top}", (e, rx.tile, length), torch.float32),
+                         float(ry.tile))
+        groups.append((sel, column[:, :, top:]))
+    return groups
 
 
 @lru_cache(maxsize=64)
@@ -514,8 +522,10 @@ def quads_exact(h: int, w: int, sh: int, sw: int, device: str = "cpu") -> bool:
     pair = torch.arange(8, device=device).repeat_interleave(grid.n_quads)
     quad = torch.arange(grid.n_quads, device=device).repeat(8)
     ws = Workspace(device)
-    tiles = quad_values(quad_rows(maps, sw, ws), pair, quad, grid, ws).view(8, -1)
-    got = tiles.gather(1, grid.position[None, :].expand(8, -1))
+    tiles = torch.zeros((len(pair), grid.cols.tile, grid.rows.tile), device=device)
+    for entries, values in quad_values(quad_rows(maps, sw, ws), pair, quad, grid, ws):
+        tiles[entries, :, : values.shape[2]] = values
+    got = tiles.view(8, -1).gather(1, grid.position[None, :].expand(8, -1))
     return torch.equal(got, full.view(8, -1))
 
 
@@ -712,11 +722,14 @@ def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: 
     all_quads = torch.arange(n_quads, device=device)
     canvas.index_fill_(0, canvas_rows(whole_image[:, None], all_quads, 0).view(-1), 1.0)
     if len(key):
-        values = quad_values(quad_rows(maps, sw, ws), entry_pair, entry_quad, grid, ws)
-        mask = torch.gt(values, t32[entry_pair, None, None],
-                        out=ws.empty("mask", values.shape, torch.bfloat16))
-        canvas.index_copy_(0, canvas_rows(entry_image, entry_quad, slot).view(-1),
-                           mask.view(-1, chunk))
+        at = canvas_rows(entry_image, entry_quad, slot)
+        tile_shape = (grid.cols.tile, grid.rows.tile)
+        for entries, values in quad_values(quad_rows(maps, sw, ws), entry_pair, entry_quad,
+                                           grid, ws):
+            mask = ws.zeros("mask", (len(entries), *tile_shape), torch.bfloat16)
+            torch.gt(values, t32[entry_pair[entries], None, None],
+                     out=mask[:, :, : values.shape[2]])
+            canvas.index_copy_(0, at[entries].view(-1), mask.view(-1, chunk))
     products = ws.zeros("products", (int(rows_per_image.sum()), labels.labels.shape[1]),
                         torch.float32)
     for image, (start, count) in enumerate(zip(row_start.tolist(), slots.tolist(), strict=True)):
