@@ -538,28 +538,37 @@ class ImageLabels:
 
     Column 0 of every image is "every pixel" (its count under a mask is the mask's area);
     columns 1..widths[i]-1 are the labels image i carries, ascending; later columns of
-    ``labels`` are padding (dense label 0).  Image i's indicator is a (positions, widths[i])
-    block of ``indicator`` starting at ``starts[i]``: how often each column covers the pixel
-    at each position (positions are pixels, or quad tile positions; padding rows are 0).
+    ``labels`` are padding (dense label 0).  :meth:`indicator` builds image i's
+    (positions, widths[i]) indicator just before its product, so it is still in cache:
+    how often each column covers the pixel at each position (positions are pixels, or quad
+    tile positions; padding rows stay 0).
     """
 
     labels: torch.Tensor  # (n, W) int64 dense label of each column
     widths: list[int]
-    starts: list[int]
     positions: int
-    indicator: torch.Tensor  # flat bfloat16
     image_level: torch.Tensor  # (n, W) float32 occurrences of each column as image-level label
-    largest: int  # largest indicator entry
+    largest: int  # largest indicator entry of the run
+    repeats: list[bool]  # image has a label in two planes (multiset counts above 1)
+    plane_at: torch.Tensor  # (n, P, S) int64 flat indicator index of every plane entry
+    pixel_at: torch.Tensor  # (n, S) int64 flat indicator index of every pixel's column 0
 
-    def block(self, i: int) -> torch.Tensor:
-        start = self.starts[i]
-        return self.indicator[start : start + self.positions * self.widths[i]].view(
-            self.positions, self.widths[i])
+    def indicator(self, i: int, ws: Workspace) -> torch.Tensor:
+        width = self.widths[i]
+        out = ws.zeros("indicator", (self.positions * width,), torch.bfloat16)
+        if not self.repeats[i]:  # set semantics, or a multiset without repeats
+            out.index_fill_(0, self.plane_at[i].view(-1), 1.0)
+        else:  # count planes; a plane meets each position once, so no index repeats per call
+            for at in self.plane_at[i]:
+                out.index_copy_(0, at, out.index_select(0, at) + 1)
+        out.index_fill_(0, self.pixel_at[i], 1.0)
+        return out.view(self.positions, width)
 
 
 def image_labels(inputs: TallyInputs, first: int, last: int, position: torch.Tensor,
                  positions: int, ws: Workspace) -> ImageLabels:
-    """Local label columns and indicators of images [first, last) (SEMANTICS.md §3).
+    """Local label columns of images [first, last) and where their pixels go in each image's
+    indicator (SEMANTICS.md §3).
 
     ``position`` (S,) places every pixel on the indicator's axis of ``positions`` rows.
     The indicator holds the pixel planes only: 1 wherever a plane carries the label
@@ -582,34 +591,25 @@ def image_labels(inputs: TallyInputs, first: int, last: int, position: torch.Ten
     carried = (in_plane.any(dim=1) | on_image) & scored
     local = carried.cumsum(dim=1) * carried  # label number -> local column (0 = none)
     width = carried.sum(dim=1) + 1
-    widths = width.tolist()
-    starts = torch.cumsum(width * positions, dim=0) - width * positions
-    labels = torch.zeros((n, max(widths)), dtype=torch.int64, device=device)
+    labels = torch.zeros((n, int(width.max())), dtype=torch.int64, device=device)
     img, number = torch.nonzero(carried, as_tuple=True)
     labels[img, local[img, number]] = inputs.lut[number]
-    image_local = _lookup(local.view(-1), image_keys)  # (n, q)
-    # flat index of (image, pixel, column 0) in the indicator; + local column
-    row_at = torch.mul(position[None, :], width[:, None], out=ws.empty("row_at", (n, s),
-                                                                        torch.int64))
-    row_at += starts[:, None]
-    pixel_at = torch.index_select(local[:, None, :].expand(n, p, v).reshape(-1), 0,
-                                  keys.view(-1), out=ws.empty("pixel_at", (n * p * s,), torch.int64))
-    pixel_at.view(n, p, s).add_(row_at[:, None, :])
-    indicator = ws.zeros("indicator", (sum(widths) * positions,), torch.bfloat16)
+    pixel_at = torch.mul(position[None, :], width[:, None], out=ws.empty("pixel_at", (n, s),
+                                                                          torch.int64))
+    plane_at = torch.index_select(local[:, None, :].expand(n, p, v).reshape(-1), 0,
+                                  keys.view(-1), out=ws.empty("plane_at", (n * p * s,), torch.int64))
+    plane_at = plane_at.view(n, p, s).add_(pixel_at[:, None, :])
+    planes_per_label = (in_plane & scored).sum(dim=1).amax(dim=1)  # (n,)
     if inputs.planes == "set":
-        indicator.index_fill_(0, pixel_at, 1.0)
-        largest = 1
-    else:  # count planes; a plane meets each position once, so no index repeats per call
-        for plane_at in pixel_at.view(n, p, s).unbind(dim=1):
-            at = plane_at.reshape(-1)
-            indicator.index_copy_(0, at, indicator.index_select(0, at) + 1)
-        largest = int((in_plane & scored).sum(dim=1).max())
-    indicator.index_fill_(0, row_at.view(-1), 1.0)  # column 0: every pixel
+        largest, repeats = 1, [False] * n
+    else:
+        largest, repeats = int(planes_per_label.max()), (planes_per_label > 1).tolist()
+    image_local = _lookup(local.view(-1), image_keys)  # (n, q)
     image_level = torch.zeros(labels.shape, dtype=torch.float32, device=device)
     image_level.scatter_add_(1, image_local, torch.ones_like(image_local, dtype=torch.float32))
     image_level[:, 0] = 0
-    return ImageLabels(labels, widths, starts.tolist(), positions, indicator, image_level,
-                       max(largest, 1))
+    return ImageLabels(labels, width.tolist(), positions, image_level, max(largest, 1), repeats,
+                       plane_at, pixel_at)
 
 
 def whole_image_labels(counts: torch.Tensor, occurrences: torch.Tensor, planes: str) -> torch.Tensor:
@@ -682,7 +682,7 @@ def dense_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs:
     for image, n in zip(images.tolist(), sizes.tolist(), strict=True):
         width = labels.widths[image]
         masks = canvas[start : start + n].view(n, s // chunk, chunk).transpose(0, 1)
-        indicator = labels.block(image).view(s // chunk, chunk, width)
+        indicator = labels.indicator(image, ws).view(s // chunk, chunk, width)
         exact_products(masks, indicator, s // chunk, dtype, counts[start : start + n, :width][None])
         start += n
     return counts, labels
@@ -735,10 +735,9 @@ def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: 
     for image, (start, count) in enumerate(zip(row_start.tolist(), slots.tolist(), strict=True)):
         width = labels.widths[image]
         masks = canvas[start * per_tile : (start + n_quads * count) * per_tile]
-        exact_products(masks.view(n_quads * per_tile, count, chunk),
-                       labels.block(image).view(n_quads * per_tile, chunk, width), per_tile,
-                       dtype, products[start : start + n_quads * count, :width]
-                       .view(n_quads, count, width))
+        indicator = labels.indicator(image, ws).view(n_quads * per_tile, chunk, width)
+        exact_products(masks.view(n_quads * per_tile, count, chunk), indicator, per_tile, dtype,
+                       products[start : start + n_quads * count, :width].view(n_quads, count, width))
     counts = torch.zeros((len(rows.image), products.shape[1]), dtype=torch.float32, device=device)
     entry_row = row_start[entry_image] + entry_quad * slots[entry_image] + slot
     counts.index_add_(0, rows.pairs[entry_pair], products[entry_row])
