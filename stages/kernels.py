@@ -1,8 +1,9 @@
 """Device-agnostic torch kernels shared by the stages.
 
 Small pure functions on tensors: exact order statistics (top-k merge, radix histograms over
-order-preserving float keys, numpy's linear interpolation) and the IoU tally (upsample
-active (image, unit) pairs, threshold, count labels).  The device is whatever the input
+order-preserving float keys, numpy's linear interpolation) and the IoU tally (upsample only
+what active (image, unit) pairs can mask, threshold, and count labels as exact bfloat16
+products of masks and per-image label indicators).  The device is whatever the input
 tensors live on.
 """
 
@@ -688,61 +689,92 @@ def dense_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs:
     return counts, labels
 
 
-def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: TallyInputs,
-                grid: QuadGrid, sw: int, ws: Workspace) -> tuple[torch.Tensor, ImageLabels]:
-    """Counts of every row on the quad grid: only the quads with a hot corner are computed.
-
-    Per image and quad, slot 0 is all ones (label areas) and slots 1.. hold the active quads
-    of its pairs, so each image's product is one batched product over its quads.
-    """
-    device = maps.device
-    n_quads, tile = grid.n_quads, grid.tile
-    n = rows.last - rows.first
-    labels = image_labels(inputs, rows.first, rows.last, grid.position, n_quads * tile, ws)
-    chunk, dtype = product_plan(tile, labels.largest)
-    per_tile = tile // chunk
-    entry_pair, entry_quad = torch.nonzero(active_quads(maps, t32), as_tuple=True)
-    entry_image = rows.image[rows.pairs][entry_pair]
-    key = entry_image * n_quads + entry_quad
-    in_quad = torch.bincount(key, minlength=n * n_quads)
+def quad_slots(image: torch.Tensor, quad: torch.Tensor, n_images: int,
+               n_quads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot of every active (image, quad) entry - its rank among the entries of that image
+    and quad, from 1 - and the slots each image needs per quad (slot 0: all ones)."""
+    key = image * n_quads + quad
+    per_quad = torch.bincount(key, minlength=n_images * n_quads)
     order = torch.argsort(key, stable=True)
     slot = torch.empty_like(key)
-    slot[order] = torch.arange(len(key), device=device) - (in_quad.cumsum(0) - in_quad)[key[order]] + 1
-    slots = in_quad.view(n, n_quads).amax(dim=1) + 1  # slot 0: all ones
-    rows_per_image = n_quads * slots  # product rows
-    row_start = rows_per_image.cumsum(0) - rows_per_image
-    canvas = ws.zeros("canvas", (int(rows_per_image.sum()) * per_tile, chunk), torch.bfloat16)
+    slot[order] = torch.arange(len(key), device=key.device) - (per_quad.cumsum(0) - per_quad)[key[order]]
+    return slot + 1, per_quad.view(n_images, n_quads).amax(dim=1) + 1
 
-    def canvas_rows(image: torch.Tensor, quad: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """(…, per_tile) canvas rows of (image, quad, slot): layout (quad, chunk, slot)."""
-        base = row_start[image] * per_tile + quad * per_tile * slots[image] + slot
-        return base[..., None] + torch.arange(per_tile, device=device) * slots[image][..., None]
 
+@dataclass(frozen=True)
+class QuadCanvas:
+    """Where mask tiles go: per image, (quad, chunk of the tile, slot) rows of ``chunk``
+    values, so that an image's product is one batched product over its quads and chunks."""
+
+    slots: torch.Tensor  # (n,) slots per quad of each image
+    start: torch.Tensor  # (n,) first product row of each image (n_quads x slots rows)
+    n_quads: int
+    per_tile: int  # chunks per tile
+
+    @property
+    def product_rows(self) -> int:
+        return int(self.slots.sum()) * self.n_quads
+
+    def rows(self, image: torch.Tensor, quad: torch.Tensor, slot: torch.Tensor | int
+             ) -> torch.Tensor:
+        """(..., per_tile) canvas rows of every chunk of the (image, quad, slot) tile."""
+        slots = self.slots[image]
+        base = (self.start[image] + quad * slots) * self.per_tile + slot
+        chunk = torch.arange(self.per_tile, device=slots.device)
+        return base[..., None] + chunk * slots[..., None]
+
+    def product_row(self, image: torch.Tensor, quad: torch.Tensor, slot: torch.Tensor | int
+                    ) -> torch.Tensor:
+        return self.start[image] + quad * self.slots[image] + slot
+
+
+def quad_products(canvas: torch.Tensor, layout: QuadCanvas, labels: ImageLabels,
+                  dtype: torch.dtype, ws: Workspace) -> torch.Tensor:
+    """(product rows, W) float32: every (image, quad, slot) tile against its image's
+    indicator, one exact batched product per image."""
+    chunk = canvas.shape[1]
+    blocks = layout.n_quads * layout.per_tile
+    products = ws.zeros("products", (layout.product_rows, labels.labels.shape[1]), torch.float32)
+    starts, slots = layout.start.tolist(), layout.slots.tolist()
+    for image, (start, count) in enumerate(zip(starts, slots, strict=True)):
+        width = labels.widths[image]
+        masks = canvas[start * layout.per_tile : (start + layout.n_quads * count) * layout.per_tile]
+        indicator = labels.indicator(image, ws).view(blocks, chunk, width)
+        out = products[start : start + layout.n_quads * count, :width]
+        exact_products(masks.view(blocks, count, chunk), indicator, layout.per_tile, dtype,
+                       out.view(layout.n_quads, count, width))
+    return products
+
+
+def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: TallyInputs,
+                grid: QuadGrid, sw: int, ws: Workspace) -> tuple[torch.Tensor, ImageLabels]:
+    """Counts of every row on the quad grid: only the quads with a hot corner are computed."""
+    device = maps.device
+    n_quads, tile = grid.n_quads, grid.tile
+    labels = image_labels(inputs, rows.first, rows.last, grid.position, n_quads * tile, ws)
+    chunk, dtype = product_plan(tile, labels.largest)
+    entry_pair, entry_quad = torch.nonzero(active_quads(maps, t32), as_tuple=True)
+    entry_image = rows.image[rows.pairs][entry_pair]
+    slot, slots = quad_slots(entry_image, entry_quad, rows.last - rows.first, n_quads)
+    layout = QuadCanvas(slots, torch.cumsum(slots, 0) * n_quads - slots * n_quads, n_quads,
+                        tile // chunk)
+    canvas = ws.zeros("canvas", (layout.product_rows * layout.per_tile, chunk), torch.bfloat16)
     whole_image = rows.image[rows.whole]
     all_quads = torch.arange(n_quads, device=device)
-    canvas.index_fill_(0, canvas_rows(whole_image[:, None], all_quads, 0).view(-1), 1.0)
-    if len(key):
-        at = canvas_rows(entry_image, entry_quad, slot)
-        tile_shape = (grid.cols.tile, grid.rows.tile)
-        for entries, values in quad_values(quad_rows(maps, sw, ws), entry_pair, entry_quad,
-                                           grid, ws):
-            mask = ws.zeros("mask", (len(entries), *tile_shape), torch.bfloat16)
-            torch.gt(values, t32[entry_pair[entries], None, None],
-                     out=mask[:, :, : values.shape[2]])
-            canvas.index_copy_(0, at[entries].view(-1), mask.view(-1, chunk))
-    products = ws.zeros("products", (int(rows_per_image.sum()), labels.labels.shape[1]),
-                        torch.float32)
-    for image, (start, count) in enumerate(zip(row_start.tolist(), slots.tolist(), strict=True)):
-        width = labels.widths[image]
-        masks = canvas[start * per_tile : (start + n_quads * count) * per_tile]
-        indicator = labels.indicator(image, ws).view(n_quads * per_tile, chunk, width)
-        exact_products(masks.view(n_quads * per_tile, count, chunk), indicator, per_tile, dtype,
-                       products[start : start + n_quads * count, :width].view(n_quads, count, width))
+    canvas.index_fill_(0, layout.rows(whole_image[:, None], all_quads, 0).view(-1), 1.0)
+    at = layout.rows(entry_image, entry_quad, slot)
+    tile_rows = grid.rows.tile
+    for entries, values in quad_values(quad_rows(maps, sw, ws), entry_pair, entry_quad, grid, ws):
+        mask = ws.empty("mask", (len(entries), grid.cols.tile, tile_rows), torch.bfloat16)
+        mask[:, :, values.shape[2] :] = 0  # tile padding
+        torch.gt(values, t32[entry_pair[entries], None, None], out=mask[:, :, : values.shape[2]])
+        canvas.index_copy_(0, at[entries].view(-1), mask.view(-1, chunk))
+    products = quad_products(canvas, layout, labels, dtype, ws)
     counts = torch.zeros((len(rows.image), products.shape[1]), dtype=torch.float32, device=device)
-    entry_row = row_start[entry_image] + entry_quad * slots[entry_image] + slot
-    counts.index_add_(0, rows.pairs[entry_pair], products[entry_row])
-    whole_row = row_start[whole_image, None] + all_quads * slots[whole_image, None]
-    counts.index_add_(0, rows.whole.repeat_interleave(n_quads), products[whole_row.view(-1)])
+    counts.index_add_(0, rows.pairs[entry_pair],
+                      products[layout.product_row(entry_image, entry_quad, slot)])
+    whole_rows = layout.product_row(whole_image[:, None], all_quads, 0).view(-1)
+    counts.index_add_(0, rows.whole.repeat_interleave(n_quads), products[whole_rows])
     return counts, labels
 
 

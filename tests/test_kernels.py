@@ -326,3 +326,21 @@ def test_skip_bound_keeps_a_margin_below_the_threshold():
     eps = torch.finfo(torch.float32).eps
     near = t32 - 8 * eps * t32.abs()
     assert (skip_bound(t32) < near).all() and (near < t32).all()
+
+
+def test_tally_block_without_active_units():
+    """A block where no unit reaches its threshold still counts label areas and categories."""
+    from tests.iou_reference import reference_counts
+
+    rng = np.random.default_rng(5)
+    images, pixel, image, lut, category, primary = kernel_block(rng, 3, 112, 112)
+    acts = np.zeros((3, 4, 7, 7), dtype=np.float32)
+    thresholds = np.ones(4)
+    for union in ("restricted", "lite"):
+        for planes in ("set", "multiset"):
+            ref = reference_counts(acts, thresholds, images, KERNEL_CATEGORIES, primary, union,
+                                   planes, (112, 112))
+            got = kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes,
+                               (112, 112), 1024)
+            np.testing.assert_array_equal(got["label_area"][1:], ref["label_area"])
+            assert not got["intersection"].any() and not got["unit_area"].any()
