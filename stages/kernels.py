@@ -262,7 +262,7 @@ def row_bands_exact(h: int, w: int, sh: int, sw: int, device: str = "cpu") -> bo
         for hi in range(lo + 1, h):  # bands of at least two rows (one row is a special case)
             band = F.interpolate(maps[:, None, lo : hi + 1], size=((hi - lo + 1) * s, sw),
                                  mode="bilinear", align_corners=False)[:, 0]
-            rows = torch.nonzero(_band_valid(y0, lo, hi, h, s))[:, 0]
+            rows = torch.nonzero(_band_valid(y0[lo * s : (hi + 1) * s], lo, hi, h))[:, 0]
             if not torch.equal(band[:, rows], full[:, lo * s + rows]):
                 return False
     return True
@@ -275,12 +275,12 @@ def _source_rows(h: int, sh: int) -> torch.Tensor:
     return src.floor().long().clamp(max=h - 1)
 
 
-def _band_valid(y0: torch.Tensor, lo, hi, h: int, s: int) -> torch.Tensor:
+def _band_valid(band_y0: torch.Tensor, lo: int | torch.Tensor, hi: int | torch.Tensor,
+                h: int) -> torch.Tensor:
     """Rows of a band [lo, hi] whose value equals the full map's: both source rows inside
-    the band and no clamping that the full map doesn't have.  lo and hi are ints, or (n, 1)
-    tensors for n bands at once (then y0 holds each band's rows, (n, rows))."""
-    rows = y0[lo * s : (hi + 1) * s] if isinstance(lo, int) else y0
-    return (rows >= lo) & ((rows <= hi - 1) | (hi == h - 1))
+    the band and no clamping that the full map doesn't have.  ``band_y0`` is the source row
+    of each of the band's output rows; lo and hi are ints, or (n, 1) for n bands at once."""
+    return (band_y0 >= lo) & ((band_y0 <= hi - 1) | (hi == h - 1))
 
 
 def row_bands(maps: torch.Tensor, t32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,7 +333,7 @@ def masked_pixels(
         band = F.interpolate(maps[sel, band_lo : band_hi + 1][:, None].float(),
                              size=((band_hi - band_lo + 1) * s, sw), mode="bilinear",
                              align_corners=False)[:, 0]
-        valid = _band_valid(y0, band_lo, band_hi, h, s)
+        valid = _band_valid(y0[band_lo * s : (band_hi + 1) * s], band_lo, band_hi, h)
         mask = (band > t32[sel][:, None, None]) & valid[None, :, None]
         q, r, x = torch.nonzero(mask, as_tuple=True)
         pairs.append(sel[q])
@@ -375,7 +375,7 @@ def write_masks(canvas: torch.Tensor, rows: torch.Tensor, maps: torch.Tensor, t3
         band = F.interpolate(band_in[:, None].float(), size=(height * s, sw), mode="bilinear",
                              align_corners=False)[:, 0]
         out_rows = lo[sel, None] * s + torch.arange(height * s, device=maps.device)
-        valid = _band_valid(y0[out_rows], lo[sel, None], hi[sel, None], h, s)
+        valid = _band_valid(y0[out_rows], lo[sel, None], hi[sel, None], h)
         limit = torch.where(valid, t32[sel, None], torch.inf)
         mask = torch.gt(band, limit[:, :, None], out=torch.empty_like(band, dtype=canvas.dtype))
         cell_rows.index_copy_(0, (rows[sel, None] * h + band_rows).view(-1), mask.view(-1, s * sw))
