@@ -446,7 +446,9 @@ def quad_grid(h: int, w: int, sh: int, sw: int, device: str = "cpu") -> QuadGrid
     qy = torch.bucketize(y, rows.start, right=True) - 1
     qx = torch.bucketize(x, cols.start, right=True) - 1
     quad = qy[:, None] * (w + 1) + qx[None, :]
-    inner = (x[None, :] - cols.start[qx][None, :]) * rows.tile + (y[:, None] - rows.start[qy][:, None])
+    dx = x[None, :] - cols.start[qx][None, :]
+    dy = y[:, None] - rows.start[qy][:, None]
+    inner = dx * rows.tile + dy  # column-major inside the tile
     position = (quad * (rows.tile * cols.tile) + inner).reshape(-1)
 
     def to(a: AxisQuads) -> AxisQuads:
@@ -597,8 +599,8 @@ def image_labels(inputs: TallyInputs, first: int, last: int, position: torch.Ten
     labels[img, local[img, number]] = inputs.lut[number]
     pixel_at = torch.mul(position[None, :], width[:, None], out=ws.empty("pixel_at", (n, s),
                                                                           torch.int64))
-    plane_at = torch.index_select(local[:, None, :].expand(n, p, v).reshape(-1), 0,
-                                  keys.view(-1), out=ws.empty("plane_at", (n * p * s,), torch.int64))
+    plane_at = torch.index_select(local[:, None, :].expand(n, p, v).reshape(-1), 0, keys.view(-1),
+                                  out=ws.empty("plane_at", (n * p * s,), torch.int64))
     plane_at = plane_at.view(n, p, s).add_(pixel_at[:, None, :])
     planes_per_label = (in_plane & scored).sum(dim=1).amax(dim=1)  # (n,)
     if inputs.planes == "set":
@@ -613,7 +615,8 @@ def image_labels(inputs: TallyInputs, first: int, last: int, position: torch.Ten
                        plane_at, pixel_at)
 
 
-def whole_image_labels(counts: torch.Tensor, occurrences: torch.Tensor, planes: str) -> torch.Tensor:
+def whole_image_labels(counts: torch.Tensor, occurrences: torch.Tensor,
+                       planes: str) -> torch.Tensor:
     """Add image-level labels to plane counts (rows, W) whose column 0 is the mask area:
     such a label covers every pixel, so it meets the whole mask once (``set``, whatever the
     planes say) or once per occurrence on top of the planes (``multiset``)."""
@@ -697,7 +700,8 @@ def quad_slots(image: torch.Tensor, quad: torch.Tensor, n_images: int,
     per_quad = torch.bincount(key, minlength=n_images * n_quads)
     order = torch.argsort(key, stable=True)
     slot = torch.empty_like(key)
-    slot[order] = torch.arange(len(key), device=key.device) - (per_quad.cumsum(0) - per_quad)[key[order]]
+    first_of_key = per_quad.cumsum(0) - per_quad
+    slot[order] = torch.arange(len(key), device=key.device) - first_of_key[key[order]]
     return slot + 1, per_quad.view(n_images, n_quads).amax(dim=1) + 1
 
 
@@ -778,6 +782,60 @@ def quad_counts(maps: torch.Tensor, t32: torch.Tensor, rows: TallyRows, inputs: 
     return counts, labels
 
 
+@dataclass
+class BlockCounts:
+    """The int64 counts of a block, accumulated chunk by chunk (SEMANTICS.md §4)."""
+
+    intersection: torch.Tensor  # (K, L+1)
+    label_area: torch.Tensor  # (L+1,)
+    area: torch.Tensor  # (B, K) mask area of every (image, unit)
+    carries: torch.Tensor  # (B, C+1) image carries a label of category c-1 (0: none)
+    lite_area: torch.Tensor  # (K, C+1) lite union areas
+
+    @staticmethod
+    def zeros(b: int, k: int, n_labels: int, c: int, device: torch.device) -> BlockCounts:
+        def z(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return BlockCounts(z(k, n_labels + 1), z(n_labels + 1), z(b, k),
+                           z(b, c + 1, dtype=torch.bool), z(k, c + 1))
+
+    def add(self, rows: TallyRows, unit: torch.Tensor, counts: torch.Tensor, labels: ImageLabels,
+            category: torch.Tensor, lite: bool) -> None:
+        """Counts (rows, W) of a chunk's rows: all-ones rows give label areas, unit rows
+        intersections (column 0: mask area); ``category`` maps dense labels to category + 1."""
+        k, width = self.intersection.shape
+        columns = labels.labels.index_select(0, rows.image)  # dense label of every count
+        self.label_area.index_add_(0, columns.index_select(0, rows.whole).view(-1),
+                                   counts.index_select(0, rows.whole).view(-1))
+        pair_counts = counts.index_select(0, rows.pairs)
+        pair_columns = columns.index_select(0, rows.pairs)
+        self.intersection.view(-1).index_add_(0, (unit[:, None] * width + pair_columns).view(-1),
+                                              pair_counts.view(-1))
+        image = rows.image.index_select(0, rows.pairs) + rows.first
+        self.area.view(-1).index_add_(0, image * k + unit, pair_counts[:, 0])
+        self.carries[rows.first : rows.last].scatter_(1, category[labels.labels], True)
+        if lite:  # the mask meets a label of the category (image-level labels meet any mask)
+            overlap = torch.zeros((len(unit), self.lite_area.shape[1]), dtype=torch.int64,
+                                  device=unit.device)
+            overlap.scatter_add_(1, category[pair_columns[:, 1:]], (pair_counts[:, 1:] > 0).long())
+            self.lite_area.index_add_(0, unit, pair_counts[:, :1] * (overlap > 0))
+
+    def result(self, union: str) -> dict[str, torch.Tensor]:
+        self.intersection[:, 0] = 0
+        self.label_area[0] = 0
+        k, c = self.lite_area.shape[0], self.lite_area.shape[1] - 1
+        if union == "global":
+            unit_area = self.area.sum(dim=0, keepdim=True).T.expand(k, c).clone()
+        elif union == "restricted":
+            unit_area = torch.round(self.area.double().T @ self.carries[:, 1:].double())
+            unit_area = unit_area.to(torch.int64)
+        else:
+            unit_area = self.lite_area[:, 1:].contiguous()
+        return {"intersection": self.intersection, "unit_area": unit_area,
+                "label_area": self.label_area}
+
+
 def tally_block(
     acts: torch.Tensor,
     thresholds: torch.Tensor,
@@ -793,61 +851,36 @@ def tally_block(
     whose raw maximum can reach the threshold are upsampled (:func:`skip_bound`): a bilinear
     value is a convex combination of raw cells, so the others have empty masks.  Each image
     contributes one all-ones row (its label areas) and one row per active unit; at most
-    ``pair_chunk`` such rows are counted at once.
+    ``pair_chunk`` such rows are counted at once, on the quad grid where :func:`quads_exact`
+    holds and on dense mask rows otherwise.
     Returns intersection (K, L+1), unit_area (K, C), label_area (L+1,).
     """
     if union not in ("restricted", "global", "lite"):
         raise ValueError(f"unknown union mode {union!r}")
     device = acts.device
     b, k, h, w = acts.shape
-    c = inputs.n_categories
     sh, sw = seg_size
-    width = n_labels + 1
     t32 = float32_below(thresholds.to(device=device, dtype=torch.float64))
     maps = acts.float().reshape(b * k, h, w)
     active = maps.amax(dim=(1, 2)).view(b, k) > skip_bound(t32)[None, :]
     whole = torch.ones((b, 1), dtype=torch.bool, device=device)
     row_image, row_column = torch.nonzero(torch.cat([whole, active], dim=1), as_tuple=True)
     row_unit = row_column - 1  # -1: the image's all-ones row
-    exact = quads_exact(h, w, sh, sw, device.type)
-    grid = quad_grid(h, w, sh, sw, str(device)) if exact else None
-    intersection = torch.zeros((k, width), dtype=torch.int64, device=device)
-    label_area = torch.zeros(width, dtype=torch.int64, device=device)
-    area = torch.zeros((b, k), dtype=torch.int64, device=device)
-    carries = torch.zeros((b, c + 1), dtype=torch.bool, device=device)  # column 0: no category
-    lite_area = torch.zeros((k, c + 1), dtype=torch.int64, device=device)
+    grid = quad_grid(h, w, sh, sw, str(device)) if quads_exact(h, w, sh, sw, device.type) else None
+    totals = BlockCounts.zeros(b, k, n_labels, inputs.n_categories, device)
     category = inputs.label_category + 1
     ws = Workspace(device)
     for start in range(0, len(row_image), max(pair_chunk, 1)):
-        rows = tally_rows(row_image[start : start + pair_chunk], row_unit[start : start + pair_chunk])
-        pi = rows.image.index_select(0, rows.pairs) + rows.first
-        pu = rows.unit.index_select(0, rows.pairs)
-        pair_maps, pair_t32 = maps.index_select(0, pi * k + pu), t32.index_select(0, pu)
+        stop = start + pair_chunk
+        rows = tally_rows(row_image[start:stop], row_unit[start:stop])
+        image = rows.image.index_select(0, rows.pairs) + rows.first
+        unit = rows.unit.index_select(0, rows.pairs)
+        pair_maps, pair_t32 = maps.index_select(0, image * k + unit), t32.index_select(0, unit)
         if grid is None:
             counts, labels = dense_counts(pair_maps, pair_t32, rows, inputs, seg_size, ws)
         else:
             counts, labels = quad_counts(pair_maps, pair_t32, rows, inputs, grid, sw, ws)
         counts = whole_image_labels(counts, labels.image_level.index_select(0, rows.image),
-                                    inputs.planes).long()
-        columns = labels.labels.index_select(0, rows.image)  # dense label of every count
-        label_area.index_add_(0, columns.index_select(0, rows.whole).view(-1),
-                              counts.index_select(0, rows.whole).view(-1))
-        pair_counts = counts.index_select(0, rows.pairs)
-        pair_columns = columns.index_select(0, rows.pairs)
-        intersection.view(-1).index_add_(0, (pu[:, None] * width + pair_columns).view(-1),
-                                         pair_counts.view(-1))
-        area.view(-1).index_add_(0, pi * k + pu, pair_counts[:, 0])
-        carries[rows.first : rows.last].scatter_(1, category[labels.labels], True)
-        if union == "lite":
-            overlap = torch.zeros((len(pu), c + 1), dtype=torch.int64, device=device)
-            overlap.scatter_add_(1, category[pair_columns[:, 1:]], (pair_counts[:, 1:] > 0).long())
-            lite_area.index_add_(0, pu, pair_counts[:, :1] * (overlap > 0))
-    intersection[:, 0] = 0
-    label_area[0] = 0
-    if union == "global":
-        unit_area = area.sum(dim=0, keepdim=True).T.expand(k, c).clone()
-    elif union == "restricted":
-        unit_area = torch.round(area.double().T @ carries[:, 1:].double()).to(torch.int64)
-    else:
-        unit_area = lite_area[:, 1:].contiguous()
-    return {"intersection": intersection, "unit_area": unit_area, "label_area": label_area}
+                                    inputs.planes)
+        totals.add(rows, unit, counts.long(), labels, category, union == "lite")
+    return totals.result(union)

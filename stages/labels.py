@@ -107,7 +107,7 @@ def tally_inputs(block: ConceptBlock, space: LabelSpace, planes: str, device: st
     pixel = torch.from_numpy(block.pixel_labels).to(device).reshape(b, p, -1)
     if plane_dropped.any():  # a copy only when some category is left out
         pixel = pixel * torch.from_numpy(~plane_dropped).to(device)[:, :, None]
-    image = torch.from_numpy(block.image_labels).to(device) * torch.from_numpy(image_keep).to(device)
+    image = torch.from_numpy(block.image_labels * image_keep).to(device)
     return TallyInputs(
         pixel, image, torch.from_numpy(space.lut).to(device),
         torch.from_numpy(space.dense_category()).to(device), len(space.categories), planes,
