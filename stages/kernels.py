@@ -870,8 +870,9 @@ def tally_block(
     totals = BlockCounts.zeros(b, k, n_labels, inputs.n_categories, device)
     category = inputs.label_category + 1
     ws = Workspace(device)
-    for start in range(0, len(row_image), max(pair_chunk, 1)):
-        stop = start + pair_chunk
+    step = max(pair_chunk, 1)
+    for start in range(0, len(row_image), step):
+        stop = start + step
         rows = tally_rows(row_image[start:stop], row_unit[start:stop])
         image = rows.image.index_select(0, rows.pairs) + rows.first
         unit = rows.unit.index_select(0, rows.pairs)
