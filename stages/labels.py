@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stages.kernels import TallyInputs, set_semantics
+from stages.kernels import TallyInputs
 from storage.broden import primary_category
 from storage.concepts import ConceptBlock, ConceptStore
 from storage.errors import UserError
@@ -97,24 +97,18 @@ def repeat_checks(block: ConceptBlock, share: np.ndarray) -> tuple[list[tuple[in
 
 
 def tally_inputs(block: ConceptBlock, space: LabelSpace, planes: str, device: str) -> TallyInputs:
-    """Map a concept block to dense label indices, dropping unselected categories."""
-    plane_keep = (block.plane_category >= 0) & (
-        space.store_category_map[np.maximum(block.plane_category, 0)] >= 0
-    )
-    image_keep = (block.image_label_category >= 0) & (
-        space.store_category_map[np.maximum(block.image_label_category, 0)] >= 0
-    )
-    lut = torch.from_numpy(space.lut).to(device)
+    """The labels of a concept block as the tally reads them: stored label numbers with the
+    planes and image-level labels of unselected categories zeroed, and the dense numbering."""
+    selected = space.store_category_map >= 0
+    plane_dropped = (block.plane_category >= 0) & ~selected[np.maximum(block.plane_category, 0)]
+    image_keep = (block.image_label_category >= 0) & selected[
+        np.maximum(block.image_label_category, 0)]
     b, p = block.pixel_labels.shape[:2]
-    pixel = lut[torch.from_numpy(block.pixel_labels).to(device).reshape(b, p, -1)]
-    dropped = torch.from_numpy(~plane_keep).to(device)
-    if dropped.any():  # planes of unselected categories (empty slots are zeros already)
-        pixel[dropped] = 0
-    image = lut[torch.from_numpy(block.image_labels).to(device).long()]
-    image = image * torch.from_numpy(image_keep).to(device)
-    if planes == "set":
-        pairs, slots = repeat_checks(block, space.category_share)
-        pixel, image = set_semantics(pixel, image, pairs, slots)
+    pixel = torch.from_numpy(block.pixel_labels).to(device).reshape(b, p, -1)
+    if plane_dropped.any():  # a copy only when some category is left out
+        pixel = pixel * torch.from_numpy(~plane_dropped).to(device)[:, :, None]
+    image = torch.from_numpy(block.image_labels * image_keep).to(device)
     return TallyInputs(
-        pixel, image, torch.from_numpy(space.dense_category()).to(device), len(space.categories)
+        pixel, image, torch.from_numpy(space.lut).to(device),
+        torch.from_numpy(space.dense_category()).to(device), len(space.categories), planes,
     )

@@ -100,3 +100,247 @@ def test_set_semantics_across_categories_sharing_a_label(tmp_path):
                            ScoringConfig(planes=planes)), range(2))
         glass_index = int(space.lut[48])
         assert counts["label_area"][glass_index] == expected
+
+
+# --------------------------------------------------------------------------- the tally kernel
+#
+# tally_block on in-memory label blocks against tests/iou_reference.py, on the shapes that take
+# the quad path (integer scales, large outputs) and on those that don't, with maps built to hit
+# the corners of the mask rule and labels built to hit the corners of set/multiset counting.
+
+KERNEL_CATEGORIES = ["color", "object", "part", "material", "scene", "texture"]
+# number -> categories listing it; the first is the primary one
+KERNEL_LABELS = {
+    **{n: ["color"] for n in range(1, 6)},
+    **{n: ["object"] for n in range(10, 18)},
+    **{n: ["part"] for n in range(20, 26)},
+    **{n: ["material"] for n in range(30, 34)},
+    **{n: ["scene"] for n in range(40, 44)},
+    **{n: ["texture"] for n in range(50, 54)},
+    17: ["object", "part"],  # shared: in object and part planes, scored as object
+    33: ["material", "part"],  # shared: scored as material
+    300: ["part"],  # above 255
+}
+
+
+def kernel_block(rng: np.random.Generator, n: int, sh: int, sw: int):
+    """Random labels of n images: reference images, and the stored layout of a concept block
+    (label numbers per plane, image-level numbers) with the lut of the scored labels."""
+    from tests.iou_reference import RefImage
+
+    by_cat = {c: [k for k, cats in KERNEL_LABELS.items() if c in cats] for c in KERNEL_CATEGORIES}
+
+    def plane(choices: list[int], blobs: int, empty: float) -> np.ndarray:
+        out = np.zeros((sh, sw), dtype=np.int64)
+        for _ in range(blobs):
+            y0, x0 = rng.integers(0, sh), rng.integers(0, sw)
+            y1, x1 = rng.integers(y0 + 1, sh + 1), rng.integers(x0 + 1, sw + 1)
+            out[y0:y1, x0:x1] = 0 if rng.random() < empty else rng.choice(choices)
+        return out
+
+    images = []
+    for i in range(n):
+        img = RefImage()
+        img.planes["color"] = [plane(by_cat["color"], 12, 0.0)]
+        if i % 5 != 4:
+            img.planes["object"] = [plane(by_cat["object"], 6, 0.3)]
+        parts = [plane(by_cat["part"], 4, 0.5) for _ in range(i % 4)]
+        if len(parts) >= 2:  # the same label in two part planes at the same pixels
+            parts[1][: sh // 2, : sw // 2] = parts[0][: sh // 2, : sw // 2] = 17
+        img.planes["part"] = parts
+        if i % 3 == 0:
+            img.planes["material"] = [plane(by_cat["material"], 3, 0.2)]
+        if i % 4 != 3:
+            img.scalars["scene"] = [int(rng.choice(by_cat["scene"]))] * (1 + (i % 6 == 0))
+        if i % 2:
+            tex = [int(rng.choice(by_cat["texture"]))]
+            img.scalars["texture"] = tex + [53] * (i % 3 == 1)
+            img.planes["texture"] = [np.where(plane([53], 2, 0.0) > 0, 53, 0)] * (i % 5 == 1)
+        images.append(img)
+    n_planes = max(sum(len(p) for p in img.planes.values()) for img in images)
+    n_image = max(sum(len(s) for s in img.scalars.values()) for img in images)
+    pixel = np.zeros((n, n_planes, sh * sw), dtype=np.int32)
+    image = np.zeros((n, n_image), dtype=np.int32)
+    for i, img in enumerate(images):
+        planes = [p for c in KERNEL_CATEGORIES for p in img.planes.get(c, [])]
+        scalars = [s for c in KERNEL_CATEGORIES for s in img.scalars.get(c, [])]
+        pixel[i, : len(planes)] = np.array(planes).reshape(len(planes), -1) if planes else 0
+        image[i, : len(scalars)] = scalars
+    numbers = sorted(KERNEL_LABELS)
+    lut = np.zeros(max(numbers) + 1, dtype=np.int64)
+    lut[numbers] = np.arange(1, len(numbers) + 1)
+    category = [-1] + [KERNEL_CATEGORIES.index(KERNEL_LABELS[k][0]) for k in numbers]
+    primary = {k: KERNEL_LABELS[k][0] for k in numbers}
+    return images, pixel, image, lut, np.array(category), primary
+
+
+def corner_maps(rng: np.random.Generator, n: int, h: int, w: int):
+    """(n, 10, h, w) float32 maps and (10,) float64 thresholds, one corner per unit."""
+    acts = np.zeros((n, 10, h, w), dtype=np.float32)
+    thresholds = np.zeros(10, dtype=np.float64)
+    acts[:, 0] = rng.standard_normal((n, h, w))
+    thresholds[0] = np.quantile(acts[:, 0], 0.97)  # a few hot cells
+    acts[:, 1] = np.round(rng.standard_normal((n, h, w)))  # plateaus exactly at T
+    thresholds[1] = 1.0
+    t = np.float32(0.3)  # values one ulp around T, and T itself
+    around = np.array([np.nextafter(t, np.float32(-1)), t, np.nextafter(t, np.float32(1))])
+    acts[:, 2] = rng.choice(around, (n, h, w))
+    thresholds[2] = float(t)
+    thresholds[3] = 0.0  # all-zero unit: empty masks
+    thresholds[4] = -1.0  # all-zero unit below its threshold: whole-image masks
+    acts[:, 5] = rng.uniform(0, 1, (n, h, w))  # hot cells on every border
+    acts[::2, 5, 0, :] += 2
+    acts[1::2, 5, -1, :] += 2
+    acts[::3, 5, :, 0] += 2
+    acts[1::3, 5, :, -1] += 2
+    thresholds[5] = 1.5
+    acts[:, 6] = rng.standard_normal((n, h, w)) * rng.choice([1e-30, 1.0, 1e30], (n, h, w))
+    thresholds[6] = 0.5  # mixed magnitudes
+    acts[:, 7] = -rng.uniform(1, 2, (n, h, w))  # negative maps and threshold
+    thresholds[7] = -1.2
+    acts[:, 8] = np.float32(1.0) + np.float32(2**-23) * rng.integers(-2, 3, (n, h, w))
+    thresholds[8] = 1.0 + 2**-24  # between two float32s, on a plateau at 1.0
+    acts[:, 9] = np.maximum(rng.standard_normal((n, h, w)) - 1.0, 0)  # mostly zero, T = 0
+    return acts, thresholds
+
+
+def kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes, size, chunk):
+    from stages.kernels import TallyInputs, tally_block
+
+    inputs = TallyInputs(torch.from_numpy(pixel), torch.from_numpy(image), torch.from_numpy(lut),
+                         torch.from_numpy(category), len(KERNEL_CATEGORIES), planes)
+    counts = tally_block(torch.from_numpy(acts), torch.from_numpy(thresholds), inputs,
+                         len(category) - 1, size, union, pair_chunk=chunk)
+    return {key: value.numpy() for key, value in counts.items()}
+
+
+# quad path (two shapes); dense canvas with row bands; with whole maps (non-integer scales);
+# and a pixel count with no exact bfloat16 chunk (float64 products)
+TALLY_SHAPES = [(7, 7, 112, 112), (6, 8, 96, 128), (14, 14, 56, 56), (4, 5, 12, 14),
+                (5, 4, 37, 29), (2, 5, 3, 263)]
+
+
+@pytest.mark.parametrize("shape", TALLY_SHAPES)
+def test_tally_block_matches_reference(shape):
+    """Every count, in every union x planes mode, on quad-path and fallback shapes."""
+    from tests.iou_reference import reference_counts
+
+    h, w, sh, sw = shape
+    rng = np.random.default_rng(sum(shape))
+    images, pixel, image, lut, category, primary = kernel_block(rng, 6, sh, sw)
+    acts, thresholds = corner_maps(rng, 6, h, w)
+    for union in ("restricted", "global", "lite"):
+        for planes in ("set", "multiset"):
+            ref = reference_counts(acts, thresholds, images, KERNEL_CATEGORIES, primary, union,
+                                   planes, (sh, sw))
+            for chunk in (2048, 5):
+                got = kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes,
+                                   (sh, sw), chunk)
+                np.testing.assert_array_equal(got["intersection"][:, 1:], ref["intersection"])
+                np.testing.assert_array_equal(got["unit_area"], ref["unit_area"])
+                np.testing.assert_array_equal(got["label_area"][1:], ref["label_area"])
+                assert (got["intersection"][:, 0] == 0).all() and got["label_area"][0] == 0
+
+
+def test_tally_corners_are_hit():
+    """Guard the fixture: the corners above really occur on the quad-path shape."""
+    from stages.kernels import product_plan, quads_exact
+    from tests.iou_reference import reference_mask
+
+    assert quads_exact(7, 7, 112, 112) and quads_exact(6, 8, 96, 128)
+    assert not any(quads_exact(*shape) for shape in TALLY_SHAPES[2:])
+    assert product_plan(3 * 263, 1)[1] == torch.float64
+    rng = np.random.default_rng(7 + 7 + 112 + 112)
+    kernel_block(rng, 6, 112, 112)
+    acts, thresholds = corner_maps(rng, 6, 7, 7)
+    areas = np.array([[reference_mask(acts[x, k], thresholds[k], (112, 112)).sum()
+                       for k in range(10)] for x in range(6)])
+    assert (areas[:, 3] == 0).all() and (areas[:, 4] == 112 * 112).all()
+    for k in (0, 1, 2, 5, 6, 8):
+        assert 0 < areas[:, k].sum() < 6 * 112 * 112, k
+
+
+def test_quad_path_equals_dense_path(monkeypatch):
+    """The quad path and the dense canvas path give the same counts on the same block."""
+    import stages.kernels as kernels
+
+    rng = np.random.default_rng(3)
+    _, pixel, image, lut, category, _ = kernel_block(rng, 8, 112, 112)
+    acts, thresholds = corner_maps(rng, 8, 7, 7)
+    args = (acts, thresholds, pixel, image, lut, category)
+    quad = kernel_tally(*args, "lite", "multiset", (112, 112), 300)
+    monkeypatch.setattr(kernels, "quads_exact", lambda *a: False)
+    dense = kernel_tally(*args, "lite", "multiset", (112, 112), 300)
+    for key in quad:
+        np.testing.assert_array_equal(quad[key], dense[key])
+
+
+@pytest.mark.parametrize("shape", [(7, 7, 112, 112), (6, 8, 96, 128), (14, 14, 112, 112)])
+def test_quad_values_equal_full_upsample(shape):
+    """Every pixel of every quad, on adversarial maps, where quads are used."""
+    from stages.kernels import Workspace, quad_grid, quad_values, quads_exact
+
+    h, w, sh, sw = shape
+    if not quads_exact(h, w, sh, sw):
+        pytest.skip("torch's kernel on this machine is not separable for this shape")
+    grid = quad_grid(h, w, sh, sw)
+    rng = np.random.default_rng(sum(shape))
+    maps = torch.from_numpy(np.concatenate([random_maps(rng, 40, h, w) for _ in range(6)]))
+    t = np.float32(0.3)
+    maps[:10] = torch.from_numpy(rng.choice(
+        [np.nextafter(t, np.float32(0)), t, np.nextafter(t, np.float32(1))], (10, h, w)))
+    full = F.interpolate(maps[:, None], size=(sh, sw), mode="bilinear", align_corners=False)
+    n = len(maps)
+    pair = torch.arange(n).repeat_interleave(grid.n_quads)
+    quad = torch.arange(grid.n_quads).repeat(n)
+    rows = F.interpolate(maps, size=sw, mode="linear", align_corners=False)
+    tiles = torch.full((len(pair), grid.cols.tile, grid.rows.tile), torch.nan)
+    for entries, values in quad_values(rows, pair, quad, grid, Workspace("cpu")):
+        tiles[entries, :, : values.shape[2]] = values
+    got = tiles.view(n, -1).gather(1, grid.position[None].expand(n, -1))
+    assert torch.equal(got, full.view(n, -1))
+
+
+def test_active_quads_cover_every_mask_pixel():
+    """A pixel outside the active quads is never in the mask (the skip rule, per quad)."""
+    from stages.kernels import active_quads, quad_grid
+
+    grid = quad_grid(7, 7, 112, 112)
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        maps = torch.from_numpy(random_maps(rng, 30, 7, 7))
+        flat = maps.reshape(30, -1)
+        t32 = float32_below(flat[torch.arange(30), torch.from_numpy(rng.integers(0, 49, 30))]
+                            .double())
+        masks = (F.interpolate(maps[:, None], size=(112, 112), mode="bilinear",
+                               align_corners=False) > t32[:, None, None, None]).view(30, -1)
+        quad_of_pixel = grid.position // grid.tile
+        covered = active_quads(maps, t32).gather(1, quad_of_pixel[None].expand(30, -1))
+        assert not (masks & ~covered).any()
+
+
+def test_skip_bound_keeps_a_margin_below_the_threshold():
+    """Pairs whose raw max is a few ulps below T are still upsampled: float32 interpolation
+    may overshoot a flat region on some backends, so the skip must not be tight."""
+    t32 = float32_below(torch.tensor([1.0, -1.0, 3e-30, 7e30, 0.1], dtype=torch.float64))
+    eps = torch.finfo(torch.float32).eps
+    near = t32 - 8 * eps * t32.abs()
+    assert (skip_bound(t32) < near).all() and (near < t32).all()
+
+
+def test_tally_block_without_active_units():
+    """A block where no unit reaches its threshold still counts label areas and categories."""
+    from tests.iou_reference import reference_counts
+
+    rng = np.random.default_rng(5)
+    images, pixel, image, lut, category, primary = kernel_block(rng, 3, 112, 112)
+    acts = np.zeros((3, 4, 7, 7), dtype=np.float32)
+    thresholds = np.ones(4)
+    for union in ("restricted", "lite"):
+        for planes in ("set", "multiset"):
+            ref = reference_counts(acts, thresholds, images, KERNEL_CATEGORIES, primary, union,
+                                   planes, (112, 112))
+            got = kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes,
+                               (112, 112), 1024)
+            np.testing.assert_array_equal(got["label_area"][1:], ref["label_area"])
+            assert not got["intersection"].any() and not got["unit_area"].any()
