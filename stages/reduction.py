@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -193,20 +194,38 @@ def reduce_with_dask(
     wave = max(split_every, 8 * _parallelism(scheduler))
     bar = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc=desc, unit="block",
                leave=False, disable=None if progress else True)
-    for start in range(0, len(todo), wave):
-        part_blocks = todo[start : start + wave]
-        graph = reduction_graph(reduction, part_blocks, split_every)
-        (part,) = compute(graph, scheduler=scheduler, desc=desc, progress=False)
-        acc = part if acc is None else reduction.combine([acc, part])
-        done.update(part_blocks)
-        if checkpoint is not None:
-            checkpoint.save(reduction, acc, done)
-        bar.update(len(part_blocks))
+    with _one_torch_thread_per_task(scheduler):
+        for start in range(0, len(todo), wave):
+            part_blocks = todo[start : start + wave]
+            graph = reduction_graph(reduction, part_blocks, split_every)
+            (part,) = compute(graph, scheduler=scheduler, desc=desc, progress=False)
+            acc = part if acc is None else reduction.combine([acc, part])
+            done.update(part_blocks)
+            if checkpoint is not None:
+                checkpoint.save(reduction, acc, done)
+            bar.update(len(part_blocks))
     bar.close()
     result = reduction.finish(acc)
     if checkpoint is not None:
         checkpoint.remove()
     return result
+
+
+@contextmanager
+def _one_torch_thread_per_task(scheduler: Any) -> Iterator[None]:
+    """Dask's threaded scheduler already runs one block per core; torch's own intra-op
+    threads on top would oversubscribe the cores (measured: stalls of a waiting thread)."""
+    if scheduler != "threads":
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def reduce_blocks(
