@@ -392,14 +392,16 @@ def run(args: argparse.Namespace) -> dict:
     data.ensure_activations(workdir, sizes, args.models, args.seed, progress=not args.quiet)
     bench.result["data"] = {"labels": asdict(census), "preparation_seconds":
                             time.perf_counter() - start, "activations": {}}
-    for scheduler in args.schedulers:
+    for scheduler in args.schedulers:  # each stage at every size in a row: similar load
         for n in sizes:
             bench.measure(stage="concepts", n=n, scheduler=scheduler)
-            for model in args.models:
-                for strategy in ("top-k", "radix"):
+        for model in args.models:
+            for strategy in ("top-k", "radix"):
+                for n in sizes:
                     bench.measure(stage="quantile", model=model, n=n, scheduler=scheduler,
                                   strategy=strategy)
-                for stage in PASS_STAGES:
+            for stage in PASS_STAGES:
+                for n in sizes:
                     bench.measure(stage=stage, model=model, n=n, scheduler=scheduler)
     for model in args.models:
         bench.result["data"]["activations"][model] = {
