@@ -412,6 +412,7 @@ def run(args: argparse.Namespace) -> dict:
     bench.result["projections"] = projections(bench.result["measurements"],
                                               bench.result["stores"], sizes)
     bench.result["machine"]["load_at_end"] = os.getloadavg()
+    bench.result["run_seconds"] = time.perf_counter() - start
     bench.save()
     return bench.result
 

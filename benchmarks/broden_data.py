@@ -215,7 +215,7 @@ def _index_line(index: int, seed: int, cells: dict[str, str]) -> str:
     return ",".join([image_name(index), split, sizes, *(cells[c] for c in CATEGORY_ORDER)])
 
 
-def _write_tables(root: Path, table: LabelTable, n_images: int,
+def _write_tables(root: Path, table: LabelTable,
                   freq: dict[str, np.ndarray], cover: dict[str, np.ndarray],
                   images_with: dict[str, int]) -> None:
     """category.csv, label.csv and c_<cat>.csv with measured frequency and coverage."""
@@ -280,7 +280,7 @@ def _generate_pool(path: Path, n_images: int, seed: int, progress: bool) -> Cens
             scalar_counts.append(sum(len(s) for s in labels.scalars.values()))
         header = "image,split,ih,iw,sh,sw," + ",".join(CATEGORY_ORDER)
         _write_csv(tmp / "index.csv", [header, *rows])
-        _write_tables(tmp, table, n_images, freq, cover, images_with)
+        _write_tables(tmp, table, freq, cover, images_with)
         census = Census(
             images=n_images, labels=len(table.names),
             listed={c: len(table.ranked[c]) for c in CATEGORY_ORDER},

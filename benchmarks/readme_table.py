@@ -61,6 +61,11 @@ def _rss(m: dict) -> str:
     return _int(m["peak_rss_mib"]) + (f" / {_int(max(workers))}" if workers else "")
 
 
+def _span(values: list[float], fmt: str) -> str:
+    low, high = format(min(values), fmt), format(max(values), fmt)
+    return low if low == high else f"{low}–{high}"
+
+
 def header(result: dict) -> str:
     machine, config, labels = result["machine"], result["config"], result["data"]["labels"]
     loads = [m["load_before"][0] for m in result["measurements"]]
@@ -75,9 +80,9 @@ def header(result: dict) -> str:
         f"{labels['pixel_planes_mean']:.1f} pixel planes (at most {labels['pixel_planes_max']}) "
         f"and {labels['image_labels_mean']:.1f} image-level labels per image at "
         f"{config['segmentation'][0]}×{config['segmentation'][1]}; activations with "
-        f"{min(active):.1%}–{max(active):.1%} of (image, unit) pairs above their q = "
+        f"{_span(active, '.1%')} of (image, unit) pairs above their q = "
         f"{config['quantile']} threshold. N = {small:,} and {large:,} images; each stage in a "
-        f"fresh process; 1-minute load average {min(loads):.1f}–{max(loads):.1f} during the "
+        f"fresh process; 1-minute load average {_span(loads, '.1f')} during the "
         f"measurements (so absolute rates are low; compare ratios)."
     )
 
