@@ -13,11 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.common import peak_rss_mib
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+from benchmarks.common import directory_bytes, peak_rss_mib
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
-"""Shared helpers for benchmarks: synthetic activation stores and peak-memory measurement."""
+"""Shared helpers for benchmarks: synthetic activation stores, store sizes, peak memory and
+measurements in fresh processes."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,6 +29,11 @@ def write_activations(path: Path, n_images: int, units: int = 512, hw: int = 7,
     astore.mark_complete(path)
 
 
+def directory_bytes(path: Path) -> int:
+    """Bytes on disk of every file under ``path`` (a store's size)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process: VmHWM of its own address space (ru_maxrss would
     include the parent's peak for processes started by fork + exec, like Dask workers)."""
@@ -39,8 +46,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def run_child(module: str, *args: str) -> dict:
-    """Run a measurement in a fresh interpreter so peak memory is its own."""
-    out = subprocess.run([sys.executable, "-m", module, "--child", *args], check=True,
-                         capture_output=True, text=True)
+    """Run a measurement in a fresh interpreter so peak memory is its own.
+
+    The child (and any Dask worker it starts) imports this checkout's modules, whatever the
+    caller's working directory; a failing child raises with the end of its stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    out = subprocess.run([sys.executable, "-m", module, "--child", *args], capture_output=True,
+                         text=True, cwd=REPO, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} child {' '.join(args)[:200]} failed "
+                           f"(exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,42 @@
+"""Smoke test of the Broden-scale benchmark: the generator and every stage run on a tiny
+set, and the NetDissect-Lite-style baseline counts what the pipeline counts (no timings)."""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import bench_broden, readme_table
+
+
+def test_broden_benchmark_runs_every_stage_and_baseline_matches(tmp_path):
+    args = argparse.Namespace(n=24, scale=1, out=str(tmp_path / "broden.json"),
+                              workdir=str(tmp_path / "work"), schedulers=["threads"],
+                              models=["resnet18"],
+                              baseline_images=24, seed=0, in_process=True, quiet=True)
+    result = bench_broden.run(args)
+    done = {(m["stage"], m.get("model"), m.get("strategy")) for m in result["measurements"]}
+    for model in args.models:
+        for stage in (*bench_broden.PASS_STAGES, "baseline"):
+            assert (stage, model, None) in done
+        assert {("quantile", model, "top-k"), ("quantile", model, "radix")} <= done
+    assert ("concepts", None, None) in done
+    baselines = [m for m in result["measurements"] if m["stage"] == "baseline"]
+    assert all(m["counts_equal"] and m["images"] == 24 for m in baselines)
+    assert all(m["equals_top_k"] for m in result["measurements"] if m.get("strategy") == "radix")
+    labels = result["data"]["labels"]
+    assert labels["labels"] > 1000 and labels["pixel_planes_max"] <= 7
+    assert "| tally (restricted, set) |" in readme_table.tables(result)
+
+
+def test_a_measurement_runs_in_its_own_process(tmp_path):
+    """The real runs measure each stage in a fresh interpreter: its JSON comes back."""
+    import json
+
+    from benchmarks import broden_data
+    from benchmarks.common import run_child
+
+    broden_data.ensure_activations(tmp_path, [24], ["resnet18"], progress=False)
+    spec = {"workdir": str(tmp_path), "stage": "top_images", "model": "resnet18", "n": 24,
+            "scheduler": "threads"}
+    found = run_child("benchmarks.bench_broden", json.dumps(spec))
+    assert found["images"] == 24 and found["peak_rss_mib"] > 0 and len(found["load_before"]) == 3
