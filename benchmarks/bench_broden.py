@@ -134,12 +134,10 @@ def stage_quantile(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
 
 def quantile_strategy(units: int, n_images: int, budget: int | None = None) -> str:
     """The strategy ``threshold_pass`` picks for a layer of ``units`` x 7 x 7 values."""
-    from stages.kernels import quantile_position
-    from stages.quantile import DEFAULT_CANDIDATE_BUDGET
+    from stages.quantile import DEFAULT_CANDIDATE_BUDGET, strategy
 
-    n = n_images * data.MAP_SIZE * data.MAP_SIZE
-    lo, _, _ = quantile_position(n, QUANTILE)
-    return "top-k" if units * (n - lo) <= (budget or DEFAULT_CANDIDATE_BUDGET) else "radix"
+    values = n_images * data.MAP_SIZE * data.MAP_SIZE
+    return strategy(units, values, QUANTILE, budget or DEFAULT_CANDIDATE_BUDGET)
 
 
 def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:

@@ -28,10 +28,18 @@ from stages.reduction import Arrays, Pass
 
 
 def _unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows (int64) and each row's index among them.  Rows are compared as raw
+    bytes of the narrowest integer type that holds them: several times faster than
+    ``np.unique(axis=0)``, which compares rows column by column."""
+    width = rows.shape[1] if rows.ndim == 2 else 0
     if len(rows) == 0:
-        return rows.reshape(0, rows.shape[1] if rows.ndim == 2 else 0), np.zeros(0, np.int64)
-    uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
-    return uniq, inverse.reshape(-1)
+        return rows.reshape(0, width).astype(np.int64), np.zeros(0, np.int64)
+    top = int(rows.max(initial=0))
+    narrow = np.int16 if top < 2**15 else np.int32 if top < 2**31 else np.int64
+    packed = np.ascontiguousarray(rows, dtype=narrow)
+    keys = packed.view(np.dtype((np.void, packed.itemsize * width))).ravel()
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return uniq.view(narrow).reshape(-1, width).astype(np.int64), inverse.reshape(-1)
 
 
 def pixel_signatures(pixel: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

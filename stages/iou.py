@@ -21,7 +21,7 @@ from stages.labels import (  # noqa: F401 - label_space re-exported
     label_space,
     tally_inputs,
 )
-from stages.reduction import Arrays, Pass
+from stages.reduction import Arrays, Pass, summed
 from storage.errors import UserError
 
 UNION_MODES = ("restricted", "global", "lite")
@@ -85,7 +85,7 @@ class Tally:
                            np.array(block.acts.shape[0], dtype=np.int64))
 
     def combine(self, partials) -> TallyCounts:
-        return TallyCounts(*(np.sum([getattr(p, f) for p in partials], axis=0)
+        return TallyCounts(*(summed([getattr(p, f) for p in partials])
                              for f in ("intersection", "unit_area", "label_area", "images")))
 
     def finish(self, partial: TallyCounts) -> dict[str, np.ndarray]:

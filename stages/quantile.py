@@ -33,6 +33,13 @@ log = logging.getLogger("netdissect")
 DEFAULT_CANDIDATE_BUDGET = 1 << 24  # float32 values kept per partial (64 MiB)
 
 
+def strategy(units: int, values_per_unit: int, q: float,
+             candidate_budget: int = DEFAULT_CANDIDATE_BUDGET) -> str:
+    """``top-k`` (one pass) when every unit's candidates fit the budget, else ``radix``."""
+    lo, _, _ = quantile_position(values_per_unit, q)
+    return "top-k" if units * (values_per_unit - lo) <= candidate_budget else "radix"
+
+
 def _pass_checkpoint(checkpoint: Path | None, name: str) -> Path | None:
     return None if checkpoint is None else checkpoint.with_name(f"{checkpoint.name}.{name}")
 
@@ -63,7 +70,7 @@ def threshold_pass(
     need = n - lo
     desc = f"quantile {blocks.layer}"
     extra = (TopImagesStat(top_n),) if top_n else ()
-    if k * need <= candidate_budget:
+    if strategy(k, n, q, candidate_budget) == "top-k":
         split_every = max(2, min(8, candidate_budget // max(k * need, 1)))
         tops, *found = reduce_blocks(Pass(blocks, (TopValues(need), *extra)), n_blocks,
                                      scheduler, desc, progress, split_every,

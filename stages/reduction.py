@@ -57,6 +57,15 @@ class Arrays:
         return cls(**{f.name: state[f.name] for f in fields(cls)})
 
 
+def summed(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Elementwise sum added into one copy (``np.sum`` of a list would first stack them all:
+    eight radix partials of a 2048-unit layer made a 537 MB temporary)."""
+    total = np.array(arrays[0], copy=True)
+    for array in arrays[1:]:
+        total += array
+    return total
+
+
 class Pass:
     """One read of every block of ``source`` feeding several statistics.
 

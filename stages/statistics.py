@@ -24,7 +24,7 @@ import torch
 
 from stages.blocks import Block, LayerBlocks
 from stages.kernels import float_keys, merge_top, radix_histogram, top_values, unit_values
-from stages.reduction import Arrays, Pass, reduce_blocks
+from stages.reduction import Arrays, Pass, reduce_blocks, summed
 
 RADIX_SLICE = 1 << 22  # values keyed at once in a radix pass (32 MiB of int64 keys)
 
@@ -78,7 +78,7 @@ class RadixHistogram:
         ]))
 
     def combine(self, partials: Sequence[Histogram]) -> Histogram:
-        return Histogram(np.sum([p.counts for p in partials], axis=0))
+        return Histogram(summed([p.counts for p in partials]))
 
     def finish(self, partial: Histogram) -> np.ndarray:
         return partial.counts
