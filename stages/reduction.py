@@ -87,6 +87,13 @@ class Pass:
     def combine(self, partials: Sequence[tuple]) -> tuple:
         return tuple(s.combine([p[i] for p in partials]) for i, s in enumerate(self.statistics))
 
+    def refine(self, partial: tuple) -> Pass:
+        """The pass for the blocks still to come: a statistic with a ``refine(partial)``
+        method may narrow what its chunks keep from what is merged so far."""
+        return Pass(self.source, tuple(
+            s.refine(p) if hasattr(s, "refine") else s
+            for s, p in zip(self.statistics, partial, strict=True)), self.single)
+
     def finish(self, partial: tuple) -> Any:
         results = tuple(s.finish(p) for s, p in zip(self.statistics, partial, strict=True))
         return results[0] if self.single else results
@@ -144,7 +151,7 @@ def reduce_in_process(reduction: Any, blocks: Iterable[int],
     """Run chunk/combine/finish sequentially: the reference semantics of every runner."""
     todo, acc, done = _resume(reduction, list(blocks), checkpoint)
     for index in todo:
-        part = reduction.chunk(index)
+        part = _refined(reduction, acc).chunk(index)
         acc = part if acc is None else reduction.combine([acc, part])
         done.add(index)
         if checkpoint is not None:
@@ -155,6 +162,10 @@ def reduce_in_process(reduction: Any, blocks: Iterable[int],
     if checkpoint is not None:
         checkpoint.remove()
     return result
+
+
+def _refined(reduction: Any, acc: Any) -> Any:
+    return reduction.refine(acc) if acc is not None and hasattr(reduction, "refine") else reduction
 
 
 def _chunk(reduction: Any, index: int):
@@ -195,18 +206,22 @@ def reduce_with_dask(
     the running partial: schedulers are free to run every ready chunk before any combine,
     so one graph over all blocks could hold a partial per block; waves bound that by the
     wave size, whatever the number of images.  After each wave the running partial may be
-    checkpointed.
+    checkpointed, and the pass is refined with it (``Pass.refine``) for the next wave.
     """
     todo, acc, done = _resume(reduction, list(blocks), checkpoint)
     if not todo and acc is None:
         raise ValueError("no blocks to reduce")
-    wave = max(split_every, 8 * _parallelism(scheduler))
+    parallel = _parallelism(scheduler)
+    wave = max(split_every, 8 * parallel)
+    # a first wave of one block per thread lets a refinable pass narrow the rest early
+    first = parallel if acc is None else 0
+    starts = ([0] if first else []) + list(range(first, len(todo), wave))
     bar = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc=desc, unit="block",
                leave=False, disable=None if progress else True)
     with _one_torch_thread_per_task(scheduler):
-        for start in range(0, len(todo), wave):
-            part_blocks = todo[start : start + wave]
-            graph = reduction_graph(reduction, part_blocks, split_every)
+        for start, end in zip(starts, [*starts[1:], len(todo)], strict=True):
+            part_blocks = todo[start:end]
+            graph = reduction_graph(_refined(reduction, acc), part_blocks, split_every)
             (part,) = compute(graph, scheduler=scheduler, desc=desc, progress=False)
             acc = part if acc is None else reduction.combine([acc, part])
             done.update(part_blocks)

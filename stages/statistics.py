@@ -15,7 +15,7 @@ none does I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,31 @@ class TopList(Arrays):
 
 @dataclass(frozen=True)
 class TopValues:
-    """Per-unit top ``need`` values: partials merge by keeping the top of their union."""
+    """Per-unit top ``need`` values: partials merge by keeping the top of their union.
+
+    ``floor`` (per unit, from :meth:`refine`) is the ``need``-th largest value seen so far:
+    a later value at or below it can never change the top ``need`` as values, so a block
+    keeps only the values above it and partials shrink from ``need`` wide to a few columns
+    once the first blocks are merged (memory no longer grows with the number of images).
+    """
 
     need: int
+    floor: np.ndarray | None = None  # (K,) float32
     partial_type = TopList
 
     def chunk(self, block: Block) -> TopList:
-        return TopList(top_values(unit_values(block.acts), self.need).cpu().numpy())
+        values = unit_values(block.acts)
+        keep = self.need
+        if self.floor is not None:
+            floor = torch.from_numpy(self.floor).to(values.device)
+            keep = min(keep, int((values > floor[:, None]).sum(dim=1).max()))
+        return TopList(top_values(values, keep).cpu().numpy())
+
+    def refine(self, partial: TopList) -> TopValues:
+        """This statistic for the blocks still to come, given the merged ``partial``."""
+        if partial.values.shape[1] < self.need:
+            return self
+        return replace(self, floor=np.ascontiguousarray(partial.values[:, self.need - 1]))
 
     def combine(self, partials: Sequence[TopList]) -> TopList:
         return TopList(merge_top([torch.from_numpy(p.values) for p in partials], self.need).numpy())

@@ -56,6 +56,28 @@ def test_thresholds_and_top_images_from_one_read(tmp_path, budget):
     assert sorted(counting.reads) == list(range(blocks.n_blocks()))  # each block read once
 
 
+@pytest.mark.parametrize("scheduler", [None, "threads"])
+def test_top_values_narrowed_by_the_merged_floor_are_exact_and_small(tmp_path, scheduler):
+    from stages.statistics import TopValues
+
+    rng = np.random.default_rng(4)
+    values = np.maximum(rng.standard_normal((60, 4, 3, 3)), 0).astype(np.float32)
+    values[:, 1] = 0  # a dead unit: its floor is 0 and every later value ties it
+    values[:, 2] = np.round(values[:, 2], 1)  # many ties
+    blocks = LayerBlocks(make_store(tmp_path / "a.zarr", values, 5), "l")
+    need = 20
+    tops = reduce_blocks(Pass(blocks, (TopValues(need),), single=True), blocks.n_blocks(),
+                         scheduler, progress=False)
+    flat = values.transpose(1, 0, 2, 3).reshape(4, -1)
+    np.testing.assert_array_equal(tops, -np.sort(-flat, axis=1)[:, :need])
+    merged = TopValues(need).chunk(blocks.read(0))
+    narrowed = TopValues(need).refine(merged)
+    np.testing.assert_array_equal(narrowed.floor, merged.values[:, need - 1])
+    later = narrowed.chunk(blocks.read(11)).values
+    assert later.shape[1] <= int((flat[:, -45:] > narrowed.floor[:, None]).sum(axis=1).max())
+    assert later.shape[1] < need
+
+
 def test_tally_and_signatures_in_one_pass_equal_separate_passes(tmp_path, synthetic_root):
     from stages.concepts import ConceptsConfig, build_concept_store
     from storage.broden import read_broden
