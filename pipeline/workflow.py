@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline import acquire, basis, data, publish, scoring, signatures
+from pipeline import acquire, basis, concept_set, data, publish, scoring, signatures
 from pipeline.cluster import dask_scheduler
 from pipeline.config import Config, Stage, validate
 from pipeline.graph import Run, StageDef, closure
@@ -35,7 +35,7 @@ GRAPH: dict[str, StageDef] = {s.name: s for s in (
     StageDef("quantile", ("extract", "basis"), ("scoring.quantile",), scoring.plan_quantile,
              scoring.quantile_value),
     StageDef("concept_set", ("extract", "concepts"), ("concepts.path", "concepts.name"),
-             scoring.plan_concept_set, scoring.concept_set_value),
+             concept_set.plan_concept_set, concept_set.concept_set_value),
     StageDef("iou", ("extract", "basis", "quantile", "concept_set"),
              ("scoring", "concepts.formulas"), scoring.plan_iou, scoring.iou_value),
     StageDef("rescore", ("iou",), (), _none, lambda run: run.get("iou")),
