@@ -3,6 +3,7 @@ current, unused config values, and concurrent runs on one workdir."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -77,6 +78,39 @@ def test_checkpoint_sweep_gives_three_row_sets_and_a_rerun_does_nothing(
     for stage in ("extract", "quantile", "concepts", "iou"):
         assert sum(f"] - {stage}: skipped" in line for line in skipped) == 3, (stage, out)
     assert files(wd) == before
+
+
+def readme_queries(results: Path, model: str) -> dict:
+    """Run the README's two comparison queries (its sweeps section) on ``results``."""
+    section = (REPO / "README.md").read_text().split("### Sweeps")[1].split("\n### ")[0]
+    found: dict = {}
+    for code in re.findall(r"```python\n(.*?)```", section, re.S):
+        assert "workdir/results" in code and "resnet18" in code, code
+        exec(code.replace("workdir/results", str(results)).replace("resnet18", model), found)
+    return found
+
+
+def test_readme_queries_count_each_row_once_beside_other_row_sets(
+        synthetic_root, checkpoints, tmp_path):
+    wd = tmp_path / "wd"
+    base = [f"workdir={wd}", f"dataset.path={synthetic_root}", "stage=iou", *TINY,
+            "model.layers=[conv2,conv3]", "scoring.quantile=0.005"]
+    for weights in checkpoints[:2]:
+        run(compose_config([*base, f"model.weights={weights}"]))
+    # row sets the queries must leave out: perturbed, rotated, another union mode
+    weights = f"model.weights={checkpoints[0]}"
+    for extra in ("extract.perturb=noise:10", "transform=rotate", "scoring.union=lite"):
+        run(compose_config([*base, weights, extra]))
+    found = readme_queries(wd / "results", "tiny_cnn")
+    layers, unique = found["layers"], found["unique"]
+    keys = ["weights", "layer", "category"]
+    assert not layers.duplicated(keys).any()
+    assert set(layers["weights"]) == {"ep1.pt", "ep5.pt"}
+    assert len(layers) == 2 * 2 * 6  # weights x layers x categories
+    assert unique.sum() > 0
+    expected = layers.set_index(keys)["unique_concepts"]
+    assert (unique == expected.loc[unique.index]).all()
+    assert (expected.drop(unique.index) == 0).all()
 
 
 def test_identity_is_content_not_path(synthetic_root, checkpoints, tmp_path):
