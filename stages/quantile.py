@@ -10,8 +10,9 @@ Two exact strategies, both statistics (``stages.statistics``) in passes over ima
   (lo and hi) to one bucket, and after 32 bits the keys are the exact values.
 
 Memory per worker is bounded by one block plus ``split_every`` partials: top-k partials are
-``K · need`` float32 (at most the candidate budget), radix partials ``K · 2 · 2048`` int64,
-whatever the number of images.  The same read of each block can also feed the top images per
+at most ``K · need`` float32 (the candidate budget), and once the first blocks are merged only
+the values above each unit's running ``need``-th largest (``TopValues.refine``); radix
+partials are ``K · 2 · 2048`` int64, whatever the number of images.  The same read of each block can also feed the top images per
 unit (what the report shows), so thresholds and top images cost one pass.
 """
 
