@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import duckdb
@@ -275,14 +274,20 @@ def test_artifact_states_and_atomic_writes(tmp_path):
 def test_second_holder_of_a_lock_waits_and_is_told(tmp_path):
     a = Artifact(tmp_path / "x", {})
     waited, order = [], []
+    told = threading.Event()
+
+    def on_wait(artifact):
+        waited.append(artifact)
+        told.set()
+
     with a.locked():
         def second():
-            with a.locked(on_wait=waited.append):
+            with a.locked(on_wait=on_wait):
                 order.append("second")
 
         thread = threading.Thread(target=second)
         thread.start()
-        time.sleep(0.3)
+        told.wait(10)
         order.append("first")
     thread.join(10)
     assert order == ["first", "second"] and waited == [a]
