@@ -218,3 +218,9 @@ def tree_mtimes(root: Path) -> dict[str, int]:
     """Relative path -> mtime_ns of every file under ``root``."""
     root = Path(root)
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def run_files(workdir: Path) -> dict[str, int]:
+    """:func:`tree_mtimes` of what a run makes, its log folder and lock files aside."""
+    return {rel: mtime for rel, mtime in tree_mtimes(workdir).items()
+            if "logs" not in Path(rel).parts and not rel.endswith(".lock")}

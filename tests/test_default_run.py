@@ -7,12 +7,7 @@ import logging
 
 from pipeline.run import compose_config, run
 from storage.tables import read_table
-
-
-def files(root) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
-            if p.is_file() and "logs" not in p.relative_to(root).parts
-            and not p.name.endswith(".lock")}
+from tests.broden_factory import run_files
 
 
 def test_default_run_finds_detectors_and_a_second_run_does_nothing(tmp_path, caplog):
@@ -31,11 +26,11 @@ def test_default_run_finds_detectors_and_a_second_run_does_nothing(tmp_path, cap
     assert overall["unique_concepts"] == detectors["label"].nunique()
     assert (tmp_path / "report" / "index.html").is_file()
 
-    before = files(tmp_path)
+    before = run_files(tmp_path)
     caplog.set_level(logging.INFO, logger="netdissect")
     run(compose_config(args))
     said = [r.getMessage() for r in caplog.records]
     for stage in ("dataset", "model", "extract", "quantile", "concepts", "iou", "report"):
         assert any(m.startswith(f"{stage}: skipped") for m in said), (stage, said)
     assert not [m for m in said if ": building" in m or "dask:" in m], said
-    assert files(tmp_path) == before
+    assert run_files(tmp_path) == before

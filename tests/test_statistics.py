@@ -14,7 +14,7 @@ from stages.iou import ScoringConfig, Tally, TallyReduction, label_space
 from stages.quantile import exact_thresholds, threshold_pass
 from stages.reduction import Checkpoint, Pass, reduce_blocks, reduce_in_process
 from stages.statistics import Covariance, TopImagesReduction
-from storage import activations as astore
+from tests.test_iou import write_activations
 from tests.test_quantile import make_store, random_values, reference
 
 
@@ -87,10 +87,7 @@ def test_tally_and_signatures_in_one_pass_equal_separate_passes(tmp_path, synthe
     rng = np.random.default_rng(3)
     acts = np.maximum(rng.standard_normal((len(images), 6, 7, 7)).astype(np.float32) - 0.5, 0)
     path = tmp_path / "a.zarr"
-    astore.create_store(path, images, {"l": (6, 7, 7)}, 5, "float32", {"model": "t"})
-    for b in range(-(-len(images) // 5)):
-        astore.write_block(path, b, 5 * b, {"l": acts[5 * b : 5 * b + 5]})
-    astore.mark_complete(path)
+    write_activations(path, images, {"l": acts}, 5)
     blocks = LayerBlocks(str(path), "l")
     thresholds = exact_thresholds(blocks, 0.02)
     space = label_space(store, None)

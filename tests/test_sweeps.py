@@ -17,6 +17,7 @@ from pipeline.run import compose_config, run
 from storage.artifacts import Artifact, atomic_dir, atomic_file
 from storage.errors import UserError
 from storage.tables import read_table
+from tests.broden_factory import run_files
 from tests.conftest import REPO, cli, cli_env
 from tests.tiny_models import save_checkpoint
 
@@ -29,13 +30,6 @@ def cli_run(*args: str, expect: int = 0) -> str:
                           timeout=600)
     assert proc.returncode == expect, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
-
-
-def files(root: Path) -> dict[str, int]:
-    """mtime of every file a run makes (its own log folder aside)."""
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
-            if p.is_file() and "logs" not in p.relative_to(root).parts
-            and not p.name.endswith(".lock")}
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +64,13 @@ def test_checkpoint_sweep_gives_three_row_sets_and_a_rerun_does_nothing(
         "hive_partitioning=true) WHERE category = 'all' GROUP BY weights ORDER BY weights"
     ).fetchall()
     assert per_weights == [("ep1.pt", 2), ("ep20.pt", 2), ("ep5.pt", 2)]
-    before = files(wd)
+    before = run_files(wd)
     out = cli_run(*args)
     assert "building" not in out, out
     skipped = [line for line in out.splitlines() if ": skipped," in line]
     for stage in ("extract", "quantile", "concepts", "iou"):
         assert sum(f"] - {stage}: skipped" in line for line in skipped) == 3, (stage, out)
-    assert files(wd) == before
+    assert run_files(wd) == before
 
 
 def readme_queries(results: Path, model: str) -> dict:
@@ -153,7 +147,7 @@ def test_mistyped_layer_with_a_cache_is_one_line_and_touches_nothing(synthetic_r
     base = [f"workdir={wd}", f"dataset.path={synthetic_root}", "stage=iou", *TINY,
             "model.weights=none"]
     cli_run(*base, "model.layers=[conv3]")
-    before = files(wd)
+    before = run_files(wd)
     proc = subprocess.run(cli(*base, "model.layers=[conv33]"), cwd=REPO, env=cli_env(),
                           capture_output=True, text=True)
     assert proc.returncode == 2
@@ -164,7 +158,7 @@ def test_mistyped_layer_with_a_cache_is_one_line_and_touches_nothing(synthetic_r
     for name in ("conv1", "conv2", "conv3", "relu3", "fc"):
         assert name in line
     assert "delete" not in line
-    assert files(wd) == before
+    assert run_files(wd) == before
 
 
 # ---------------------------------------------------------------- skip and config checks

@@ -26,10 +26,10 @@ from stages.transforms import (
     pca_basis,
     random_rotation,
 )
-from storage import activations as astore
 from storage.errors import UserError
 from storage.tables import read_table
 from tests.broden_factory import BrodenBuilder
+from tests.test_iou import write_activations
 from tests.test_quantile import make_store, random_values, reference
 
 TINY = ["model=custom", "model.factory=tests.tiny_models:tiny_cnn", "model.weights=none",
@@ -222,10 +222,7 @@ def test_planted_sae_latent_is_found_as_its_labels_detector(tmp_path, synthetic_
     acts = np.stack([mask * (0.5 + ramp) + noise, mask * 0.5 - noise,
                      rng.random(mask.shape, dtype=np.float32)], axis=1)  # (N, 3, 56, 56)
     path = tmp_path / "a.zarr"
-    astore.create_store(path, store.image_paths(), {"l": (3, 56, 56)}, 8, "float32", {"m": 1})
-    for b in range(-(-store.n_images // 8)):
-        astore.write_block(path, b, 8 * b, {"l": acts[8 * b : 8 * b + 8]})
-    astore.mark_complete(path)
+    write_activations(path, store.image_paths(), {"l": acts}, 8)
     sae = np.zeros((4, 3))
     sae[2] = [1.0, 1.0, 0.0]  # latent 2 = unit 0 + unit 1 = the label's mask, graded
     sae[0], sae[1], sae[3] = [1, 0, 0], [0, 1, 0], [0, 0, 1]
