@@ -37,7 +37,7 @@ from omegaconf.errors import (
 
 from pipeline.config import Config
 from pipeline.workflow import check_overrides_used, execute, preflight
-from storage.errors import UserError
+from storage.errors import UserError, first_line
 
 log = logging.getLogger("netdissect")
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -117,7 +117,7 @@ def config_error(exc: Exception) -> str:
         return f"{key}={value!r}: {cause.msg.splitlines()[0] if cause.msg else 'invalid value'}"
     if isinstance(exc, OverrideParseException):
         return f"cannot parse the override {exc.override!r}; write key=value"
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first_line(exc)
 
 
 def quiet_libraries() -> None:

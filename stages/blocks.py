@@ -18,11 +18,15 @@ import torch
 
 from storage.activations import ActivationStore
 from storage.concepts import ConceptBlock, ConceptStore
-from storage.errors import UserError
+from storage.errors import UserError, first_line
 
 
 def _mtime(path: str) -> int:
-    return (Path(path) / "zarr.json").stat().st_mtime_ns
+    """When the store was last rewritten; 0 for none, so opening it says it is missing."""
+    try:
+        return (Path(path) / "zarr.json").stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
 
 
 @lru_cache(maxsize=8)
@@ -46,9 +50,8 @@ def open_concepts(path: str) -> ConceptStore:
 
 def damaged(path: str, what: str, start: int, stop: int, exc: Exception) -> UserError:
     """A chunk that cannot be decoded: disk damage, not a bug; rebuilding the store fixes it."""
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return UserError(f"{path}: the {what} of images {start}-{stop - 1} cannot be read "
-                     f"({reason}); the store is damaged: remove {path} and run the same command "
+                     f"({first_line(exc)}); the store is damaged: remove {path} and run the same command "
                      "again to rebuild it")
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from storage.artifacts import file_digest
-from storage.errors import UserError
+from storage.errors import UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -127,7 +127,7 @@ def _instantiate(spec: ModelSpec, torchvision_weights: str | None = None) -> nn.
         return torchvision.models.get_model(spec.arch, weights=torchvision_weights, **spec.kwargs)
     except (ValueError, KeyError, TypeError) as exc:
         key = "model.weights" if torchvision_weights else "model.kwargs"
-        raise UserError(f"{key}: {spec.arch} refuses it ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{key}: {spec.arch} refuses it ({first_line(exc)})") from None
 
 
 def _build_model(spec: ModelSpec) -> nn.Module:
@@ -154,7 +154,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
                 "it once with torch.save(torch.load(path, weights_only=False).state_dict(), "
                 "'model_state.pt') and pass that file"
             ) from None
-        raise UserError(f"{path}: not a readable torch checkpoint ({text.splitlines()[0]})") from None
+        raise UserError(f"{path}: not a readable torch checkpoint ({first_line(exc)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

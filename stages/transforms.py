@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from storage.errors import UserError
+from storage.errors import UserError, first_line
 
 ACTIVATIONS = ("none", "relu", "topk:N")
 
@@ -116,7 +116,7 @@ def _mapping(path: Path) -> dict[str, np.ndarray]:
         raise
     except Exception as exc:  # noqa: BLE001 - each format raises its own kinds
         raise UserError(f"transform.path={path}: not a readable {suffix} file "
-                        f"({str(exc).splitlines()[0]})") from None
+                        f"({first_line(exc)})") from None
     raise UserError(f"transform.path={path}: use a .npy, .npz, .pt or .safetensors file")
 
 

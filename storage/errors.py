@@ -1,6 +1,13 @@
 """Errors a user can cause: caught at the entry point and printed as one line."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty),
+    for quoting a library's error inside a one-line ``error:``."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UserError(Exception):
     """A problem the user can fix (bad path, malformed file, bad config key).
 

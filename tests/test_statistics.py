@@ -181,3 +181,12 @@ def test_covariance_equals_numpy(tmp_path):
     np.testing.assert_allclose(moments.mean, x.mean(axis=0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(moments.scatter / (len(x) - 1), np.cov(x, rowvar=False),
                                rtol=1e-10, atol=1e-10)
+
+
+def test_a_missing_store_is_one_user_error_line(tmp_path):
+    from storage.errors import UserError, first_line
+
+    with pytest.raises(UserError, match="activation store not found"):
+        LayerBlocks(str(tmp_path / "nope.zarr"), "l").store()
+    assert first_line(ValueError("")) == "ValueError"
+    assert first_line(ValueError("  one\ntwo")) == "one"
