@@ -39,11 +39,10 @@ def _set_source(run: Run) -> tuple[Path, str, Path] | None:
             run.layout.concept_set_store(name, moved_labels(run.cfg)))
 
 
-def _check_set_against_cache(run: Run, root: Path) -> None:
-    """Before a concept set's labels are decoded: its images are in the cache, at the size
-    the activations were made from."""
+def _check_set_against_cache(run: Run, root: Path, images: list) -> None:
+    """Before a concept set's labels are decoded: its images (index.csv rows) are in the
+    cache, at the size the activations were made from."""
     acts = run.get("extract")
-    images = read_broden(root).images
     cached = set(acts.store.image_paths())
     missing = [r.image for r in images if r.image not in cached]
     if missing:
@@ -62,8 +61,9 @@ def plan_concept_set(run: Run) -> list[Target]:
     if source is None:
         return []
     root, name, path = source
-    _check_set_against_cache(run, root)
-    artifact = store_artifact(path, read_broden(root).fingerprint(), moved_labels(run.cfg))
+    dataset = read_broden(root)
+    _check_set_against_cache(run, root, dataset.images)
+    artifact = store_artifact(path, dataset.fingerprint(), moved_labels(run.cfg))
     cfg = ConceptsConfig(root, path, run.cfg.dataset.block_size, run.cfg.progress,
                          perturbation(run.cfg))
     return [Target(f"concept set {name} {path}", (artifact,),
@@ -71,18 +71,12 @@ def plan_concept_set(run: Run) -> list[Target]:
 
 
 def match_rows(cached: list[str], concepts: ConceptStore) -> np.ndarray | None:
-    """Activation row -> concept row (-1 = not in the set); None when in identical order."""
+    """Activation row -> concept row (-1 = not in the set); None when in identical order.
+    (That every concept-set image is cached was checked when the set was planned.)"""
     wanted = concepts.image_paths()
     if cached == wanted:
         return None
     position = {path: i for i, path in enumerate(wanted)}
-    cached_set = set(cached)
-    missing = [p for p in wanted if p not in cached_set]
-    if missing:
-        raise UserError(
-            f"{concepts.attrs.get('source')}: {len(missing)} concept-set image(s) are not in "
-            f"the activation cache (first: {', '.join(missing[:3])})"
-        )
     return np.array([position.get(p, -1) for p in cached], dtype=np.int64)
 
 

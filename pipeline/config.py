@@ -205,7 +205,9 @@ def validate(cfg: Config) -> None:
     device = cfg.extract.device
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"extract.device={device!r}: choose auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not _cuda_available():
+    from pipeline.cluster import has_gpu  # cluster imports this module
+
+    if device.startswith("cuda") and not has_gpu():
         raise UserError(f"extract.device={device}: this machine has no CUDA device; use "
                         "extract.device=auto (a GPU where there is one, else the CPU) or cpu")
     for key, value in (("dataset.path", cfg.dataset.path), ("concepts.path", cfg.concepts.path)):
@@ -223,12 +225,6 @@ def validate(cfg: Config) -> None:
     if m.weights == DEMO_WEIGHTS and m.factory != "stages.demo_model:demo_net":
         raise UserError(f"model.weights={DEMO_WEIGHTS}: only the demo model is trained by the "
                         "pipeline; give a checkpoint path, a torchvision weights name or none")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _validate_transform(t: TransformOptions) -> None:

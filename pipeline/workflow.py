@@ -68,11 +68,10 @@ def check_overrides_used(cfg: Config, keys: Iterable[str]) -> None:
                         f"runs); drop it or run the stage that uses it")
 
 
-def preflight(cfg: Config, override_keys: Iterable[str] = ()) -> None:
+def preflight(cfg: Config) -> None:
     """Everything checkable without the data or a cluster: config values, unused values,
     layer names (on an empty copy of the architecture), formula syntax and labels."""
     validate(cfg)
-    check_overrides_used(cfg, override_keys)
     stages = closure(GRAPH, str(cfg.stage))
     if "model" in stages:
         check_layers(model_spec(cfg.model, weights="none"))
@@ -81,15 +80,17 @@ def preflight(cfg: Config, override_keys: Iterable[str] = ()) -> None:
 
 
 def _label_names(cfg: Config) -> list[str]:
-    """Label names of the concept set a run will score, read from its CSVs alone."""
-    from storage.broden import read_broden
+    """Label names of the concept set a run will score, from its label CSVs alone (not the
+    whole index)."""
+    from storage.broden import read_categories, read_labels
 
     root = cfg.concepts.path or cfg.dataset.path
     if root is None:
         from stages.synthetic import label_table
 
         return [lab["name"] for lab in label_table()]
-    return [lab.name for lab in read_broden(Path(root).expanduser()).labels.values()]
+    root = Path(root).expanduser()
+    return [lab.name for lab in read_labels(root, read_categories(root)).values()]
 
 
 def execute(cfg: Config) -> Any:

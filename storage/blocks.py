@@ -1,4 +1,5 @@
-"""What every block-written Zarr store shares: the image coordinate and resume markers.
+"""What every block-written Zarr store shares: the codec, the image coordinate and resume
+markers.
 
 ``progress/<name>`` is a uint8 array with one chunk per image block; a writer sets its block's
 flag only after every chunk of the block is written, so a killed build resumes at the first
@@ -11,6 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+
+
+def compressors() -> list:
+    """Zstd level 3.  Measured on ReLU activations (the demo's trained layers: 0.47 and 0.40
+    of raw float32), it beat byte- and bit-shuffle before Zstd on size and read speed; on
+    dense random-init activations every lossless codec tried stayed near 0.62."""
+    return [zarr.codecs.ZstdCodec(level=3)]
 
 
 def n_blocks(n_images: int, block_size: int) -> int:

@@ -35,10 +35,6 @@ FORMAT_VERSION = 3
 PROGRESS = "blocks_done"
 
 
-def _compressors() -> list:
-    return [zarr.codecs.ZstdCodec(level=3)]
-
-
 @dataclass(frozen=True)
 class ConceptBlock:
     """The decoded labels of a contiguous or gathered set of images."""
@@ -115,7 +111,7 @@ def create_store(path: Path, dataset: BrodenDataset, block_size: int,
     n = len(dataset.images)
     n_planes, n_scalars = plane_slots(dataset.images)
     group = zarr.open_group(str(path), mode="w")
-    common = {"compressors": _compressors()}
+    common = {"compressors": blocks.compressors()}
     group.create_array(
         "pixel_labels", shape=(n, n_planes, sh, sw), chunks=(block_size, n_planes, sh, sw),
         dtype="int32", fill_value=0, dimension_names=["image", "plane", "y", "x"], **common,
