@@ -78,7 +78,7 @@ def _page_source(run: Run, key: tuple[str, str, str, str]) -> tuple[Artifact | N
     artifact = top_images_artifact(run.layout, dataset, model_id, layer, layer_key, transform,
                                    kept)
     if not artifact.is_current() and transform != "none" and _basis_map(
-            run, dataset, model_id, layer, transform) is None:
+            run, dataset, model_id, layer, layer_key, transform) is None:
         return None, PageImages(note=f"No image strips: the {transform} basis of {layer} is "
                                 "gone from the workdir; re-run that transform's stage=iou.")
     perturbed = Perturbation.from_text(store.fingerprint["model"].get("perturbation", "none"))
@@ -86,13 +86,16 @@ def _page_source(run: Run, key: tuple[str, str, str, str]) -> tuple[Artifact | N
                                 image_paths=tuple(store.image_paths()), perturbation=perturbed)
 
 
-def _basis_map(run: Run, dataset: str, model_id: str, layer: str, transform: str
-               ) -> LinearMap | None:
-    """The (W, b) a transformed page's units came from, found by its readable name."""
+def _basis_map(run: Run, dataset: str, model_id: str, layer: str, layer_key: str,
+               transform: str) -> LinearMap | None:
+    """The (W, b) a transformed page's units came from, found by its readable name among the
+    bases made from this cached layer (a float16 and a float32 cache share the folder)."""
     folder = run.layout.statistic("bases", dataset, model_id, layer, "x", "").parent
     for manifest in sorted(folder.glob(".*.npz.artifact.json")):
         made = json.loads(manifest.read_text())
-        if made.get("complete") and made["fingerprint"].get("transform") == transform:
+        fingerprint = made["fingerprint"]
+        if (made.get("complete") and fingerprint.get("transform") == transform
+                and fingerprint.get("activations") == layer_key):
             return LinearMap(str(folder / manifest.name[1:-len(".artifact.json")]),
                              made["fingerprint"].get("activation", "none"))
     return None
@@ -108,10 +111,11 @@ def plan_report(run: Run) -> list[Target]:
 
     def build_top(key: tuple[str, str, str, str], missing: list[Artifact]) -> None:
         path = _store(run, key[0], key[1])
-        basis = None if key[3] == "none" else _basis_map(run, *key)
+        basis = None if key[3] == "none" else _basis_map(
+            run, *key[:3], missing[0].fingerprint["activations"], key[3])
         top = top_images(path, key[2], missing[0].fingerprint["top_n"], run.scheduler(),
                          run.cfg.progress, basis, scratch_path(missing))
-        save_arrays(missing[0], top.arrays())
+        save_arrays(missing[0], top.state_dict())
 
     targets = [Target(f"{key[1]} {key[2]} top images", (artifact,), partial(build_top, key))
                for key, (artifact, _) in sources.items() if artifact is not None]
@@ -120,8 +124,7 @@ def plan_report(run: Run) -> list[Target]:
         artifact, source = sources[page.key]
         if artifact is None:
             return source
-        arrays = load_arrays(artifact.path)
-        top = TopImages(arrays["index"], arrays["value"], arrays["maps"])
+        top = TopImages.from_state_dict(load_arrays(artifact.path))
         return PageImages(top, source.images_dir, source.image_paths,
                           perturbation=source.perturbation)
 

@@ -73,7 +73,7 @@ def plan_quantile(run: Run) -> list[Target]:
                 found = top_images(acts.store.path, layer, TOP_IMAGES_KEPT, run.scheduler(),
                                    run.cfg.progress, run.get("basis")[layer].map(),
                                    scratch_path(missing))
-                save_arrays(top, found.arrays())
+                save_arrays(top, found.state_dict())
                 return
             values, found = threshold_pass(blocks(run, acts, layer), q, run.scheduler(),
                                            progress=run.cfg.progress,
@@ -81,7 +81,7 @@ def plan_quantile(run: Run) -> list[Target]:
                                            checkpoint=scratch_path(missing))
             save_thresholds(thresholds, values)
             if top in missing:
-                save_arrays(top, found.arrays())
+                save_arrays(top, found.state_dict())
             log.info("quantile: %s %s: %d exact thresholds (q=%g)", ident, layer, len(values), q)
 
         return Target(f"{ident} {layer} thresholds (q={q:g})", (thresholds, top), build)

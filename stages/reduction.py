@@ -77,9 +77,6 @@ class Pass:
     def __init__(self, source: Any, statistics: Sequence[Statistic], single: bool = False):
         self.source, self.statistics, self.single = source, tuple(statistics), single
 
-    def n_blocks(self) -> int:
-        return self.source.n_blocks()
-
     def chunk(self, index: int) -> tuple:
         block = self.source.read(index)
         return tuple(s.chunk(block) for s in self.statistics)
@@ -140,7 +137,7 @@ class Checkpoint:
 
 def _resume(reduction: Any, blocks: list[int], checkpoint: Checkpoint | None
             ) -> tuple[list[int], Any, set[int]]:
-    if checkpoint is None or not isinstance(reduction, Pass) or not blocks:
+    if checkpoint is None or not blocks:
         return blocks, None, set()
     done, acc = checkpoint.load(reduction)
     return [b for b in blocks if b not in done], acc, done
@@ -164,8 +161,8 @@ def reduce_in_process(reduction: Any, blocks: Iterable[int],
     return result
 
 
-def _refined(reduction: Any, acc: Any) -> Any:
-    return reduction.refine(acc) if acc is not None and hasattr(reduction, "refine") else reduction
+def _refined(reduction: Pass, acc: tuple | None) -> Pass:
+    return reduction if acc is None else reduction.refine(acc)
 
 
 def _chunk(reduction: Any, index: int):

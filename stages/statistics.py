@@ -111,9 +111,6 @@ class TopImages(Arrays):
     value: np.ndarray  # (K, m) float32 maximum activation of the unit on that image
     maps: np.ndarray  # (K, m, h, w) float32 the unit's raw map on that image
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return self.state_dict()
-
 
 def select_top(index: np.ndarray, value: np.ndarray, maps: np.ndarray, n: int) -> TopImages:
     """Keep each row's ``n`` largest values, ties to the lower image index, best first."""

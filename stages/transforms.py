@@ -25,8 +25,6 @@ import torch
 
 from storage.errors import UserError, first_line
 
-ACTIVATIONS = ("none", "relu", "topk:N")
-
 
 def random_rotation(k: int, seed: int) -> np.ndarray:
     """Q ∈ SO(K), uniform (Haar): QR of a Gaussian matrix with the signs of R's diagonal

@@ -17,7 +17,6 @@ No column is named ``union`` (it is an SQL keyword).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -44,13 +43,8 @@ def partition_dir(root: Path, table: str, model: str, layer: str) -> Path:
     return root / table / f"model={model}" / f"layer={layer}"
 
 
-def write_parquet(table: pa.Table, path: Path, metadata: dict | None = None) -> None:
+def write_parquet(table: pa.Table, path: Path) -> None:
     """Write Parquet atomically (hidden temporary name, then rename over ``path``)."""
-    if metadata:
-        existing = table.schema.metadata or {}
-        table = table.replace_schema_metadata(
-            {**existing, **{k.encode(): json.dumps(v).encode() for k, v in metadata.items()}}
-        )
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 
@@ -66,8 +60,7 @@ def partition_artifact(
 def write_partition(artifact: Artifact, frame: pd.DataFrame) -> Path:
     """Add or replace the rows of one (model, layer, parameter set), then mark them current."""
     frame = frame.drop(columns=[c for c in PARTITIONS if c in frame.columns])
-    write_parquet(pa.Table.from_pandas(frame, preserve_index=False), artifact.path,
-                  {"params": artifact.fingerprint["params"]})
+    write_parquet(pa.Table.from_pandas(frame, preserve_index=False), artifact.path)
     artifact.commit(rows=len(frame))
     return artifact.path
 
