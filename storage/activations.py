@@ -144,13 +144,16 @@ class ActivationStore:
         self.block_size = int(self.attrs["block_size"])
         self.n_images = int(self.attrs["n_images"])
         self.fingerprint: dict = self.attrs["fingerprint"]
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: every block reads through them
 
     def array(self, layer: str) -> zarr.Array:
         if layer not in self.layers:
             raise UserError(
                 f"layer {layer!r} is not in {self.path}; cached layers: {', '.join(self.layers)}"
             )
-        return self.group[layer]
+        if layer not in self._arrays:
+            self._arrays[layer] = self.group[layer]
+        return self._arrays[layer]
 
     def is_complete(self, layer: str) -> bool:
         return layer in self.layers and layer_artifact(self.path, self.fingerprint, layer).is_current()

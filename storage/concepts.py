@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -75,13 +76,14 @@ class ConceptStore:
     def image_paths(self) -> list[str]:
         return [str(p) for p in self.group["image"][:]]
 
+    @cached_property
+    def _arrays(self) -> tuple[zarr.Array, ...]:
+        """The four label arrays in ConceptBlock order, opened once for every block read."""
+        return tuple(self.group[name] for name in
+                     ("pixel_labels", "plane_category", "image_labels", "image_label_category"))
+
     def read_block(self, start: int, stop: int) -> ConceptBlock:
-        return ConceptBlock(
-            self.group["pixel_labels"][start:stop],
-            self.group["plane_category"][start:stop],
-            self.group["image_labels"][start:stop],
-            self.group["image_label_category"][start:stop],
-        )
+        return ConceptBlock(*(array[start:stop] for array in self._arrays))
 
     def read_rows(self, rows: np.ndarray) -> ConceptBlock:
         """Gather arbitrary image rows (used when a concept set is matched to a cache)."""
@@ -90,11 +92,8 @@ class ConceptStore:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         sorted_rows = rows[order]
-        parts = [
-            self.group[name].get_orthogonal_selection((sorted_rows,))[inverse]
-            for name in ("pixel_labels", "plane_category", "image_labels", "image_label_category")
-        ]
-        return ConceptBlock(*parts)
+        return ConceptBlock(*(array.get_orthogonal_selection((sorted_rows,))[inverse]
+                              for array in self._arrays))
 
 
 def plane_slots(images: list[ImageRecord]) -> tuple[int, int]:
