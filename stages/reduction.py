@@ -27,8 +27,8 @@ import numpy as np
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
-from storage.artifacts import atomic_file
 from storage.errors import UserError
+from storage.thresholds import load_arrays, write_arrays
 
 P = TypeVar("P")
 CHECKPOINT_EVERY = 30.0  # seconds between saved partials of a long pass
@@ -116,8 +116,7 @@ class Checkpoint:
 
     def load(self, reduction: Pass) -> tuple[set[int], tuple | None]:
         try:
-            with np.load(self.path, allow_pickle=False) as data:
-                state = {k: data[k] for k in data.files}
+            state = load_arrays(self.path)
         except (OSError, ValueError):
             return set(), None
         done = {int(b) for b in state.pop("blocks_done")}
@@ -126,9 +125,8 @@ class Checkpoint:
     def save(self, reduction: Pass, partial: tuple, done: set[int], force: bool = False) -> None:
         if not force and time.monotonic() - self.saved < self.every:
             return
-        with atomic_file(self.path) as tmp, tmp.open("wb") as fh:
-            np.savez(fh, blocks_done=np.array(sorted(done), dtype=np.int64),
-                     **reduction.state_dict(partial))
+        write_arrays(self.path, {"blocks_done": np.array(sorted(done), dtype=np.int64),
+                                 **reduction.state_dict(partial)})
         self.saved = time.monotonic()
 
     def remove(self) -> None:

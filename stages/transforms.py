@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from storage.errors import UserError, first_line
+from storage.thresholds import load_arrays
 
 
 def random_rotation(k: int, seed: int) -> np.ndarray:
@@ -96,8 +97,7 @@ def _mapping(path: Path) -> dict[str, np.ndarray]:
         if suffix == ".npy":
             return {"weight": np.load(path, allow_pickle=False)}
         if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
+            return load_arrays(path)
         if suffix == ".safetensors":
             from safetensors.numpy import load_file
 
@@ -165,8 +165,8 @@ def activate(y: torch.Tensor, activation: str) -> torch.Tensor:
 
 @lru_cache(maxsize=4)
 def _basis(path: str, _mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return data["weight"], data["bias"]
+    arrays = load_arrays(Path(path))
+    return arrays["weight"], arrays["bias"]
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,15 @@ def save_thresholds(artifact: Artifact, thresholds: np.ndarray) -> None:
     artifact.commit(units=len(thresholds))
 
 
+def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Named arrays as one .npz file, written atomically."""
+    with atomic_file(path) as tmp, tmp.open("wb") as fh:
+        np.savez(fh, **arrays)
+
+
 def save_arrays(artifact: Artifact, arrays: dict[str, np.ndarray]) -> None:
-    """A statistic's arrays as one .npz file (top images, signature counts)."""
-    with atomic_file(artifact.path) as tmp:
-        with tmp.open("wb") as fh:
-            np.savez(fh, **arrays)
+    """A statistic's arrays as one .npz artifact (top images, signature counts)."""
+    write_arrays(artifact.path, arrays)
     artifact.commit()
 
 
