@@ -24,6 +24,7 @@ from storage.broden import (
     FIXED_COLUMNS,
     SIZE_COLUMNS,
     LabelInfo,
+    dataset_file,
     decode_plane,
     load_image,
     parse_image_path,
@@ -302,14 +303,13 @@ def _check_files(
     problems: _Problems,
 ) -> dict[str, set[int]]:
     """Check every row's files; returns the label numbers seen in each category's planes."""
-    inside = images_dir.resolve()
     workers = workers or min(8, os.cpu_count() or 1)
     seen: dict[str, set[int]] = {}
     bar = tqdm(total=len(jobs), desc="check files", unit="img", disable=None if progress else True)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         for window in _windows(jobs, _WINDOW):
             for found, row_seen in pool.map(
-                lambda job: _check_row(images_dir, inside, job, labels, decode), window
+                lambda job: _check_row(images_dir, job, labels, decode), window
             ):
                 for kind, text in found:
                     problems.add(kind, text)
@@ -326,7 +326,6 @@ def _windows(items: list, size: int) -> Iterator[list]:
 
 def _check_row(
     images_dir: Path,
-    inside: Path,
     job: _RowFiles,
     labels: dict[int, LabelInfo] | None,
     decode: bool,
@@ -337,9 +336,10 @@ def _check_row(
     ih, iw, sh, sw = job.size
     where = f" (index.csv line {job.line})"
     for cat, rel in ((None, job.image), *job.planes):
-        path = images_dir / rel
-        if not path.resolve().is_relative_to(inside):
-            found.append(("path", f"{path}: resolves to {path.resolve()}, outside {inside}{where}"))
+        try:
+            path = dataset_file(images_dir, rel, job.line)
+        except UnsafePathError as exc:
+            found.append(("path", str(exc)))
             continue
         if not path.is_file():
             what = "image" if cat is None else "label image"
