@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data import concept_store_target
 from pipeline.graph import Run, Target
-from pipeline.layout import concept_set_id, moved_labels, perturbation
-from stages.concepts import ConceptsConfig, build_concept_store
+from pipeline.layout import concept_set_id, moved_labels
 from stages.labels import LabelSpace, label_space
 from storage.broden import read_broden
 from storage.concepts import ConceptStore, store_artifact
@@ -63,11 +63,7 @@ def plan_concept_set(run: Run) -> list[Target]:
     root, name, path = source
     dataset = read_broden(root)
     _check_set_against_cache(run, root, dataset.images)
-    artifact = store_artifact(path, dataset.fingerprint(), moved_labels(run.cfg))
-    cfg = ConceptsConfig(root, path, run.cfg.dataset.block_size, run.cfg.progress,
-                         perturbation(run.cfg))
-    return [Target(f"concept set {name} {path}", (artifact,),
-                   lambda _missing: build_concept_store(cfg, run.scheduler()))]
+    return [concept_store_target(run, f"concept set {name}", dataset, path)]
 
 
 def match_rows(cached: list[str], concepts: ConceptStore) -> np.ndarray | None:

@@ -102,14 +102,19 @@ def _concepts_path(run: Run) -> Path:
     return run.layout.concept_store(run.get("dataset").id, moved_labels(run.cfg))
 
 
-def plan_concepts(run: Run) -> list[Target]:
-    ds = run.get("dataset")
-    path = _concepts_path(run)
-    artifact = store_artifact(path, ds.broden.fingerprint(), moved_labels(run.cfg))
-    cfg = ConceptsConfig(ds.root, path, run.cfg.dataset.block_size, run.cfg.progress,
+def concept_store_target(run: Run, what: str, dataset: BrodenDataset, path: Path) -> Target:
+    """Build the concept store of ``dataset`` at ``path`` (labels moved with the run's
+    geometric perturbation, if any) unless it is current."""
+    artifact = store_artifact(path, dataset.fingerprint(), moved_labels(run.cfg))
+    cfg = ConceptsConfig(dataset.root, path, run.cfg.dataset.block_size, run.cfg.progress,
                          perturbation(run.cfg))
-    return [Target(f"concept store {path}", (artifact,),
-                   lambda _missing: build_concept_store(cfg, run.scheduler()))]
+    return Target(f"{what} {path}", (artifact,),
+                  lambda _missing: build_concept_store(cfg, run.scheduler(), dataset))
+
+
+def plan_concepts(run: Run) -> list[Target]:
+    return [concept_store_target(run, "concept store", run.get("dataset").broden,
+                                 _concepts_path(run))]
 
 
 def concepts_value(run: Run) -> ConceptStore:

@@ -12,7 +12,7 @@ from stages.perturb import Perturbation
 from stages.reduction import map_blocks
 from storage import concepts as cstore
 from storage.artifacts import remove
-from storage.broden import read_broden
+from storage.broden import BrodenDataset, read_broden
 
 log = logging.getLogger("netdissect")
 
@@ -41,14 +41,15 @@ def _readable(path: Path) -> bool:
     return True
 
 
-def build_concept_store(cfg: ConceptsConfig, scheduler: Any = "threads") -> cstore.ConceptStore:
+def build_concept_store(cfg: ConceptsConfig, scheduler: Any = "threads",
+                        dataset: BrodenDataset | None = None) -> cstore.ConceptStore:
     """Build, resume or reuse the concept store of ``cfg.dataset_path``.
 
     A complete store made from the same CSVs is returned untouched; a partial one resumes at
     its first unwritten block (keeping its own block size); one made from other CSVs, or
-    damaged, is rebuilt.
+    damaged, is rebuilt.  ``dataset``: the directory already read, if the caller has it.
     """
-    dataset = read_broden(cfg.dataset_path)
+    dataset = dataset or read_broden(cfg.dataset_path)
     moved = str(cfg.perturbation) if cfg.perturbation.geometric else "none"
     artifact = cstore.store_artifact(cfg.store_path, dataset.fingerprint(), moved)
     state = artifact.state()
