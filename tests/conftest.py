@@ -28,3 +28,15 @@ def cli_env() -> dict[str, str]:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.run", *args]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> list[Path]:
+    """Three checkpoints of tests.tiny_models' tiny_cnn, named like a training sweep."""
+    from tests.tiny_models import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    paths = [folder / f"ep{epoch}.pt" for epoch in (1, 5, 20)]
+    for epoch, path in zip((1, 5, 20), paths, strict=True):
+        save_checkpoint(path, seed=epoch)
+    return paths

@@ -467,16 +467,9 @@ def broden_zip(tmp_path_factory) -> tuple[Path, Path]:
     return root, archive
 
 
-def _register(
-    monkeypatch,
-    name: str,
-    md5_value: str | None,
-    kind: str = "dataset",
-    filename: str | None = None,
-) -> Release:
-    entry = Release(
-        name, kind, filename or f"{name}.zip", ("http://127.0.0.1:9/unused",), md5_value, "test"
-    )
+def _register(monkeypatch, name: str, md5_value: str | None) -> Release:
+    entry = Release(name, "dataset", f"{name}.zip", ("http://127.0.0.1:9/unused",), md5_value,
+                    "test")
     monkeypatch.setitem(RELEASES, name, entry)
     return entry
 

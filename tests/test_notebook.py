@@ -86,14 +86,10 @@ def test_notebook_runs_on_a_real_run(tiny_run, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir()), "the notebook wrote files into its directory"
 
 
-def test_notebook_draws_detectors_across_checkpoints(synthetic_root, tmp_path, monkeypatch):
+def test_notebook_draws_detectors_across_checkpoints(synthetic_root, checkpoints, tmp_path,
+                                                     monkeypatch):
     """A real sweep over three checkpoints of one architecture fills the checkpoint section."""
-    from tests.tiny_models import save_checkpoint
-
-    paths = []
-    for epoch in (1, 5, 20):
-        paths.append(tmp_path / f"ep{epoch}.pt")
-        save_checkpoint(paths[-1], seed=epoch)
+    paths = checkpoints
     wd = tmp_path / "wd"
     proc = subprocess.run(cli("-m", "stage=iou", f"workdir={wd}", f"dataset.path={synthetic_root}",
                               "model=custom", "model.factory=tests.tiny_models:tiny_cnn",

@@ -79,10 +79,6 @@ def process_tree(pid: int) -> dict[int, int]:
     return found
 
 
-def descendants(pid: int) -> set[int]:
-    return set(process_tree(pid))
-
-
 def blocks_done(workdir: Path, layer: str, until: int, timeout: float = 120) -> int:
     """Wait until ``until`` blocks of ``layer`` are written in the workdir's store."""
     import zarr
@@ -146,7 +142,7 @@ def test_signal_during_extract_is_one_line_no_orphans_and_resumes(data, tmp_path
     proc = start(*args, *cluster)
     wait_for(proc, "extract: conv3")
     assert blocks_done(wd, "conv3", until=1) < 24  # in the middle of the extraction
-    workers = descendants(proc.pid)
+    workers = set(process_tree(proc.pid))
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, out[-3000:]

@@ -19,7 +19,6 @@ from storage.errors import UserError
 from storage.tables import read_table
 from tests.broden_factory import run_files
 from tests.conftest import REPO, cli, cli_env
-from tests.tiny_models import save_checkpoint
 
 TINY = ["model=custom", "model.factory=tests.tiny_models:tiny_cnn", "cluster=none",
         "progress=false", "dataset.block_size=8"]
@@ -30,15 +29,6 @@ def cli_run(*args: str, expect: int = 0) -> str:
                           timeout=600)
     assert proc.returncode == expect, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("checkpoints")
-    paths = [folder / f"ep{epoch}.pt" for epoch in (1, 5, 20)]
-    for epoch, path in zip((1, 5, 20), paths, strict=True):
-        save_checkpoint(path, seed=epoch)
-    return paths
 
 
 # ---------------------------------------------------------------- identity and sweeps

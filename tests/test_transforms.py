@@ -65,9 +65,9 @@ def test_rotation_draws_differ_by_seed_and_handle_a_turn_by_pi():
         fractional_power(np.diag([-1.0, 1.0, 1.0]), 0.5)
 
 
-def _basis_file(tmp_path: Path, weight: np.ndarray, bias=None, name="basis.npz") -> str:
-    path = tmp_path / name
-    np.savez(path, weight=weight, bias=np.zeros(weight.shape[0]) if bias is None else bias)
+def _basis_file(tmp_path: Path, weight: np.ndarray) -> str:
+    path = tmp_path / "basis.npz"
+    np.savez(path, weight=weight, bias=np.zeros(weight.shape[0]))
     return str(path)
 
 
@@ -155,7 +155,7 @@ def _tables(workdir: Path, transform: str) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, synthetic_root) -> Path:
     wd = tmp_path_factory.mktemp("transforms") / "wd"
-    run(compose_config([f"workdir={wd}", f"dataset.path={synthetic_root}", "stage=iou", *TINY]))
+    _run(wd, synthetic_root)
     return wd
 
 
