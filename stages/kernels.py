@@ -179,39 +179,6 @@ def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.reshape(-1).long()).view(index.shape)
 
 
-def set_semantics(
-    pixel: torch.Tensor,
-    image: torch.Tensor,
-    plane_pairs: list[tuple[int, int]] | None = None,
-    image_slots: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop repeats so each (pixel, label) counts once: across planes, and where an
-    image-level label already covers the whole image; repeated image-level labels too.
-
-    ``plane_pairs`` (i < j) and ``image_slots`` limit the comparisons to those that can
-    find a repeat (see ``stages.labels.repeat_checks``); by default everything is compared.
-    """
-    pixel = pixel.clone()
-    image = image.clone()
-    n_planes = pixel.shape[1]
-    if plane_pairs is None:
-        plane_pairs = [(i, j) for j in range(1, n_planes) for i in range(j)]
-    for i, j in plane_pairs:  # ordered by j, so an earlier plane keeps the label
-        plane = pixel[:, j]
-        plane[(plane == pixel[:, i]) & (plane > 0)] = 0
-    slots = set(range(image.shape[1]) if image_slots is None else image_slots)
-    for qi in range(image.shape[1]):
-        lab = image[:, qi]
-        if qi > 0:
-            image[:, qi] = torch.where((image[:, :qi] == lab[:, None]).any(1), 0, lab)
-        if qi not in slots:
-            continue
-        lab = image[:, qi]
-        covered = (pixel == lab[:, None, None]) & (lab[:, None, None] > 0)
-        pixel[covered] = 0
-    return pixel, image
-
-
 def float32_below(thresholds: torch.Tensor) -> torch.Tensor:
     """The largest float32 <= T for each float64 T: for a float32 u, u > T  <=>  u > result.
 
