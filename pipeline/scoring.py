@@ -15,6 +15,7 @@ from pipeline.layout import Layout
 from stages.blocks import LayerBlocks, ScoringBlocks
 from stages.explain import Signatures
 from stages.iou import ScoringConfig, Tally, iou_frame, layers_frame, units_frame
+from stages.labels import LabelSpace
 from stages.quantile import threshold_pass
 from stages.reduction import Pass, reduce_blocks
 from stages.statistics import top_images
@@ -111,9 +112,12 @@ def row_keys(run: Run, layer: str) -> dict:
             "concept_set": cs.name, "transform": transform_of(run, layer)}
 
 
-def upstream(thresholds: Thresholds, cs: ConceptSet, layer: str) -> dict:
+def upstream(thresholds: Thresholds, cs: ConceptSet, layer: str,
+             space: LabelSpace | None = None) -> dict:
+    """What a layer's scores were made from (with ``space``: and the categories scored)."""
     rows = None if cs.rows is None else digest(cs.rows.tolist())
-    return {"thresholds": thresholds.keys[layer], "concepts": cs.key, "rows": rows}
+    made = {"thresholds": thresholds.keys[layer], "concepts": cs.key, "rows": rows}
+    return made if space is None else {**made, "categories": list(space.categories)}
 
 
 # ---------------------------------------------------------------- iou
@@ -136,7 +140,7 @@ def signature_artifact(run: Run, layer: str) -> Artifact:
     """Pixel-signature counts of one layer against the run's concept set."""
     acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
     space = label_space_of(run, cs)
-    fingerprint = {**upstream(thr, cs, layer), "categories": list(space.categories)}
+    fingerprint = upstream(thr, cs, layer, space)
     path = run.layout.statistic("signatures", acts.dataset.id, acts.model.identity.model_id,
                                 layer, digest(fingerprint), ".npz")
     return Artifact(path, fingerprint)

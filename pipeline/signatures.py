@@ -67,7 +67,7 @@ def plan_formulas(run: Run) -> list[Target]:
 
     targets = []
     for layer in acts.layers:
-        fp = {**upstream(thr, cs, layer), "categories": list(space.categories)}
+        fp = upstream(thr, cs, layer, space)
         artifact = partition_artifact(run.layout.results, "iou", acts.model.identity.name, layer,
                                       params(layer), fp)
         targets.append(Target(f"{acts.model.identity.model_id} {layer} formula rows",
@@ -83,7 +83,7 @@ def _explain_artifact(run: Run, layer: str) -> tuple[Artifact, dict]:
     params = {**row_keys(run, layer), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
               "planes": "set", "categories": ",".join(space.categories), "beam": e.beam,
               "max_length": e.max_length}
-    fp = {**upstream(thr, cs, layer), "categories": list(space.categories)}
+    fp = upstream(thr, cs, layer, space)
     return partition_artifact(run.layout.results, "explanations", acts.model.identity.name,
                               layer, params, fp), params
 
