@@ -182,11 +182,11 @@ def model_value(run: Run) -> ModelInfo:
 
 # ---------------------------------------------------------------- extract
 def store_fingerprint(ds: DatasetInfo, model: ModelInfo, dtype: str) -> dict:
-    """What a store's activations depend on besides the model: the dataset and the dtype."""
-    first = ds.broden.images[0] if ds.broden.images else None
-    size = [first.ih, first.iw] if first else []
+    """What a store's activations depend on besides the model: the dataset and the dtype
+    (a dataset lists at least one image: ``dataset_value`` refuses an empty one)."""
+    first = ds.broden.images[0]
     return {"model_id": model.identity.model_id, "model": model.identity.fingerprint,
-            "dataset": ds.id, "dataset_index": ds.index_fingerprint, "image_size": size,
+            "dataset": ds.id, "dataset_index": ds.index_fingerprint, "image_size": [first.ih, first.iw],
             "dtype": dtype}
 
 
@@ -213,9 +213,8 @@ def _extract_setup(run: Run) -> tuple[ExtractConfig, DatasetInfo, ModelInfo]:
 
 def plan_extract(run: Run) -> list[Target]:
     cfg, ds, model = _extract_setup(run)
-    if ds.broden.images:
-        first = ds.broden.images[0]
-        cfg.perturbation.check_sizes(first.ih, first.iw, first.sh, first.sw)
+    first = ds.broden.images[0]
+    cfg.perturbation.check_sizes(first.ih, first.iw, first.sh, first.sw)
     layers = tuple(astore.layer_artifact(cfg.store_path, cfg.fingerprint, layer)
                    for layer in cfg.model.layers)
     if run.cfg.stage == Stage.rescore:  # re-scoring never runs the model
