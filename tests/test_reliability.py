@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.run import compose_config, run
 from stages.synthetic import generate
 from storage.tables import read_table
 from tests.conftest import REPO, cli, cli_env
@@ -153,10 +154,11 @@ def test_signal_during_extract_is_one_line_no_orphans_and_resumes(data, tmp_path
     assert not half_written(wd)
     resumed = finish(*args, "cluster=none", logs=True)
     assert "resuming conv3" in resumed
-    clean = tmp_path / "clean"
-    finish(*[a if not a.startswith("workdir=") else f"workdir={clean}" for a in args],
-           "cluster=none")
     from storage.activations import ActivationStore
+
+    clean = tmp_path / "clean"  # the reference, built in this process
+    run(compose_config([*[a if not a.startswith("workdir=") else f"workdir={clean}" for a in args],
+                        "cluster=none"]))
 
     (store,) = (wd / "activations").rglob("*.zarr")
     (again,) = (clean / "activations").rglob("*.zarr")
@@ -196,16 +198,20 @@ def own_args(stage: str, data: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def prepared(data, tmp_path_factory) -> dict[str, Path]:
-    """Workdirs holding what each stage needs first, and one where every stage ran."""
+    """Workdirs holding what each stage needs first, and one where every stage ran (built in
+    this process: only the runs under test need processes of their own)."""
     root = tmp_path_factory.mktemp("prepared")
-    out = {}
-    for before in ("extract", "quantile", "iou"):
+    out, previous = {}, None
+    for before in ("extract", "quantile", "iou"):  # each starts from a copy of the one before
         out[before] = root / before
-        finish(*stage_args(before, data), f"workdir={out[before]}")
+        if previous is not None:
+            shutil.copytree(previous, out[before])
+        run(compose_config([*stage_args(before, data), f"workdir={out[before]}"]))
+        previous = out[before]
     out["reference"] = root / "reference"
     shutil.copytree(out["iou"], out["reference"])
     for stage in ("concepts", "rescore", "explain", "report"):
-        finish(*own_args(stage, data), f"workdir={out['reference']}")
+        run(compose_config([*own_args(stage, data), f"workdir={out['reference']}"]))
     return out
 
 
@@ -267,9 +273,10 @@ def test_a_killed_worker_is_replaced_and_the_tables_are_identical(data, tmp_path
     model = [a for a in MODEL if not a.startswith("dataset.")]
     args = ["stage=iou", f"dataset.path={data}", *local, *model, "dataset.block_size=1",
             "scoring.quantile=0.02"]
-    wd = tmp_path / "wd"
-    finish("stage=extract", f"dataset.path={data}", *local, *model, "dataset.block_size=1",
-           f"workdir={wd}")
+    wd, clean = tmp_path / "wd", tmp_path / "clean"  # the cache, and the reference: in-process
+    run(compose_config(["stage=extract", f"dataset.path={data}", "cluster=none", "progress=false",
+                        *model, "dataset.block_size=1", f"workdir={wd}"]))
+    shutil.copytree(wd, clean)
     proc = start(*args, f"workdir={wd}")
     wait_for(proc, "iou: building")
     time.sleep(0.5)
@@ -279,8 +286,8 @@ def test_a_killed_worker_is_replaced_and_the_tables_are_identical(data, tmp_path
     os.kill(workers[0], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    clean = tmp_path / "clean"
-    finish(*args, f"workdir={clean}")
+    run(compose_config([*[a for a in args if a not in local], "cluster=none", "progress=false",
+                        f"workdir={clean}"]))
     a, b = tables(wd), tables(clean)
     pd.testing.assert_frame_equal(a.drop(columns=["model"]), b.drop(columns=["model"]))
 
@@ -460,14 +467,14 @@ def test_full_disk_during_a_write_is_one_line_and_the_rerun_completes(data, tmp_
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "no space left to write it" in lines[0], err
     assert not half_written(wd)
-    finish(*args)
+    run(compose_config(args))
     assert len(read_table(wd / "results", "units")) == 64
 
 
 def test_a_corrupt_chunk_is_one_line_naming_the_store(data, tmp_path):
     wd = tmp_path / "wd"
     args = [f"dataset.path={data}", f"workdir={wd}", *RUN, *MODEL]
-    finish("stage=extract", *args)
+    run(compose_config(["stage=extract", *args]))  # the cache: in-process
     (store,) = (wd / "activations").rglob("*.zarr")
     chunk = next(p for p in (store / "conv3").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(b"\x00" * 40)
@@ -479,7 +486,7 @@ def test_a_corrupt_chunk_is_one_line_naming_the_store(data, tmp_path):
 def test_a_concept_set_of_other_images_or_sizes_is_one_line_before_decoding(data, tmp_path):
     wd = tmp_path / "wd"
     base = ["stage=iou", f"dataset.path={data}", f"workdir={wd}", *FAST]
-    finish(*base)
+    run(compose_config(base))  # the cache: in-process
     bigger = generate(tmp_path / "bigger", n_images=8, image_size=224, seg_size=112,
                       progress=False)
     err = finish(*base, f"concepts.path={bigger}", expect=2)

@@ -163,9 +163,10 @@ def test_concept_images_missing_from_cache_is_one_error(probe, tmp_path):
         rescore(probe["workdir"], concepts=extra, dataset=probe["data"], overrides=MODEL)
 
 
-def test_rescore_without_cache_is_one_error(tmp_path):
+def test_rescore_without_cache_is_one_error(synthetic_root, tmp_path):
     with pytest.raises(UserError, match="no activation cache.*run stage=extract"):
-        rescore(tmp_path / "empty", concepts=tmp_path, overrides=MODEL)
+        rescore(tmp_path / "empty", concepts=synthetic_root, dataset=synthetic_root,
+                overrides=MODEL)
 
 
 # ---------------------------------------------------------------- formulas
