@@ -112,32 +112,45 @@ def stage_concepts(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     return {"store_bytes": directory_bytes(store)}
 
 
+def full_list_quantile(n: int) -> float:
+    """The q at which n images give each unit a top list as long as q = 0.005 over full
+    Broden: a top-k pass at N then merges lists of the full run's width (at most 0.5: below
+    about 640 images the lists cannot be that wide)."""
+    return min(QUANTILE * FULL_BRODEN / n, 0.5)
+
+
 def stage_quantile(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     """Exact thresholds with the strategy asked for; the top-k run saves them for the later
-    stages, the radix run checks it finds the same values."""
+    stages, the radix run checks it finds the same values.  ``stage=quantile_full_lists``
+    is the top-k pass at :func:`full_list_quantile`."""
     from stages.blocks import LayerBlocks
     from stages.quantile import DEFAULT_CANDIDATE_BUDGET, threshold_pass
 
     workdir, n, model = Path(spec["workdir"]), spec["n"], spec["model"]
+    q = full_list_quantile(n) if spec["stage"] == "quantile_full_lists" else QUANTILE
     blocks = LayerBlocks(str(data.activation_path(workdir, model, n)), data.LAYER)
     budget = 1 if spec["strategy"] == "radix" else DEFAULT_CANDIDATE_BUDGET
     with watch.running():
-        thresholds, _ = threshold_pass(blocks, QUANTILE, scheduler, budget)
+        thresholds, _ = threshold_pass(blocks, q, scheduler, budget)
+    used = {"q": q, "strategy_used": quantile_strategy(data.LAYERS[model], n, budget, q),
+            "full_width_lists": QUANTILE * FULL_BRODEN / n <= 0.5}
     saved = thresholds_path(workdir, model, n)
+    if q != QUANTILE:
+        return used
     if spec["strategy"] == "top-k":
         saved.parent.mkdir(parents=True, exist_ok=True)
         np.save(saved, thresholds)
-        return {"strategy_used": quantile_strategy(data.LAYERS[model], n, budget)}
-    return {"strategy_used": quantile_strategy(data.LAYERS[model], n, budget),
-            "equals_top_k": bool(np.array_equal(np.load(saved), thresholds))}
+        return used
+    return {**used, "equals_top_k": bool(np.array_equal(np.load(saved), thresholds))}
 
 
-def quantile_strategy(units: int, n_images: int, budget: int | None = None) -> str:
+def quantile_strategy(units: int, n_images: int, budget: int | None = None,
+                      q: float = QUANTILE) -> str:
     """The strategy ``threshold_pass`` picks for a layer of ``units`` x 7 x 7 values."""
     from stages.quantile import DEFAULT_CANDIDATE_BUDGET, strategy
 
     values = n_images * data.MAP_SIZE * data.MAP_SIZE
-    return strategy(units, values, QUANTILE, budget or DEFAULT_CANDIDATE_BUDGET)
+    return strategy(units, values, q, budget or DEFAULT_CANDIDATE_BUDGET)
 
 
 def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
@@ -228,7 +241,8 @@ def stage_baseline(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
 
 
 STAGES: dict[str, Callable[[dict, Any, Stopwatch], dict]] = {
-    "concepts": stage_concepts, "quantile": stage_quantile, "baseline": stage_baseline,
+    "concepts": stage_concepts, "quantile": stage_quantile, "quantile_full_lists": stage_quantile,
+    "baseline": stage_baseline,
     **dict.fromkeys(PASS_STAGES, stage_pass),
 }
 
@@ -309,7 +323,9 @@ def _find(measurements: list[dict], **keys: Any) -> dict | None:
 def projections(measurements: list[dict], stores: dict, sizes: list[int]) -> dict:
     """Full Broden (63,305 images) for each layer, from the largest size's threads rates,
     assuming time linear in images; peak RSS extrapolated linearly through both sizes (an
-    upper bound when memory is flat); store sizes scaled per image."""
+    upper bound when memory is flat); store sizes scaled per image.  A top-k pass merges
+    lists that widen with the images, so its time is scaled from the run with full-width
+    lists where there is one: an upper bound, as every block there keeps more values."""
     small, large = sizes[0], sizes[-1]
     models = list(stores["activations"])
     out = {"images": FULL_BRODEN, "from_images": large,
@@ -323,6 +339,11 @@ def projections(measurements: list[dict], stores: dict, sizes: list[int]) -> dic
                          scheduler="threads", strategy=strategy)
         tally = _find(measurements, stage="tally", model=model, n=large, scheduler="threads")
         layer = {"units": units, "quantile_strategy": strategy}
+        full_lists = _find(measurements, stage="quantile_full_lists", model=model, n=large,
+                           scheduler="threads")
+        if strategy == "top-k" and full_lists and full_lists["full_width_lists"]:
+            quantile = full_lists
+            layer["quantile_basis"] = "upper bound from full-width lists"
         if quantile and tally:
             q_s = FULL_BRODEN / quantile["images_per_s"]
             t_s = FULL_BRODEN / tally["images_per_s"]
@@ -398,6 +419,8 @@ def run(args: argparse.Namespace) -> dict:
                 for n in sizes:
                     bench.measure(stage="quantile", model=model, n=n, scheduler=scheduler,
                                   strategy=strategy)
+            bench.measure(stage="quantile_full_lists", model=model, n=sizes[-1],
+                          scheduler=scheduler, strategy="top-k")
             for stage in PASS_STAGES:
                 for n in sizes:
                     bench.measure(stage=stage, model=model, n=n, scheduler=scheduler)

@@ -15,6 +15,7 @@ from pathlib import Path
 STAGE_NAMES = {
     "concepts": "concept store build",
     "quantile": "thresholds",
+    "quantile_full_lists": "thresholds, top-k (one pass), lists as wide as full Broden's",
     "tally": "tally (restricted, set)",
     "top_images": "top images",
     "signatures": "signatures",
@@ -110,9 +111,11 @@ def stage_table(result: dict) -> str:
                     if strategy is not None:
                         keys["strategy"] = strategy
                     a, b = _find(result, n=small, **keys), _find(result, n=large, **keys)
-                    if not a or not b or (stage == "concepts") != (model is None):
+                    if not b or (stage == "concepts") != (model is None):
                         continue
                     name = STAGE_NAMES[stage]
+                    if "q" in b and b["q"] != result["config"]["quantile"]:
+                        name += f" (q = {b['q']:.4f})"
                     if strategy:
                         passes = "one pass" if strategy == "top-k" else "three passes"
                         name += f", {strategy} ({passes})"
@@ -121,8 +124,8 @@ def stage_table(result: dict) -> str:
                     layer = "–" if model is None else _layer(result, model)
                     rows.append(
                         f"| {name} | {layer} |{f' {scheduler} |' if many else ''} "
-                        f"{_rate(a['images_per_s'])} | {_rate(b['images_per_s'])} | "
-                        f"{_rss(a)} → {_rss(b)} | {_duration(full / b['images_per_s'])} |")
+                        f"{_rate(a['images_per_s']) if a else '–'} | {_rate(b['images_per_s'])} | "
+                        f"{_rss(a) if a else '–'} → {_rss(b)} | {_duration(full / b['images_per_s'])} |")
     return "\n".join(rows)
 
 
@@ -138,8 +141,9 @@ def projection_table(result: dict) -> str:
         rss = "; ".join(
             f"{STAGE_NAMES[stage]} {_int(r['small_mib'])} → {_int(r['large_mib'])}: ×{r['ratio']:.2f}; "
             f"{_int(r['full_mib'])}" for stage, r in layer["peak_rss"].items())
+        basis = f", {layer['quantile_basis']}" if "quantile_basis" in layer else ""
         time = (f"{_duration(layer['quantile_plus_tally_seconds'])} "
-                f"({_duration(layer['quantile_seconds'])} {layer['quantile_strategy']} + "
+                f"({_duration(layer['quantile_seconds'])} {layer['quantile_strategy']}{basis} + "
                 f"{_duration(layer['tally_seconds'])})") if "tally_seconds" in layer else "–"
         rows.append(f"| {_layer(result, model)} | {time} | "
                     f"{_size(layer['activation_store_bytes'])} "

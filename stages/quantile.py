@@ -31,7 +31,7 @@ from stages.statistics import RadixHistogram, TopImages, TopImagesStat, TopValue
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
-DEFAULT_CANDIDATE_BUDGET = 1 << 24  # float32 values kept per partial (64 MiB)
+DEFAULT_CANDIDATE_BUDGET = 1 << 25  # float32 values kept per partial (128 MiB)
 
 
 def strategy(units: int, values_per_unit: int, q: float,

@@ -32,7 +32,7 @@ RADIX_SLICE = 1 << 22  # values keyed at once in a radix pass (32 MiB of int64 k
 # ---------------------------------------------------------------- thresholds
 @dataclass(frozen=True)
 class TopList(Arrays):
-    values: np.ndarray  # (K, m) float32, descending
+    values: np.ndarray  # (K, m) float32, in no particular order
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class TopValues:
     a later value at or below it can never change the top ``need`` as values, so a block
     keeps only the values above it and partials shrink from ``need`` wide to a few columns
     once the first blocks are merged (memory no longer grows with the number of images).
+    Lists stay unsorted until :meth:`finish`, so merging a few columns into a full list
+    costs a scan rather than a sort (:func:`~stages.kernels.merge_top`).
     """
 
     need: int
@@ -61,13 +63,14 @@ class TopValues:
         """This statistic for the blocks still to come, given the merged ``partial``."""
         if partial.values.shape[1] < self.need:
             return self
-        return replace(self, floor=np.ascontiguousarray(partial.values[:, self.need - 1]))
+        return replace(self, floor=partial.values.min(axis=1))
 
     def combine(self, partials: Sequence[TopList]) -> TopList:
         return TopList(merge_top([torch.from_numpy(p.values) for p in partials], self.need).numpy())
 
     def finish(self, partial: TopList) -> np.ndarray:
-        return partial.values
+        """(K, need) float32, each row descending."""
+        return torch.sort(torch.from_numpy(partial.values), dim=1, descending=True).values.numpy()
 
 
 @dataclass(frozen=True)

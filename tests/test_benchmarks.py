@@ -18,7 +18,8 @@ def test_broden_benchmark_runs_every_stage_and_baseline_matches(tmp_path):
     for model in args.models:
         for stage in (*bench_broden.PASS_STAGES, "baseline"):
             assert (stage, model, None) in done
-        assert {("quantile", model, "top-k"), ("quantile", model, "radix")} <= done
+        assert {("quantile", model, "top-k"), ("quantile", model, "radix"),
+                ("quantile_full_lists", model, "top-k")} <= done
     assert ("concepts", None, None) in done
     baselines = [m for m in result["measurements"] if m["stage"] == "baseline"]
     assert all(m["counts_equal"] and m["images"] == 24 for m in baselines)

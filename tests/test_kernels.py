@@ -344,3 +344,21 @@ def test_tally_block_without_active_units():
                                (112, 112), 1024)
             np.testing.assert_array_equal(got["label_area"][1:], ref["label_area"])
             assert not got["intersection"].any() and not got["unit_area"].any()
+
+
+@pytest.mark.parametrize("extra", [[1], [3, 2], [10], [11], [0, 4]])
+def test_merge_top_keeps_the_top_of_the_union_with_ties(extra):
+    """A full list met by a few columns trades only its smallest (extra <= k/2); wider
+    merges select over everything.  Either way: the top k of the union, as values."""
+    from stages.kernels import merge_top
+
+    rng = np.random.default_rng(sum(extra))
+    k = 20
+    full = torch.from_numpy(np.round(rng.random((6, k)), 1).astype(np.float32))
+    full[0] = 0.5  # a unit whose list is one value repeated
+    parts = [full] + [torch.from_numpy(np.round(rng.random((6, c)), 1).astype(np.float32))
+                      for c in extra]
+    union = torch.cat(parts, dim=1).numpy()
+    got = merge_top(parts, k).numpy()
+    assert got.shape == (6, k)
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(union, axis=1)[:, -k:])
