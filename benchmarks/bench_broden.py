@@ -112,11 +112,12 @@ def stage_concepts(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     return {"store_bytes": directory_bytes(store)}
 
 
-def full_list_quantile(n: int) -> float:
+def full_list_quantile(n: int) -> tuple[float, bool]:
     """The q at which n images give each unit a top list as long as q = 0.005 over full
-    Broden: a top-k pass at N then merges lists of the full run's width (at most 0.5: below
-    about 640 images the lists cannot be that wide)."""
-    return min(QUANTILE * FULL_BRODEN / n, 0.5)
+    Broden, so a top-k pass at n merges lists of the full run's width; capped at 0.5 (below
+    about 640 images the lists cannot be that wide), and whether the lists are full-width."""
+    q = QUANTILE * FULL_BRODEN / n
+    return min(q, 0.5), q <= 0.5
 
 
 def stage_quantile(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
@@ -127,16 +128,16 @@ def stage_quantile(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     from stages.quantile import DEFAULT_CANDIDATE_BUDGET, threshold_pass
 
     workdir, n, model = Path(spec["workdir"]), spec["n"], spec["model"]
-    q = full_list_quantile(n) if spec["stage"] == "quantile_full_lists" else QUANTILE
+    full_lists = spec["stage"] == "quantile_full_lists"
+    q, full_width = full_list_quantile(n) if full_lists else (QUANTILE, False)
     blocks = LayerBlocks(str(data.activation_path(workdir, model, n)), data.LAYER)
     budget = 1 if spec["strategy"] == "radix" else DEFAULT_CANDIDATE_BUDGET
     with watch.running():
         thresholds, _ = threshold_pass(blocks, q, scheduler, budget)
-    used = {"q": q, "strategy_used": quantile_strategy(data.LAYERS[model], n, budget, q),
-            "full_width_lists": QUANTILE * FULL_BRODEN / n <= 0.5}
+    used = {"q": q, "strategy_used": quantile_strategy(data.LAYERS[model], n, budget, q)}
+    if full_lists:
+        return {**used, "full_width_lists": full_width}
     saved = thresholds_path(workdir, model, n)
-    if q != QUANTILE:
-        return used
     if spec["strategy"] == "top-k":
         saved.parent.mkdir(parents=True, exist_ok=True)
         np.save(saved, thresholds)
