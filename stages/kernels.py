@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages.compiled import compiled_plan
+
 KEY_BITS = 32
 RADIX_WIDTHS = (11, 11, 10)  # three histogram passes pin down a float32 exactly
 FULL_MAP_CHUNK = 512  # maps upsampled at once where row bands are not exact
@@ -823,8 +825,13 @@ def tally_block(
     seg_size: tuple[int, int],
     union: str,
     pair_chunk: int = 1024,
+    kernel: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Exact int64 counts of one block of images for every unit and label.
+
+    ``kernel``: "compiled" counts with the compiled CPU loop (:mod:`stages.compiled`), "torch"
+    with the batched torch kernel below, "auto" with the compiled loop on CPU where
+    :func:`~stages.compiled.compiled_plan` finds it exact for the shape, else torch.
 
     acts (B, K, h, w) raw activations; thresholds (K,) float64.  Only (image, unit) pairs
     whose raw maximum can reach the threshold are upsampled (:func:`skip_bound`): a bilinear
@@ -840,13 +847,23 @@ def tally_block(
     b, k, h, w = acts.shape
     sh, sw = seg_size
     t32 = float32_below(thresholds.to(device=device, dtype=torch.float64))
+    totals = BlockCounts.zeros(b, k, n_labels, inputs.n_categories, device)
+    plan = compiled_plan(h, w, sh, sw) if device.type == "cpu" and kernel != "torch" else None
+    if kernel == "compiled" and plan is None:
+        raise ValueError(f"the compiled tally is not exact for {(h, w)} -> {seg_size} on {device}")
+    if plan is not None:
+        plan.tally(acts.float().numpy(), t32.numpy(), skip_bound(t32).numpy(), inputs.stored_pixel.numpy(),
+                   inputs.stored_image.numpy(), inputs.lut.numpy(),
+                   (inputs.label_category + 1).numpy(), inputs.planes == "multiset",
+                   union == "lite", {name: getattr(totals, name).numpy() for name in
+                                     ("intersection", "label_area", "area", "carries", "lite_area")})
+        return totals.result(union)
     maps = acts.float().reshape(b * k, h, w)
     active = maps.amax(dim=(1, 2)).view(b, k) > skip_bound(t32)[None, :]
     whole = torch.ones((b, 1), dtype=torch.bool, device=device)
     row_image, row_column = torch.nonzero(torch.cat([whole, active], dim=1), as_tuple=True)
     row_unit = row_column - 1  # -1: the image's all-ones row
     grid = quad_grid(h, w, sh, sw, str(device)) if quads_exact(h, w, sh, sw, device.type) else None
-    totals = BlockCounts.zeros(b, k, n_labels, inputs.n_categories, device)
     category = inputs.label_category + 1
     ws = Workspace(device)
     step = max(pair_chunk, 1)

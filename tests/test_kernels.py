@@ -204,13 +204,14 @@ def corner_maps(rng: np.random.Generator, n: int, h: int, w: int):
     return acts, thresholds
 
 
-def kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes, size, chunk):
+def kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes, size, chunk,
+                 kernel="auto"):
     from stages.kernels import TallyInputs, tally_block
 
     inputs = TallyInputs(torch.from_numpy(pixel), torch.from_numpy(image), torch.from_numpy(lut),
                          torch.from_numpy(category), len(KERNEL_CATEGORIES), planes)
     counts = tally_block(torch.from_numpy(acts), torch.from_numpy(thresholds), inputs,
-                         len(category) - 1, size, union, pair_chunk=chunk)
+                         len(category) - 1, size, union, pair_chunk=chunk, kernel=kernel)
     return {key: value.numpy() for key, value in counts.items()}
 
 
@@ -260,6 +261,86 @@ def test_tally_corners_are_hit():
         assert 0 < areas[:, k].sum() < 6 * 112 * 112, k
 
 
+@pytest.mark.parametrize("shape", TALLY_SHAPES)
+@pytest.mark.parametrize("kernel", ["torch", "compiled"])
+def test_each_tally_kernel_matches_reference(shape, kernel):
+    """Both kernels, named: the batched torch one (GPUs, and CPUs where the compiled loop is
+    not exact) and the compiled CPU loop, on every shape and union x planes mode."""
+    from tests.iou_reference import reference_counts
+
+    h, w, sh, sw = shape
+    rng = np.random.default_rng(sum(shape) + 1)
+    images, pixel, image, lut, category, primary = kernel_block(rng, 5, sh, sw)
+    acts, thresholds = corner_maps(rng, 5, h, w)
+    for union in ("restricted", "global", "lite"):
+        for planes in ("set", "multiset"):
+            ref = reference_counts(acts, thresholds, images, KERNEL_CATEGORIES, primary, union,
+                                   planes, (sh, sw))
+            got = kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes,
+                               (sh, sw), 7, kernel=kernel)
+            np.testing.assert_array_equal(got["intersection"][:, 1:], ref["intersection"])
+            np.testing.assert_array_equal(got["unit_area"], ref["unit_area"])
+            np.testing.assert_array_equal(got["label_area"][1:], ref["label_area"])
+
+
+@pytest.mark.parametrize("shape", TALLY_SHAPES + [(14, 14, 112, 112), (7, 7, 112, 16), (1, 1, 9, 9)])
+def test_compiled_values_are_torch_bit_for_bit(shape):
+    """Where a plan is found, its values equal F.interpolate on maps it was not chosen on."""
+    from stages.compiled import compiled_plan
+
+    h, w, sh, sw = shape
+    plan = compiled_plan(h, w, sh, sw)
+    if plan is None:
+        pytest.skip("torch's CPU kernel takes a form the compiled loop does not know here")
+    rng = np.random.default_rng(sum(shape) + 2)
+    maps = np.concatenate([random_maps(rng, 30, h, w) for _ in range(8)])
+    full = F.interpolate(torch.from_numpy(maps)[:, None], size=(sh, sw), mode="bilinear",
+                         align_corners=False)[:, 0].numpy()
+    np.testing.assert_array_equal(plan.upsample(maps), full)
+
+
+def test_compiled_tally_runs_on_cpu_and_falls_back_where_not_exact(monkeypatch):
+    """"auto" takes the compiled loop on CPU for the benchmark's shape; where no plan is
+    exact it takes the torch kernel (same counts), and "compiled" refuses."""
+    import stages.kernels as kernels
+    from stages.compiled import compiled_plan
+
+    assert compiled_plan(7, 7, 112, 112) is not None
+    rng = np.random.default_rng(9)
+    _, pixel, image, lut, category, _ = kernel_block(rng, 4, 112, 112)
+    acts, thresholds = corner_maps(rng, 4, 7, 7)
+    args = (acts, thresholds, pixel, image, lut, category, "lite", "set", (112, 112), 64)
+    called = []
+    monkeypatch.setattr(kernels, "compiled_plan", lambda *shape: called.append(shape) or
+                        compiled_plan(*shape))
+    auto = kernel_tally(*args)
+    assert called == [(7, 7, 112, 112)]
+    monkeypatch.setattr(kernels, "compiled_plan", lambda *shape: None)
+    fallback = kernel_tally(*args)
+    for key in auto:
+        np.testing.assert_array_equal(auto[key], fallback[key])
+    with pytest.raises(ValueError, match="not exact"):
+        kernel_tally(*args, kernel="compiled")
+
+
+def test_pixel_classes_group_exactly_the_equal_label_tuples():
+    """Pixels share a class iff they carry the same label in every plane: runs, repeats far
+    apart, and thousands of distinct tuples (hash collisions and probing)."""
+    from stages.compiled import _pixel_classes
+
+    rng = np.random.default_rng(4)
+    for planes, alphabet, n in [(3, 4, 600), (4, 2000, 5000), (1, 1, 50), (0, 1, 40)]:
+        dense = rng.integers(0, alphabet, (planes, n)).astype(np.int64)
+        dense[:, 100:140] = dense[:, 99:100]  # a run
+        cls, rep = np.empty(n, np.int64), np.empty(n, np.int64)
+        n_classes = _pixel_classes(dense, cls, rep, np.empty(1 << (2 * n).bit_length(), np.int64))
+        _, expected = np.unique(dense.T, axis=0, return_inverse=True)
+        assert n_classes == expected.max() + 1 if planes else n_classes == 1
+        # the same partition: class ids map one-to-one onto the unique tuples
+        assert len(set(zip(cls.tolist(), expected.ravel().tolist(), strict=True))) == n_classes
+        assert (dense[:, rep[cls]] == dense).all()
+
+
 def test_quad_path_equals_dense_path(monkeypatch):
     """The quad path and the dense canvas path give the same counts on the same block."""
     import stages.kernels as kernels
@@ -268,9 +349,9 @@ def test_quad_path_equals_dense_path(monkeypatch):
     _, pixel, image, lut, category, _ = kernel_block(rng, 8, 112, 112)
     acts, thresholds = corner_maps(rng, 8, 7, 7)
     args = (acts, thresholds, pixel, image, lut, category)
-    quad = kernel_tally(*args, "lite", "multiset", (112, 112), 300)
+    quad = kernel_tally(*args, "lite", "multiset", (112, 112), 300, kernel="torch")
     monkeypatch.setattr(kernels, "quads_exact", lambda *a: False)
-    dense = kernel_tally(*args, "lite", "multiset", (112, 112), 300)
+    dense = kernel_tally(*args, "lite", "multiset", (112, 112), 300, kernel="torch")
     for key in quad:
         np.testing.assert_array_equal(quad[key], dense[key])
 
