@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from storage.activations import ActivationStore
+from storage.blocks import read_rows
 from storage.concepts import ConceptBlock, ConceptStore
 from storage.errors import UserError, first_line
 
@@ -107,7 +108,7 @@ class LayerBlocks:
         start, stop = store.block_range(block)
         array = store.array(self.layer)
         try:
-            raw = array[start:stop]
+            raw = read_rows(array, start, stop)
         except Exception as exc:  # noqa: BLE001 - codecs raise many kinds on damaged chunks
             raise damaged(self.store_path, f"layer {self.layer}", start, stop, exc) from None
         values = torch.from_numpy(raw)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec, Endian, ZstdCodec
+from zarr.storage import LocalStore
 
 
 def compressors() -> list:
@@ -19,6 +22,44 @@ def compressors() -> list:
     of raw float32), it beat byte- and bit-shuffle before Zstd on size and read speed; on
     dense random-init activations every lossless codec tried stayed near 0.62."""
     return [zarr.codecs.ZstdCodec(level=3)]
+
+
+def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """``array[start:stop]`` along the image axis, as a writable array.
+
+    A read of exactly one chunk of a local array in the layout these stores are written in
+    (one chunk across the other axes, bytes then Zstd) is decoded in the calling thread.
+    Zarr's own read copies every decoded chunk on its one event-loop thread, so two threads
+    reading blocks side by side were barely faster than one (resnet18-sized blocks of
+    activations and labels: 1.3x; 2.0x here).  Any other read goes through zarr.
+    """
+    chunk = array.chunks[0]
+    key = _chunk_file(array, start // chunk) if start % chunk == 0 and stop - start <= chunk \
+        and stop == min(start + chunk, array.shape[0]) else None
+    if key is None:
+        return array[start:stop]
+    try:
+        encoded = key.read_bytes()
+    except FileNotFoundError:  # never written: zarr returns the fill value
+        return array[start:stop]
+    out = np.empty((chunk, *array.shape[1:]), dtype=array.dtype.newbyteorder("<"))
+    numcodecs.Zstd().decode(encoded, out=out)
+    return out[: stop - start].astype(array.dtype, copy=False)
+
+
+def _chunk_file(array: zarr.Array, index: int) -> Path | None:
+    """The file of chunk ``index`` along axis 0, if the array's layout allows a direct read."""
+    store = array.store_path.store
+    meta = array.metadata
+    if not isinstance(store, LocalStore) or meta.zarr_format != 3 or \
+            tuple(array.chunks[1:]) != tuple(array.shape[1:]):
+        return None
+    codecs = meta.codecs
+    if len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or \
+            not isinstance(codecs[1], ZstdCodec) or codecs[0].endian not in (None, Endian.little):
+        return None
+    return Path(store.root) / array.store_path.path / meta.encode_chunk_key(
+        (index,) + (0,) * (array.ndim - 1))
 
 
 def n_blocks(n_images: int, block_size: int) -> int:

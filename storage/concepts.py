@@ -83,7 +83,7 @@ class ConceptStore:
                      ("pixel_labels", "plane_category", "image_labels", "image_label_category"))
 
     def read_block(self, start: int, stop: int) -> ConceptBlock:
-        return ConceptBlock(*(array[start:stop] for array in self._arrays))
+        return ConceptBlock(*(blocks.read_rows(array, start, stop) for array in self._arrays))
 
     def read_rows(self, rows: np.ndarray) -> ConceptBlock:
         """Gather arbitrary image rows (used when a concept set is matched to a cache)."""
