@@ -170,16 +170,31 @@ def baseline_table(result: dict) -> str:
                     f"{images:,} images", [m["images_per_s"] for m in baselines]))
     rows.append(row("pipeline tally, lite + multiset, in-process, 1 thread, same images",
                     [m["pipeline_one_thread_images_per_s"] for m in baselines]))
-    tallies = [_find(result, stage="tally", model=m["model"], n=small, scheduler="threads")
-               for m in baselines]
-    rows.append(row(f"pipeline tally, default scoring, `threads`, N = {small:,}",
-                    [t["images_per_s"] if t else None for t in tallies]))
+    large = result["config"]["sizes"][-1]
+    pairs = [(_find(result, stage="tally", model=m["model"], n=small, scheduler="threads"),
+              _find(result, stage="tally", model=m["model"], n=large, scheduler="threads"))
+             for m in baselines]
+    for n, index in ((small, 0), (large, 1)):
+        rows.append(row(f"pipeline tally, default scoring, `threads`, N = {n:,}",
+                        [p[index]["images_per_s"] if p[index] else None for p in pairs]))
+    if large > small:
+        rows.append(row(f"pipeline tally, `threads`, per image added from N = {small:,} to "
+                        f"{large:,} (once-per-run start-up left out)",
+                        [marginal_rate(*p) if all(p) else None for p in pairs]))
     equal = all(m["counts_equal"] for m in baselines)
     mask = ", ".join(f"{m['mask_pixels_per_active_pair']:.0f}" for m in baselines)
     return ("\n".join(rows) + f"\n\nBaseline counts {'equal' if equal else 'DIFFER FROM'} the "
             f"pipeline's `union=lite, planes=multiset` tally on those images (every "
             f"intersection, unit area and label area); an active pair's mask has {mask} "
             f"pixels on average.")
+
+
+def marginal_rate(small: dict, large: dict) -> float | None:
+    """Images per second of the images the larger run adds: what a longer run tends to, as
+    a process's once-only costs (loading compiled kernels, first reads) are paid in both;
+    None where timing noise made the larger run no slower."""
+    extra = large["seconds"] - small["seconds"]
+    return (large["images"] - small["images"]) / extra if extra > 0 else None
 
 
 def store_table(result: dict) -> str:

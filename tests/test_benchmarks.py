@@ -41,3 +41,10 @@ def test_a_measurement_runs_in_its_own_process(tmp_path):
             "scheduler": "threads"}
     found = run_child("benchmarks.bench_broden", json.dumps(spec))
     assert found["images"] == 24 and found["peak_rss_mib"] > 0 and len(found["load_before"]) == 3
+
+
+def test_marginal_rate_is_the_rate_of_the_added_images():
+    small = {"images": 2000, "seconds": 1.5}  # 0.5 s of start-up + 1,000 images/s
+    large = {"images": 8000, "seconds": 7.5}
+    assert readme_table.marginal_rate(small, large) == 1000.0
+    assert readme_table.marginal_rate(small, {"images": 8000, "seconds": 1.5}) is None

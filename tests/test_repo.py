@@ -38,7 +38,7 @@ def test_imports_run_pipeline_to_stages_to_storage():
         assert "pipeline" not in _imports(path), path
 
 
-SHARED = {"blocks", "kernels", "labels", "reduction", "models", "formulas", "statistics",
+SHARED = {"blocks", "kernels", "compiled", "labels", "reduction", "models", "formulas", "statistics",
           "transforms", "perturb", "__init__"}
 
 
