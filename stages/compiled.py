@@ -9,10 +9,12 @@ so a mask's counts per label are its counts per class times each class's labels.
 releases the GIL, so Dask's threads run blocks side by side.
 
 Exactness: a mask pixel is ``bilinear(A) > T`` in torch's float32 arithmetic, so the loop
-computes each value the way torch's CPU kernel does - rows first, each step ``w0·a0 + w1·a1``
-fused into one rounding or not, as this build of torch does it - and :func:`compiled_plan`
-checks per shape, against ``F.interpolate`` bit for bit on every output pixel, which variant
-that is.  Where none is (or on a GPU) the torch tally runs instead.
+computes each value the way torch's CPU kernel does.  That kernel, as compiled, takes one of
+two forms depending on the output shape (measured on torch 2.14: rows first, each step
+``w0·a0 + w1·a1`` with one fused multiply-add; or four corner terms in one fused chain), so
+:func:`compiled_plan` tries the forms, fused or not, and keeps the one that equals
+``F.interpolate`` bit for bit on every output pixel of test maps.  Where none does (another
+build or CPU), and on a GPU, the torch tally runs instead.
 """
 
 from __future__ import annotations
