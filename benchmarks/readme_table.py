@@ -168,7 +168,8 @@ def baseline_table(result: dict) -> str:
 
     rows.append(row(f"NetDissect-Lite-style loop (per image, per unit), 1 thread, first "
                     f"{images:,} images", [m["images_per_s"] for m in baselines]))
-    rows.append(row("pipeline tally, lite + multiset, in-process, 1 thread, same images",
+    rows.append(row("pipeline tally, lite + multiset, in-process, 1 thread, same images "
+                    "(after one untimed block)",
                     [m["pipeline_one_thread_images_per_s"] for m in baselines]))
     large = result["config"]["sizes"][-1]
     pairs = [(_find(result, stage="tally", model=m["model"], n=small, scheduler="threads"),

@@ -121,10 +121,12 @@ def _upsample(maps, y0, y1, wy0, wy1, x0, x1, wx0, wx1, corner, four, fused):
 
 
 @njit(nogil=True, cache=True)
-def _pixel_classes(dense, cls, rep, slots):
-    """Number the distinct label tuples of an image's pixels: cls[s] = class of pixel s,
-    rep[c] = a pixel of class c; returns the number of classes.  dense (P, S)."""
-    n_planes, n_pixels = dense.shape
+def _pixel_classes(planes, cls, rep, slots):
+    """Number the distinct label tuples of an image's pixels, planes (P, S) of stored label
+    numbers: cls[s] = class of pixel s, rep[c] = a pixel of class c; returns the number of
+    classes.  (Two stored numbers with one dense label - both unscored, say - make two classes
+    with the same labels: the counts are the same, and no pixel needs a lookup.)"""
+    n_planes, n_pixels = planes.shape
     mask = slots.shape[0] - 1
     slots[:] = -1
     n = 0
@@ -132,7 +134,7 @@ def _pixel_classes(dense, cls, rep, slots):
         if s > 0:  # label regions are runs: most pixels repeat their left neighbour
             same = True
             for p in range(n_planes):
-                if dense[p, s] != dense[p, s - 1]:
+                if planes[p, s] != planes[p, s - 1]:
                     same = False
                     break
             if same:
@@ -140,7 +142,7 @@ def _pixel_classes(dense, cls, rep, slots):
                 continue
         key = np.int64(-3750763034362895579)  # FNV-1a over the tuple
         for p in range(n_planes):
-            key = (key ^ dense[p, s]) * np.int64(1099511628211)
+            key = (key ^ planes[p, s]) * np.int64(1099511628211)
         slot = (key ^ (key >> 29)) & mask
         while True:
             c = slots[slot]
@@ -152,7 +154,7 @@ def _pixel_classes(dense, cls, rep, slots):
                 break
             same = True
             for p in range(n_planes):
-                if dense[p, rep[c]] != dense[p, s]:
+                if planes[p, rep[c]] != planes[p, s]:
                     same = False
                     break
             if same:
@@ -163,14 +165,14 @@ def _pixel_classes(dense, cls, rep, slots):
 
 
 @njit(nogil=True, cache=True)
-def _class_labels(dense, image_level, rep, n_classes, multiset, labels, n_labels):
+def _class_labels(planes, lut, image_level, rep, n_classes, multiset, labels, n_labels):
     """Each class's dense labels - its planes', then the image-level ones (which cover every
     pixel) - once per label (set) or once per occurrence (multiset)."""
-    n_planes = dense.shape[0]
+    n_planes = planes.shape[0]
     for c in range(n_classes):
         n = 0
         for j in range(n_planes + image_level.shape[0]):
-            label = dense[j, rep[c]] if j < n_planes else image_level[j - n_planes]
+            label = lut[planes[j, rep[c]]] if j < n_planes else image_level[j - n_planes]
             if label == 0:
                 continue
             repeat = False
@@ -250,23 +252,19 @@ def _tally(acts, t32, bound, stored_pixel, stored_image, lut, category, multiset
     size = np.zeros(n_pixels, np.int64)
     labels = np.zeros((n_pixels, n_planes + stored_image.shape[1]), np.int64)
     n_labels = np.zeros(n_pixels, np.int64)
-    dense = np.empty((n_planes, n_pixels), np.int64)
     counts = np.zeros(n_pixels, np.int64)
     touched = np.empty(n_pixels, np.int64)
     r0 = np.empty(x0.shape[0], np.float32)
     r1 = np.empty(x0.shape[0], np.float32)
     met = np.full(lite_area.shape[1], -1, np.int64)  # last pair that met each category
     for b in range(n_images):
-        for p in range(n_planes):
-            for s in range(n_pixels):
-                dense[p, s] = lut[stored_pixel[b, p, s]]
         image_level = lut[stored_image[b]]
-        n_classes = _pixel_classes(dense, cls, rep, slots)
+        n_classes = _pixel_classes(stored_pixel[b], cls, rep, slots)
         size[:n_classes] = 0
         for s in range(n_pixels):
             size[cls[s]] += 1
-        _class_labels(dense, image_level[image_level > 0], rep, n_classes, multiset, labels,
-                      n_labels)
+        _class_labels(stored_pixel[b], lut, image_level[image_level > 0], rep, n_classes,
+                      multiset, labels, n_labels)
         carries[b, 0] = True
         for c in range(n_classes):
             for i in range(n_labels[c]):
