@@ -817,6 +817,17 @@ class BlockCounts:
                 "label_area": self.label_area}
 
 
+def tally_plan(device: torch.device, shape: tuple[int, int, int, int], kernel: str = "auto"):
+    """The compiled loop's plan when ``kernel`` and the device let it count (see
+    :func:`tally_block`); None for the torch kernel.  GPUs always take the torch kernel."""
+    if kernel not in ("auto", "compiled", "torch"):
+        raise ValueError(f"unknown tally kernel {kernel!r}")
+    plan = compiled_plan(*shape) if device.type == "cpu" and kernel != "torch" else None
+    if kernel == "compiled" and plan is None:
+        raise ValueError(f"the compiled tally is not exact for {shape} on {device}")
+    return plan
+
+
 def tally_block(
     acts: torch.Tensor,
     thresholds: torch.Tensor,
@@ -848,9 +859,7 @@ def tally_block(
     sh, sw = seg_size
     t32 = float32_below(thresholds.to(device=device, dtype=torch.float64))
     totals = BlockCounts.zeros(b, k, n_labels, inputs.n_categories, device)
-    plan = compiled_plan(h, w, sh, sw) if device.type == "cpu" and kernel != "torch" else None
-    if kernel == "compiled" and plan is None:
-        raise ValueError(f"the compiled tally is not exact for {(h, w)} -> {seg_size} on {device}")
+    plan = tally_plan(device, (h, w, sh, sw), kernel)
     if plan is not None:
         plan.tally(acts.float().numpy(), t32.numpy(), skip_bound(t32).numpy(), inputs.stored_pixel.numpy(),
                    inputs.stored_image.numpy(), inputs.lut.numpy(),

@@ -207,10 +207,7 @@ def reduce_with_dask(
     if not todo and acc is None:
         raise ValueError("no blocks to reduce")
     parallel = _parallelism(scheduler)
-    wave = max(split_every, 8 * parallel)
-    # a first wave of one block per thread lets a refinable pass narrow the rest early
-    first = parallel if acc is None else 0
-    starts = ([0] if first else []) + list(range(first, len(todo), wave))
+    starts = wave_starts(len(todo), parallel, max(split_every, 8 * parallel), acc is None)
     bar = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc=desc, unit="block",
                leave=False, disable=None if progress else True)
     with _one_torch_thread_per_task(scheduler):
@@ -228,6 +225,20 @@ def reduce_with_dask(
     if checkpoint is not None:
         checkpoint.remove()
     return result
+
+
+def wave_starts(n_blocks: int, parallel: int, wave: int, fresh: bool) -> list[int]:
+    """First block of each wave.  A fresh pass starts with one block per thread and doubles
+    its waves up to ``wave``: a refinable pass narrows what later blocks keep by what is
+    merged so far (top-k thresholds keep only values above the running floor), and a floor
+    from few images is loose, so only small waves run under it.  (With a full-size second
+    wave, resnet50's top-k peak RSS grew x1.24 from 2,000 to 8,000 images.)"""
+    starts, size, start = [], parallel if fresh else wave, 0
+    while start < n_blocks:
+        starts.append(start)
+        start += size
+        size = min(2 * size, wave)
+    return starts
 
 
 @contextmanager

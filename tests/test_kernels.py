@@ -443,3 +443,19 @@ def test_merge_top_keeps_the_top_of_the_union_with_ties(extra):
     got = merge_top(parts, k).numpy()
     assert got.shape == (6, k)
     np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(union, axis=1)[:, -k:])
+
+
+def test_gpus_take_the_torch_tally(monkeypatch):
+    """Device selection, checked on CPU: a CUDA block never asks for a compiled plan, and
+    asking for the compiled loop there is an error; a CPU block gets its plan."""
+    import stages.kernels as kernels
+
+    monkeypatch.setattr(kernels, "compiled_plan", lambda *shape: pytest.fail("asked for a plan"))
+    for kernel in ("auto", "torch"):
+        assert kernels.tally_plan(torch.device("cuda"), (7, 7, 112, 112), kernel) is None
+    with pytest.raises(ValueError, match="not exact"):
+        kernels.tally_plan(torch.device("cuda"), (7, 7, 112, 112), "compiled")
+    with pytest.raises(ValueError, match="unknown tally kernel"):
+        kernels.tally_plan(torch.device("cpu"), (7, 7, 112, 112), "numba")
+    monkeypatch.undo()
+    assert kernels.tally_plan(torch.device("cpu"), (7, 7, 112, 112)) is not None

@@ -206,3 +206,11 @@ def test_non_finite_units_are_found_even_when_finite_values_overflow_the_sum():
         big[1, 2, 0, 0] = value
         assert non_finite_units(big).tolist() == [2]
         big[1, 2, 0, 0] = 3e38
+
+
+def test_waves_start_one_block_per_thread_and_double():
+    from stages.reduction import wave_starts
+
+    assert wave_starts(125, 2, 16, fresh=True) == [0, 2, 6, 14, 30, 46, 62, 78, 94, 110]
+    assert wave_starts(40, 2, 16, fresh=False) == [0, 16, 32]  # resumed: full waves at once
+    assert wave_starts(3, 4, 32, fresh=True) == [0] and wave_starts(0, 2, 16, True) == []
