@@ -231,9 +231,9 @@ def wave_starts(n_blocks: int, parallel: int, wave: int, fresh: bool) -> list[in
     """First block of each wave.  A fresh pass starts with one block per thread and doubles
     its waves up to ``wave``: a refinable pass narrows what later blocks keep by what is
     merged so far (top-k thresholds keep only values above the running floor), and a floor
-    from few images is loose, so only small waves run under it.  (With a full-size second
-    wave, top-k peak RSS grew x1.14 (resnet18) and x1.21 (resnet50) from 2,000 to 8,000
-    images; x1.05 and x1.19 with doubling waves.)"""
+    from few images is loose, so only small waves run under it.  (The Broden-scale benchmark's
+    top-k peak RSS from 2,000 to 8,000 images: x1.14 and x1.21 for resnet18 and resnet50
+    with a full-size second wave, x1.13 and x1.16 with doubling waves.)"""
     starts, size, start = [], parallel if fresh else wave, 0
     while start < n_blocks:
         starts.append(start)
