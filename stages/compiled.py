@@ -164,6 +164,15 @@ def _pixel_classes(planes, cls, rep, slots):
     return n
 
 
+@njit(inline="always")
+def _dense(lut, number):
+    """lut[number], refusing a number outside it (compiled code does not check bounds; the
+    concept store admits only label.csv's numbers, so this means a damaged store)."""
+    if number < 0 or number >= lut.shape[0]:
+        raise IndexError("a stored label number is outside the concept store's label list")
+    return lut[number]
+
+
 @njit(nogil=True, cache=True)
 def _class_labels(planes, lut, image_level, rep, n_classes, multiset, labels, n_labels):
     """Each class's dense labels - its planes', then the image-level ones (which cover every
@@ -172,7 +181,7 @@ def _class_labels(planes, lut, image_level, rep, n_classes, multiset, labels, n_
     for c in range(n_classes):
         n = 0
         for j in range(n_planes + image_level.shape[0]):
-            label = lut[planes[j, rep[c]]] if j < n_planes else image_level[j - n_planes]
+            label = _dense(lut, planes[j, rep[c]]) if j < n_planes else image_level[j - n_planes]
             if label == 0:
                 continue
             repeat = False
@@ -258,7 +267,9 @@ def _tally(acts, t32, bound, stored_pixel, stored_image, lut, category, multiset
     r1 = np.empty(x0.shape[0], np.float32)
     met = np.full(lite_area.shape[1], -1, np.int64)  # last pair that met each category
     for b in range(n_images):
-        image_level = lut[stored_image[b]]
+        image_level = np.empty(stored_image.shape[1], np.int64)
+        for q in range(stored_image.shape[1]):
+            image_level[q] = _dense(lut, stored_image[b, q])
         n_classes = _pixel_classes(stored_pixel[b], cls, rep, slots)
         size[:n_classes] = 0
         for s in range(n_pixels):

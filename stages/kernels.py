@@ -861,11 +861,12 @@ def tally_block(
     totals = BlockCounts.zeros(b, k, n_labels, inputs.n_categories, device)
     plan = tally_plan(device, (h, w, sh, sw), kernel)
     if plan is not None:
-        plan.tally(acts.float().numpy(), t32.numpy(), skip_bound(t32).numpy(), inputs.stored_pixel.numpy(),
-                   inputs.stored_image.numpy(), inputs.lut.numpy(),
+        out = {name: getattr(totals, name).numpy()
+               for name in ("intersection", "label_area", "area", "carries", "lite_area")}
+        plan.tally(acts.float().numpy(), t32.numpy(), skip_bound(t32).numpy(),
+                   inputs.stored_pixel.numpy(), inputs.stored_image.numpy(), inputs.lut.numpy(),
                    (inputs.label_category + 1).numpy(), inputs.planes == "multiset",
-                   union == "lite", {name: getattr(totals, name).numpy() for name in
-                                     ("intersection", "label_area", "area", "carries", "lite_area")})
+                   union == "lite", out)
         return totals.result(union)
     maps = acts.float().reshape(b * k, h, w)
     active = maps.amax(dim=(1, 2)).view(b, k) > skip_bound(t32)[None, :]

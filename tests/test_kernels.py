@@ -459,3 +459,20 @@ def test_gpus_take_the_torch_tally(monkeypatch):
         kernels.tally_plan(torch.device("cpu"), (7, 7, 112, 112), "numba")
     monkeypatch.undo()
     assert kernels.tally_plan(torch.device("cpu"), (7, 7, 112, 112)) is not None
+
+
+def test_compiled_tally_refuses_label_numbers_outside_the_lut():
+    """Compiled code does not check bounds itself: a stored number past the label list (a
+    damaged store) is an error, in a plane or as an image-level label."""
+    rng = np.random.default_rng(2)
+    _, pixel, image, lut, category, _ = kernel_block(rng, 2, 112, 112)
+    acts, thresholds = corner_maps(rng, 2, 7, 7)
+    for where in ("plane", "image"):
+        bad_pixel, bad_image = pixel.copy(), image.copy()
+        if where == "plane":
+            bad_pixel[1, 0, 500] = len(lut)
+        else:
+            bad_image[0, 0] = len(lut) + 7
+        with pytest.raises(IndexError, match="outside"):
+            kernel_tally(acts, thresholds, bad_pixel, bad_image, lut, category, "restricted",
+                         "set", (112, 112), 64, kernel="compiled")
