@@ -261,14 +261,22 @@ def test_tally_corners_are_hit():
         assert 0 < areas[:, k].sum() < 6 * 112 * 112, k
 
 
+# torch's CPU bilinear kernel takes a form per shape that depends on the build and the CPU;
+# where the compiled loop knows none that matches, "auto" runs the torch kernel instead
+NO_PLAN = "torch's CPU kernel takes a form the compiled loop does not know here"
+
+
 @pytest.mark.parametrize("shape", TALLY_SHAPES)
 @pytest.mark.parametrize("kernel", ["torch", "compiled"])
 def test_each_tally_kernel_matches_reference(shape, kernel):
     """Both kernels, named: the batched torch one (GPUs, and CPUs where the compiled loop is
     not exact) and the compiled CPU loop, on every shape and union x planes mode."""
+    from stages.compiled import compiled_plan
     from tests.iou_reference import reference_counts
 
     h, w, sh, sw = shape
+    if kernel == "compiled" and compiled_plan(*shape) is None:
+        pytest.skip(NO_PLAN)
     rng = np.random.default_rng(sum(shape) + 1)
     images, pixel, image, lut, category, primary = kernel_block(rng, 5, sh, sw)
     acts, thresholds = corner_maps(rng, 5, h, w)
@@ -291,7 +299,7 @@ def test_compiled_values_are_torch_bit_for_bit(shape):
     h, w, sh, sw = shape
     plan = compiled_plan(h, w, sh, sw)
     if plan is None:
-        pytest.skip("torch's CPU kernel takes a form the compiled loop does not know here")
+        pytest.skip(NO_PLAN)
     rng = np.random.default_rng(sum(shape) + 2)
     maps = np.concatenate([random_maps(rng, 30, h, w) for _ in range(8)])
     full = F.interpolate(torch.from_numpy(maps)[:, None], size=(sh, sw), mode="bilinear",
@@ -305,7 +313,8 @@ def test_compiled_tally_runs_on_cpu_and_falls_back_where_not_exact(monkeypatch):
     import stages.kernels as kernels
     from stages.compiled import compiled_plan
 
-    assert compiled_plan(7, 7, 112, 112) is not None
+    if compiled_plan(7, 7, 112, 112) is None:
+        pytest.skip(NO_PLAN)
     rng = np.random.default_rng(9)
     _, pixel, image, lut, category, _ = kernel_block(rng, 4, 112, 112)
     acts, thresholds = corner_maps(rng, 4, 7, 7)
@@ -458,12 +467,17 @@ def test_gpus_take_the_torch_tally(monkeypatch):
     with pytest.raises(ValueError, match="unknown tally kernel"):
         kernels.tally_plan(torch.device("cpu"), (7, 7, 112, 112), "numba")
     monkeypatch.undo()
-    assert kernels.tally_plan(torch.device("cpu"), (7, 7, 112, 112)) is not None
+    assert kernels.tally_plan(torch.device("cpu"), (7, 7, 112, 112)) is \
+        kernels.compiled_plan(7, 7, 112, 112)
 
 
 def test_compiled_tally_refuses_label_numbers_outside_the_lut():
     """Compiled code does not check bounds itself: a stored number past the label list (a
     damaged store) is an error, in a plane or as an image-level label."""
+    from stages.compiled import compiled_plan
+
+    if compiled_plan(7, 7, 112, 112) is None:
+        pytest.skip(NO_PLAN)
     rng = np.random.default_rng(2)
     _, pixel, image, lut, category, _ = kernel_block(rng, 2, 112, 112)
     acts, thresholds = corner_maps(rng, 2, 7, 7)
