@@ -312,6 +312,50 @@ def _tally(acts, t32, bound, stored_pixel, stored_image, lut, category, multiset
                 counts[touched[i]] = 0
 
 
+@njit(nogil=True, cache=True)
+def _class_signatures(stored_pixel, stored_image, lut):
+    """(B, S) class of every pixel, numbered across the block, and (classes, P + Q) each
+    class's signature: its distinct dense labels ascending, zeros first."""
+    n_images, n_planes, n_pixels = stored_pixel.shape
+    width = n_planes + stored_image.shape[1]
+    table = 1
+    while table < 2 * n_pixels:
+        table *= 2
+    slots = np.empty(table, np.int64)
+    cls = np.empty((n_images, n_pixels), np.int64)
+    rep = np.empty((n_images, n_pixels), np.int64)
+    first = np.zeros(n_images + 1, np.int64)  # first block-wide class of each image
+    for b in range(n_images):
+        first[b + 1] = first[b] + _pixel_classes(stored_pixel[b], cls[b], rep[b], slots)
+        cls[b] += first[b]
+    rows = np.zeros((first[n_images], width), np.int64)
+    labels = np.zeros((1, width), np.int64)
+    n_labels = np.zeros(1, np.int64)
+    for b in range(n_images):
+        image_level = np.empty(stored_image.shape[1], np.int64)
+        for q in range(stored_image.shape[1]):
+            image_level[q] = _dense(lut, stored_image[b, q])
+        image_level = image_level[image_level > 0]
+        for c in range(first[b + 1] - first[b]):
+            _class_labels(stored_pixel[b], lut, image_level, rep[b, c : c + 1], 1, False,
+                          labels, n_labels)
+            n = n_labels[0]
+            rows[first[b] + c, width - n :] = np.sort(labels[0, :n])
+    return cls, rows
+
+
+def class_signatures(stored_pixel: np.ndarray, stored_image: np.ndarray, lut: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel signatures (SEMANTICS.md §6) by pixel class: ``cls`` (B, S) numbers the classes
+    across the block and ``rows`` (classes, P + Q) holds each class's signature - its distinct
+    dense labels ascending, zeros first - so pixel s of image b has ``rows[cls[b, s]]``.  A
+    block has a few classes per image where it has thousands of pixels, so the signatures
+    are sorted once per class instead of once per pixel.  stored_pixel (B, P, S) and
+    stored_image (B, Q) hold stored label numbers; ``lut`` maps them to dense labels."""
+    return _class_signatures(np.ascontiguousarray(stored_pixel, np.int32),
+                             np.ascontiguousarray(stored_image, np.int32), lut.astype(np.int64))
+
+
 @dataclass(frozen=True)
 class Plan:
     """How the compiled tally reproduces torch's upsampling for one (h, w) -> (sh, sw): the

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from stages.blocks import Block, LayerBlocks, ScoringBlocks
+from stages.compiled import class_signatures
 from stages.formulas import And, Formula, Label, Not, Or, format_formula, formula_length
 from stages.kernels import float32_below, masked_pixels, skip_bound
 from stages.labels import LabelSpace, tally_inputs
@@ -40,17 +41,6 @@ def _unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keys = packed.view(np.dtype((np.void, packed.itemsize * width))).ravel()
     uniq, inverse = np.unique(keys, return_inverse=True)
     return uniq.view(narrow).reshape(-1, width).astype(np.int64), inverse.reshape(-1)
-
-
-def pixel_signatures(pixel: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """(B, P, S) and (B, Q) dense labels -> (B, S, P+Q) sorted label sets, repeats zeroed."""
-    b, p, s = pixel.shape
-    rows = torch.cat([pixel.permute(0, 2, 1), image[:, None, :].expand(b, s, image.shape[1])], 2)
-    rows = torch.sort(rows, dim=2).values
-    repeat = torch.zeros_like(rows, dtype=torch.bool)
-    repeat[:, :, 1:] = rows[:, :, 1:] == rows[:, :, :-1]
-    rows = torch.where(repeat, torch.zeros_like(rows), rows)
-    return torch.sort(rows, dim=2).values
 
 
 @dataclass(frozen=True)
@@ -77,11 +67,11 @@ class Signatures:
         if block.labels is None:
             return self._empty(acts.shape[1])
         inputs = tally_inputs(block.labels, self.space, "set", "cpu")
-        sig = pixel_signatures(inputs.pixel, inputs.image)  # (B, S, W)
-        b, s = sig.shape[:2]
-        table, inverse = _unique_rows(sig.reshape(b * s, -1).numpy())
-        counts = np.bincount(inverse, minlength=len(table)).astype(np.int64)
-        sig_id = torch.from_numpy(inverse).view(b, s)
+        pixel_class, class_rows = class_signatures(
+            inputs.stored_pixel.numpy(), inputs.stored_image.numpy(), inputs.lut.numpy())
+        table, class_sig = _unique_rows(class_rows)
+        sig_id = torch.from_numpy(class_sig[pixel_class])  # (B, S) signature of every pixel
+        counts = np.bincount(sig_id.view(-1).numpy(), minlength=len(table)).astype(np.int64)
         k = acts.shape[1]
         t32 = float32_below(torch.from_numpy(np.asarray(self.thresholds, np.float64)))
         active = acts.amax(dim=(2, 3)) > skip_bound(t32)[None, :]

@@ -490,3 +490,22 @@ def test_compiled_tally_refuses_label_numbers_outside_the_lut():
         with pytest.raises(IndexError, match="outside"):
             kernel_tally(acts, thresholds, bad_pixel, bad_image, lut, category, "restricted",
                          "set", (112, 112), 64, kernel="compiled")
+
+
+def test_class_signatures_are_every_pixels_label_set():
+    """rows[cls] is each pixel's signature: its planes' and image-level dense labels, each
+    once, ascending, zeros first (SEMANTICS.md §6) - checked pixel by pixel."""
+    from stages.compiled import class_signatures
+
+    rng = np.random.default_rng(12)
+    _, pixel, image, lut, _, _ = kernel_block(rng, 6, 20, 24)
+    lut = lut.copy()
+    lut[[12, 31]] = 0  # unscored labels vanish from signatures
+    cls, rows = class_signatures(pixel, image, lut)
+    width = pixel.shape[1] + image.shape[1]
+    assert rows.shape == (cls.max() + 1, width) and len(np.unique(cls)) == len(rows)
+    for b in range(len(pixel)):
+        for s in range(pixel.shape[2]):
+            labels = sorted({int(lut[v]) for v in [*pixel[b, :, s], *image[b]]} - {0})
+            expected = [0] * (width - len(labels)) + labels
+            assert rows[cls[b, s]].tolist() == expected, (b, s)
