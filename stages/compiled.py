@@ -1,12 +1,14 @@
-"""The CPU tally as one compiled loop (numba): the counts of SEMANTICS.md §4 with no tensors
-in between.
+"""The CPU tally as one compiled loop (numba): the counts of SEMANTICS.md §4 (and the
+signatures of §6) with no tensors in between.
 
 Why: the torch tally (:func:`stages.kernels.tally_block`) is batched for any device, and on CPU
 it pays for it in per-op overhead, per-image label indicators and mask canvases.  Here one
 loop per block walks (image, active unit, hot quad, pixel) and counts each mask pixel into its
 *pixel class*: the pixels of an image that carry the same label in every plane form one class,
-so a mask's counts per label are its counts per class times each class's labels.  The loop
-releases the GIL, so Dask's threads run blocks side by side.
+so a mask's counts per label are its counts per class times each class's labels.  The same
+classes give the formula signatures (``stages.explain``): one sorted label set per class, and
+each unit's mask pixels per class.  The loops release the GIL, so Dask's threads run blocks
+side by side.
 
 Exactness: a mask pixel is ``bilinear(A) > T`` in torch's float32 arithmetic, so the loop
 computes each value the way torch's CPU kernel does.  That kernel, as compiled, takes one of
@@ -344,6 +346,47 @@ def _class_signatures(stored_pixel, stored_image, lut):
     return cls, rows
 
 
+@njit(nogil=True, cache=True)
+def _unit_class_counts(acts, t32, bound, cls, y0, y1, wy0, wy1, y_start, y_stop, x0, x1, wx0,
+                       wx1, x_start, x_stop, corner, four, fused):
+    """(unit, class, pixels) for every class a unit's mask meets, cls (B, S) numbered across
+    the block (see :func:`_class_signatures`)."""
+    n_images, n_units, h, w = acts.shape
+    n_classes = cls.max() + 1 if cls.size else 0
+    active = np.zeros((n_images, n_units), np.bool_)
+    capacity = 0
+    for b in range(n_images):
+        for k in range(n_units):
+            peak = acts[b, k, 0, 0]
+            for i in range(h):
+                for j in range(w):
+                    peak = max(peak, acts[b, k, i, j])
+            active[b, k] = peak > bound[k]
+            if active[b, k]:  # a mask meets at most every class of its image
+                capacity += cls[b].max() - cls[b].min() + 1
+    unit = np.empty(capacity, np.int64)
+    klass = np.empty(capacity, np.int64)
+    pixels = np.empty(capacity, np.int64)
+    counts = np.zeros(n_classes, np.int64)
+    touched = np.empty(n_classes, np.int64)
+    r0 = np.empty(x0.shape[0], np.float32)
+    r1 = np.empty(x0.shape[0], np.float32)
+    n = 0
+    for b in range(n_images):
+        for k in range(n_units):
+            if not active[b, k]:
+                continue
+            n_touched = _mask_classes(acts[b, k], t32[k], bound[k], y0, y1, wy0, wy1, y_start,
+                                      y_stop, x0, x1, wx0, wx1, x_start, x_stop, corner, four,
+                                      fused, cls[b], counts, touched, r0, r1)
+            for i in range(n_touched):
+                c = touched[i]
+                unit[n], klass[n], pixels[n] = k, c, counts[c]
+                counts[c] = 0
+                n += 1
+    return unit[:n], klass[:n], pixels[:n]
+
+
 def class_signatures(stored_pixel: np.ndarray, stored_image: np.ndarray, lut: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Pixel signatures (SEMANTICS.md §6) by pixel class: ``cls`` (B, S) numbers the classes
@@ -384,6 +427,15 @@ class Plan:
         r, c = self.rows, self.cols
         return _upsample(maps, r.first, r.second, r.w_first, r.w_second, c.first, c.second,
                          c.w_first, c.w_second, self.corner, self.four, self.fused)
+
+    def unit_class_counts(self, acts: np.ndarray, t32: np.ndarray, bound: np.ndarray,
+                          cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(unit, class, pixels): how many pixels of each class every unit's masks over the
+        images acts (B, K, h, w) cover, for the block-wide pixel classes ``cls`` (B, sh·sw)
+        of :func:`class_signatures`; thresholds as in :meth:`tally`."""
+        return _unit_class_counts(np.ascontiguousarray(acts, np.float32),
+                                  t32.astype(np.float32), bound.astype(np.float32),
+                                  np.ascontiguousarray(cls, np.int64), *self.axes())
 
     def tally(self, acts: np.ndarray, t32: np.ndarray, bound: np.ndarray,
               stored_pixel: np.ndarray, stored_image: np.ndarray, lut: np.ndarray,

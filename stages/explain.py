@@ -23,7 +23,7 @@ import torch
 from stages.blocks import Block, LayerBlocks, ScoringBlocks
 from stages.compiled import class_signatures
 from stages.formulas import And, Formula, Label, Not, Or, format_formula, formula_length
-from stages.kernels import float32_below, masked_pixels, skip_bound
+from stages.kernels import float32_below, masked_pixels, skip_bound, tally_plan
 from stages.labels import LabelSpace, tally_inputs
 from stages.reduction import Arrays, Pass
 
@@ -72,21 +72,35 @@ class Signatures:
         table, class_sig = _unique_rows(class_rows)
         sig_id = torch.from_numpy(class_sig[pixel_class])  # (B, S) signature of every pixel
         counts = np.bincount(sig_id.view(-1).numpy(), minlength=len(table)).astype(np.int64)
-        k = acts.shape[1]
+        b, k, h, w = acts.shape
         t32 = float32_below(torch.from_numpy(np.asarray(self.thresholds, np.float64)))
+        n_sig = max(len(table), 1)
+        plan = tally_plan(acts.device, (h, w, *block.seg_size))
+        if plan is not None:  # the compiled loop: mask pixels per class, then per signature
+            unit, klass, pixels = plan.unit_class_counts(
+                acts.numpy(), t32.numpy(), skip_bound(t32).numpy(), pixel_class)
+            keys, inverse = np.unique(unit * n_sig + class_sig[klass], return_inverse=True)
+            totals = np.bincount(inverse.reshape(-1), weights=pixels, minlength=len(keys))
+        else:
+            keys, totals = self._mask_signature_counts(acts, t32, sig_id, n_sig, block.seg_size)
+        return SignaturePartial(table.astype(np.int64), counts, keys // n_sig, keys % n_sig,
+                                totals.astype(np.int64), np.array(k))
+
+    def _mask_signature_counts(self, acts: torch.Tensor, t32: torch.Tensor, sig_id: torch.Tensor,
+                               n_sig: int, seg_size: tuple[int, int]
+                               ) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted (unit · n_sig + signature) keys and their pixels, from every mask pixel (the
+        torch kernels: where the compiled loop is not exact)."""
         active = acts.amax(dim=(2, 3)) > skip_bound(t32)[None, :]
         bi_all, ki_all = torch.nonzero(active, as_tuple=True)
         keys = []
         for i in range(0, len(bi_all), self.pair_chunk):
             bi, ki = bi_all[i : i + self.pair_chunk], ki_all[i : i + self.pair_chunk]
-            pair, pix = masked_pixels(acts[bi, ki], t32[ki], block.seg_size)
-            keys.append(ki[pair] * len(table) + sig_id[bi[pair], pix])
+            pair, pix = masked_pixels(acts[bi, ki], t32[ki], seg_size)
+            keys.append(ki[pair] * n_sig + sig_id[bi[pair], pix])
         flat = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
         uk, uc = torch.unique(flat, return_counts=True)
-        return SignaturePartial(
-            table.astype(np.int64), counts, (uk // max(len(table), 1)).numpy(),
-            (uk % max(len(table), 1)).numpy(), uc.numpy().astype(np.int64), np.array(k),
-        )
+        return uk.numpy(), uc.numpy()
 
     def _empty(self, k: int) -> SignaturePartial:
         return SignaturePartial(np.zeros((0, 1), np.int64), np.zeros(0, np.int64),

@@ -79,7 +79,8 @@ def test_top_values_narrowed_by_the_merged_floor_are_exact_and_small(tmp_path, s
     assert later.shape[1] < need
 
 
-def test_tally_and_signatures_in_one_pass_equal_separate_passes(tmp_path, synthetic_root):
+def _scoring_world(tmp_path, synthetic_root):
+    """A concept store of the synthetic set, a 6-unit 7x7 layer over it, its thresholds."""
     from stages.concepts import ConceptsConfig, build_concept_store
     from storage.broden import read_broden
 
@@ -90,8 +91,30 @@ def test_tally_and_signatures_in_one_pass_equal_separate_passes(tmp_path, synthe
     path = tmp_path / "a.zarr"
     write_activations(path, images, {"l": acts}, 5)
     blocks = LayerBlocks(str(path), "l")
-    thresholds = exact_thresholds(blocks, 0.02)
-    space = label_space(store, None)
+    return store, blocks, exact_thresholds(blocks, 0.02), label_space(store, None)
+
+
+def test_signatures_of_the_compiled_loop_equal_those_of_the_torch_masks(
+        tmp_path, synthetic_root, monkeypatch):
+    import stages.explain as explain
+
+    store, blocks, thresholds, space = _scoring_world(tmp_path, synthetic_root)
+    if explain.tally_plan(torch.device("cpu"), (7, 7, store.sh, store.sw)) is None:
+        pytest.skip("no exact compiled plan for this shape on this CPU")
+    n = blocks.n_blocks()
+    compiled = reduce_in_process(SignatureReduction(blocks, str(store.path), thresholds, space),
+                                 range(n))
+    monkeypatch.setattr(explain, "tally_plan", lambda *args, **kwargs: None)
+    masks = reduce_in_process(SignatureReduction(blocks, str(store.path), thresholds, space),
+                              range(n))
+    for key in masks:
+        np.testing.assert_array_equal(compiled[key], masks[key])
+        assert compiled[key].dtype == masks[key].dtype
+    assert masks["unit_counts"].sum() > 0
+
+
+def test_tally_and_signatures_in_one_pass_equal_separate_passes(tmp_path, synthetic_root):
+    store, blocks, thresholds, space = _scoring_world(tmp_path, synthetic_root)
     scoring = ScoringConfig(union="lite", planes="multiset")
     n = blocks.n_blocks()
     tally = reduce_in_process(TallyReduction(blocks, str(store.path), thresholds, space, scoring),
