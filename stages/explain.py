@@ -72,7 +72,7 @@ class Signatures:
         table, class_sig = _unique_rows(class_rows)
         sig_id = torch.from_numpy(class_sig[pixel_class])  # (B, S) signature of every pixel
         counts = np.bincount(sig_id.view(-1).numpy(), minlength=len(table)).astype(np.int64)
-        b, k, h, w = acts.shape
+        k, h, w = acts.shape[1:]
         t32 = float32_below(torch.from_numpy(np.asarray(self.thresholds, np.float64)))
         n_sig = max(len(table), 1)
         plan = tally_plan(acts.device, (h, w, *block.seg_size))

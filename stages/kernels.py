@@ -177,16 +177,6 @@ class TallyInputs:
     n_categories: int
     planes: str = "set"  # "set": a pixel counts once per label; "multiset": once per plane
 
-    @property
-    def pixel(self) -> torch.Tensor:
-        """(B, P, S) int64 dense label index of every pixel plane (repeats kept)."""
-        return _lookup(self.lut, self.stored_pixel)
-
-    @property
-    def image(self) -> torch.Tensor:
-        """(B, Q) int64 dense index of every image-level label (repeats kept)."""
-        return _lookup(self.lut, self.stored_image)
-
 
 def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table[index] through index_select (an order of magnitude faster than advanced indexing)."""
