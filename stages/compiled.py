@@ -167,6 +167,35 @@ def _pixel_classes(planes, cls, rep, slots):
 
 
 @njit(inline="always")
+def _class_slots(n_pixels):
+    """The open-addressing table of :func:`_pixel_classes`: a power of two, at most half full."""
+    size = 1
+    while size < 2 * n_pixels:
+        size *= 2
+    return np.empty(size, np.int64)
+
+
+@njit(inline="always")
+def _can_reach(a, bound):
+    """Does a cell of map ``a`` exceed ``bound`` (:func:`stages.kernels.skip_bound`)?  If not,
+    no bilinear value can exceed the threshold: the mask is empty."""
+    peak = a[0, 0]
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            peak = max(peak, a[i, j])
+    return peak > bound
+
+
+@njit(inline="always")
+def _image_level(lut, stored):
+    """The dense labels of one image's image-level label numbers, the unscored left out."""
+    dense = np.empty(stored.shape[0], np.int64)
+    for q in range(stored.shape[0]):
+        dense[q] = _dense(lut, stored[q])
+    return dense[dense > 0]
+
+
+@njit(inline="always")
 def _dense(lut, number):
     """lut[number], refusing a number outside it (compiled code does not check bounds; the
     concept store admits only label.csv's numbers, so this means a damaged store)."""
@@ -252,12 +281,9 @@ def _tally(acts, t32, bound, stored_pixel, stored_image, lut, category, multiset
            y0, y1, wy0, wy1, y_start, y_stop, x0, x1, wx0, wx1, x_start, x_stop, corner, four,
            fused, intersection, label_area, area, carries, lite_area):
     """Add one block's counts to the output arrays (see :meth:`Plan.tally`)."""
-    n_images, n_units, h, w = acts.shape
+    n_images, n_units = acts.shape[:2]
     n_planes, n_pixels = stored_pixel.shape[1], stored_pixel.shape[2]
-    table = 1
-    while table < 2 * n_pixels:
-        table *= 2
-    slots = np.empty(table, np.int64)
+    slots = _class_slots(n_pixels)
     cls = np.empty(n_pixels, np.int64)
     rep = np.empty(n_pixels, np.int64)
     size = np.zeros(n_pixels, np.int64)
@@ -269,14 +295,11 @@ def _tally(acts, t32, bound, stored_pixel, stored_image, lut, category, multiset
     r1 = np.empty(x0.shape[0], np.float32)
     met = np.full(lite_area.shape[1], -1, np.int64)  # last pair that met each category
     for b in range(n_images):
-        image_level = np.empty(stored_image.shape[1], np.int64)
-        for q in range(stored_image.shape[1]):
-            image_level[q] = _dense(lut, stored_image[b, q])
         n_classes = _pixel_classes(stored_pixel[b], cls, rep, slots)
         size[:n_classes] = 0
         for s in range(n_pixels):
             size[cls[s]] += 1
-        _class_labels(stored_pixel[b], lut, image_level[image_level > 0], rep, n_classes,
+        _class_labels(stored_pixel[b], lut, _image_level(lut, stored_image[b]), rep, n_classes,
                       multiset, labels, n_labels)
         carries[b, 0] = True
         for c in range(n_classes):
@@ -285,12 +308,8 @@ def _tally(acts, t32, bound, stored_pixel, stored_image, lut, category, multiset
                 carries[b, category[labels[c, i]]] = True
         for k in range(n_units):
             a = acts[b, k]
-            peak = a[0, 0]
-            for i in range(h):
-                for j in range(w):
-                    peak = max(peak, a[i, j])
-            if not peak > bound[k]:
-                continue  # no cell can reach T: an empty mask
+            if not _can_reach(a, bound[k]):
+                continue
             n_touched = _mask_classes(a, t32[k], bound[k], y0, y1, wy0, wy1, y_start, y_stop,
                                       x0, x1, wx0, wx1, x_start, x_stop, corner, four, fused,
                                       cls, counts, touched, r0, r1)
@@ -320,10 +339,7 @@ def _class_signatures(stored_pixel, stored_image, lut):
     class's signature: its distinct dense labels ascending, zeros first."""
     n_images, n_planes, n_pixels = stored_pixel.shape
     width = n_planes + stored_image.shape[1]
-    table = 1
-    while table < 2 * n_pixels:
-        table *= 2
-    slots = np.empty(table, np.int64)
+    slots = _class_slots(n_pixels)
     cls = np.empty((n_images, n_pixels), np.int64)
     rep = np.empty((n_images, n_pixels), np.int64)
     first = np.zeros(n_images + 1, np.int64)  # first block-wide class of each image
@@ -331,18 +347,15 @@ def _class_signatures(stored_pixel, stored_image, lut):
         first[b + 1] = first[b] + _pixel_classes(stored_pixel[b], cls[b], rep[b], slots)
         cls[b] += first[b]
     rows = np.zeros((first[n_images], width), np.int64)
-    labels = np.zeros((1, width), np.int64)
-    n_labels = np.zeros(1, np.int64)
+    labels = np.zeros((n_pixels, width), np.int64)
+    n_labels = np.zeros(n_pixels, np.int64)
     for b in range(n_images):
-        image_level = np.empty(stored_image.shape[1], np.int64)
-        for q in range(stored_image.shape[1]):
-            image_level[q] = _dense(lut, stored_image[b, q])
-        image_level = image_level[image_level > 0]
-        for c in range(first[b + 1] - first[b]):
-            _class_labels(stored_pixel[b], lut, image_level, rep[b, c : c + 1], 1, False,
-                          labels, n_labels)
-            n = n_labels[0]
-            rows[first[b] + c, width - n :] = np.sort(labels[0, :n])
+        n_classes = first[b + 1] - first[b]
+        _class_labels(stored_pixel[b], lut, _image_level(lut, stored_image[b]), rep[b],
+                      n_classes, False, labels, n_labels)
+        for c in range(n_classes):
+            n = n_labels[c]
+            rows[first[b] + c, width - n :] = np.sort(labels[c, :n])
     return cls, rows
 
 
@@ -351,17 +364,13 @@ def _unit_class_counts(acts, t32, bound, cls, y0, y1, wy0, wy1, y_start, y_stop,
                        wx1, x_start, x_stop, corner, four, fused):
     """(unit, class, pixels) for every class a unit's mask meets, cls (B, S) numbered across
     the block (see :func:`_class_signatures`)."""
-    n_images, n_units, h, w = acts.shape
+    n_images, n_units = acts.shape[:2]
     n_classes = cls.max() + 1 if cls.size else 0
     active = np.zeros((n_images, n_units), np.bool_)
     capacity = 0
     for b in range(n_images):
         for k in range(n_units):
-            peak = acts[b, k, 0, 0]
-            for i in range(h):
-                for j in range(w):
-                    peak = max(peak, acts[b, k, i, j])
-            active[b, k] = peak > bound[k]
+            active[b, k] = _can_reach(acts[b, k], bound[k])
             if active[b, k]:  # a mask meets at most every class of its image
                 capacity += cls[b].max() - cls[b].min() + 1
     unit = np.empty(capacity, np.int64)
