@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.labels import LabelSpace
+from stages.tally.labels import LabelSpace
 from storage.activations import ActivationStore
 from storage.concepts import ConceptStore
 

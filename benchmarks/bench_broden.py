@@ -124,7 +124,7 @@ def stage_quantile(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     """Exact thresholds with the strategy asked for; the top-k run saves them for the later
     stages, the radix run checks it finds the same values.  ``stage=quantile_full_lists``
     is the top-k pass at :func:`full_list_quantile`."""
-    from stages.blocks import LayerBlocks
+    from stages.engine.blocks import LayerBlocks
     from stages.quantile import DEFAULT_CANDIDATE_BUDGET, threshold_pass
 
     workdir, n, model = Path(spec["workdir"]), spec["n"], spec["model"]
@@ -157,11 +157,11 @@ def quantile_strategy(units: int, n_images: int, budget: int | None = None,
 def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     """One read of every block feeding the statistics of one stage (as the pipeline's
     passes do); scoring stages use the thresholds of the top-k run."""
-    from stages.blocks import LayerBlocks, ScoringBlocks
+    from stages.engine.blocks import LayerBlocks, ScoringBlocks
+    from stages.engine.reduction import Pass, reduce_blocks
     from stages.explain import Signatures
     from stages.iou import ScoringConfig, Tally, label_space
-    from stages.reduction import Pass, reduce_blocks
-    from stages.statistics import TopImagesStat
+    from stages.thresholds.statistics import TopImagesStat
     from storage.concepts import ConceptStore
 
     workdir, n, model, stage = Path(spec["workdir"]), spec["n"], spec["model"], spec["stage"]
@@ -203,9 +203,9 @@ def stage_baseline(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     import torch
 
     from benchmarks.baseline import baseline_tally
-    from stages.blocks import LayerBlocks, ScoringBlocks
+    from stages.engine.blocks import LayerBlocks, ScoringBlocks
+    from stages.engine.reduction import Pass, reduce_in_process
     from stages.iou import ScoringConfig, Tally, label_space
-    from stages.reduction import Pass, reduce_in_process
     from storage.activations import ActivationStore
     from storage.concepts import ConceptStore
 

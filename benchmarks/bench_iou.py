@@ -22,10 +22,10 @@ from benchmarks.common import peak_rss_mib, run_child, write_activations
 
 
 def child(workdir: Path, n: int, scheduler: str) -> None:
-    from stages.blocks import LayerBlocks
+    from stages.engine.blocks import LayerBlocks
+    from stages.engine.reduction import reduce_in_process, reduce_with_dask
     from stages.iou import ScoringConfig, TallyReduction, label_space
     from stages.quantile import exact_thresholds
-    from stages.reduction import reduce_in_process, reduce_with_dask
     from storage.concepts import ConceptStore
 
     concepts = ConceptStore(workdir / "concepts.zarr")

@@ -19,7 +19,7 @@ from benchmarks.common import peak_rss_mib, run_child, write_activations
 
 
 def child(store: str, q: float, scheduler: str, budget: int | None) -> None:
-    from stages.blocks import LayerBlocks
+    from stages.engine.blocks import LayerBlocks
     from stages.quantile import DEFAULT_CANDIDATE_BUDGET, exact_thresholds
 
     n = int(json.loads((Path(store) / "zarr.json").read_text())["attributes"]["n_images"])

@@ -14,10 +14,16 @@ from pipeline.config import TransformKind, TransformOptions
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
 from pipeline.layout import Layout
-from stages.blocks import LayerBlocks
-from stages.reduction import Pass, reduce_blocks
-from stages.statistics import Covariance
-from stages.transforms import LinearMap, fractional_power, load_linear, pca_basis, random_rotation
+from stages.bases.transforms import (
+    LinearMap,
+    fractional_power,
+    load_linear,
+    pca_basis,
+    random_rotation,
+)
+from stages.engine.blocks import LayerBlocks
+from stages.engine.reduction import Pass, reduce_blocks
+from stages.thresholds.statistics import Covariance
 from storage.artifacts import Artifact, digest, file_digest, scratch_path
 from storage.thresholds import save_arrays
 

@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.data import concept_store_target
 from pipeline.graph import Run, Target
 from pipeline.layout import concept_set_id, moved_labels
-from stages.labels import LabelSpace, label_space
+from stages.tally.labels import LabelSpace, label_space
 from storage.broden import read_broden
 from storage.concepts import ConceptStore, store_artifact
 from storage.errors import UserError

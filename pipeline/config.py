@@ -197,7 +197,7 @@ def validate(cfg: Config) -> None:
 
         release(cfg.dataset.release, "dataset")
     _validate_transform(cfg.transform)
-    from stages.perturb import Perturbation
+    from stages.network.perturb import Perturbation
 
     Perturbation.parse(cfg.extract.perturb, cfg.extract.perturb_seed)
     if cfg.fetch.archive and not Path(cfg.fetch.archive).expanduser().is_file():
@@ -228,7 +228,7 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_transform(t: TransformOptions) -> None:
-    from stages.transforms import check_activation
+    from stages.bases.transforms import check_activation
 
     if t.kind == TransformKind.linear:
         if not t.path or not Path(t.path).expanduser().is_file():

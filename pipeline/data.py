@@ -23,7 +23,7 @@ from pipeline.layout import (
 from stages import synthetic
 from stages.concepts import ConceptsConfig, build_concept_store
 from stages.extract import ExtractConfig, run_extract
-from stages.models import ModelSpec
+from stages.network.models import ModelSpec
 from storage import activations as astore
 from storage.activations import ActivationStore
 from storage.artifacts import Artifact, atomic_file, digest

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.config import DEMO_WEIGHTS, Config, ModelOptions, SyntheticOptions
-from stages.models import ModelSpec, weights_identity
-from stages.perturb import Perturbation
+from stages.network.models import ModelSpec, weights_identity
+from stages.network.perturb import Perturbation
 from storage.artifacts import digest
 from storage.tables import safe_name
 

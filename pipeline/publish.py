@@ -12,10 +12,10 @@ import pandas as pd
 
 from pipeline.graph import Run, Target
 from pipeline.scoring import TOP_IMAGES_KEPT, top_images_artifact
-from stages.perturb import Perturbation
+from stages.bases.transforms import LinearMap
+from stages.network.perturb import Perturbation
 from stages.report import Page, PageImages, ReportConfig, build_report
-from stages.statistics import TopImages, top_images
-from stages.transforms import LinearMap
+from stages.thresholds.statistics import TopImages, top_images
 from storage import activations as astore
 from storage.artifacts import Artifact, scratch_path
 from storage.broden import index_fingerprint

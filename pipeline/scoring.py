@@ -12,13 +12,13 @@ from pipeline.concept_set import ConceptSet, label_space_of
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
 from pipeline.layout import Layout
-from stages.blocks import LayerBlocks, ScoringBlocks
+from stages.engine.blocks import LayerBlocks, ScoringBlocks
+from stages.engine.reduction import Pass, reduce_blocks
 from stages.explain import Signatures
 from stages.iou import ScoringConfig, Tally, iou_frame, layers_frame, units_frame
-from stages.labels import LabelSpace
 from stages.quantile import threshold_pass
-from stages.reduction import Pass, reduce_blocks
-from stages.statistics import top_images
+from stages.tally.labels import LabelSpace
+from stages.thresholds.statistics import top_images
 from storage.artifacts import Artifact, digest, scratch_path
 from storage.tables import partition_artifact, write_partition
 from storage.thresholds import load_thresholds, save_arrays, save_thresholds

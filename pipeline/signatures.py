@@ -17,7 +17,7 @@ from pipeline.scoring import (
     upstream,
 )
 from stages.explain import SignatureCounts, beam_search, explanation_frame, formula_frame
-from stages.formulas import Formula, format_formula, load_formulas
+from stages.signatures.formulas import Formula, format_formula, load_formulas
 from storage.artifacts import Artifact
 from storage.tables import partition_artifact, write_partition
 from storage.thresholds import load_arrays, save_arrays

@@ -11,8 +11,8 @@ from pipeline.cluster import dask_scheduler
 from pipeline.config import Config, Stage, validate
 from pipeline.graph import Run, StageDef, closure
 from pipeline.layout import model_spec
-from stages.formulas import load_formulas
-from stages.models import check_layers
+from stages.network.models import check_layers
+from stages.signatures.formulas import load_formulas
 from storage.errors import UserError
 
 

@@ -8,8 +8,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from stages.perturb import Perturbation
-from stages.reduction import map_blocks
+from stages.engine.reduction import map_blocks
+from stages.network.perturb import Perturbation
 from storage import concepts as cstore
 from storage.artifacts import remove
 from storage.broden import BrodenDataset, read_broden

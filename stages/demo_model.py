@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.models import preprocess
+from stages.network.models import preprocess
 from storage.broden import BrodenDataset, dataset_file, load_image, read_broden
 from storage.errors import UserError
 

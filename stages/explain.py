@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.blocks import Block, LayerBlocks, ScoringBlocks
-from stages.compiled import class_signatures
-from stages.formulas import And, Formula, Label, Not, Or, format_formula, formula_length
-from stages.kernels import float32_below, masked_pixels, skip_bound, tally_plan
-from stages.labels import LabelSpace, tally_inputs
-from stages.reduction import Arrays, Pass
+from stages.engine.blocks import Block, LayerBlocks, ScoringBlocks
+from stages.engine.reduction import Arrays, Pass
+from stages.signatures.formulas import And, Formula, Label, Not, Or, format_formula, formula_length
+from stages.tally.compiled import class_signatures
+from stages.tally.kernels import float32_below, masked_pixels, skip_bound, tally_plan
+from stages.tally.labels import LabelSpace, tally_inputs
 
 
 def _unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.models import (
+from stages.engine.reduction import map_blocks
+from stages.network.models import (
     ModelSpec,
     build_model,
     cached_model,
@@ -27,8 +28,7 @@ from stages.models import (
     preprocess,
     record_layers,
 )
-from stages.perturb import Perturbation
-from stages.reduction import map_blocks
+from stages.network.perturb import Perturbation
 from storage import activations as astore
 from storage.blocks import missing_blocks
 from storage.broden import ImageRecord, dataset_file, load_image

@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.blocks import Block, LayerBlocks, ScoringBlocks
-from stages.kernels import tally_block
-from stages.labels import (  # noqa: F401 - label_space re-exported
+from stages.engine.blocks import Block, LayerBlocks, ScoringBlocks
+from stages.engine.reduction import Arrays, Pass, summed
+from stages.tally.kernels import tally_block
+from stages.tally.labels import (  # noqa: F401 - label_space re-exported
     LabelSpace,
     label_space,
     tally_inputs,
 )
-from stages.reduction import Arrays, Pass, summed
 from storage.errors import UserError
 
 UNION_MODES = ("restricted", "global", "lite")

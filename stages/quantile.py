@@ -1,6 +1,6 @@
 """Stage ``quantile``: exact per-unit thresholds T_k (SEMANTICS.md §1) as block reductions.
 
-Two exact strategies, both statistics (``stages.statistics``) in passes over image blocks:
+Two exact strategies, both statistics (``stages.thresholds.statistics``) in passes over image blocks:
 
 - top-k (one pass): each block keeps every unit's largest ``need = n - lo`` values, partials
   merge by keeping the top ``need`` of their union.  Used when ``K · need`` fits the
@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.blocks import LayerBlocks
-from stages.kernels import RADIX_WIDTHS, keys_to_floats, lerp, quantile_position, radix_step
-from stages.reduction import Pass, reduce_blocks
-from stages.statistics import RadixHistogram, TopImages, TopImagesStat, TopValues
+from stages.engine.blocks import LayerBlocks
+from stages.engine.reduction import Pass, reduce_blocks
+from stages.tally.kernels import RADIX_WIDTHS, keys_to_floats, lerp, quantile_position, radix_step
+from stages.thresholds.statistics import RadixHistogram, TopImages, TopImagesStat, TopValues
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")

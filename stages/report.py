@@ -36,9 +36,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from stages.kernels import upsample_masks
-from stages.perturb import Perturbation
-from stages.statistics import TopImages
+from stages.network.perturb import Perturbation
+from stages.tally.kernels import upsample_masks
+from stages.thresholds.statistics import TopImages
 from storage.artifacts import atomic_dir
 from storage.broden import dataset_file
 from storage.errors import UserError

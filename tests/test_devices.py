@@ -14,8 +14,8 @@ import pipeline.cluster as cluster_mod
 from pipeline.cluster import LazyScheduler, worker_env
 from pipeline.config import ClusterKind, ClusterOptions
 from pipeline.run import compose_config, run
-from stages.blocks import LayerBlocks
-from stages.models import pick_device
+from stages.engine.blocks import LayerBlocks
+from stages.network.models import pick_device
 from storage.errors import UserError
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the machine without a GPU")

@@ -15,7 +15,13 @@ import xarray as xr
 import zarr
 
 from stages.extract import ExtractConfig, run_extract
-from stages.models import ModelSpec, build_model, preprocess, resolve_layers, weights_identity
+from stages.network.models import (
+    ModelSpec,
+    build_model,
+    preprocess,
+    resolve_layers,
+    weights_identity,
+)
 from storage.activations import ActivationStore, open_layer
 from storage.broden import index_fingerprint, load_image, read_broden
 from storage.errors import UserError

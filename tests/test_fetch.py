@@ -34,7 +34,7 @@ from stages.fetch import (
     fetched_artifact,
     weights_cache_path,
 )
-from stages.models import (
+from stages.network.models import (
     build_model,
     legacy_checkpoint_key,
     load_checkpoint,

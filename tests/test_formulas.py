@@ -1,4 +1,4 @@
-"""Tests for the formula-concept language in stages/formulas.py."""
+"""Tests for the formula-concept language in stages/signatures/formulas.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.formulas import (
+from stages.signatures.formulas import (
     And,
     Formula,
     FormulaError,
@@ -479,5 +479,5 @@ def test_load_formulas_not_utf8(tmp_path: Path) -> None:
 
 
 def test_source_does_not_use_eval() -> None:
-    source = (Path(__file__).parents[1] / "stages" / "formulas.py").read_text(encoding="utf-8")
+    source = (Path(__file__).parents[1] / "stages" / "signatures" / "formulas.py").read_text(encoding="utf-8")
     assert re.search(r"(?<![\w.])(eval|exec|compile|__import__)\s*\(", source) is None

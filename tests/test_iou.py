@@ -1,4 +1,4 @@
-"""The IoU tally (stages/iou.py, stages/kernels.py) against a plain reference.
+"""The IoU tally (stages/iou.py, the tally kernels) against a plain reference.
 
 A tiny Broden-format directory and activation store are written here, through the real
 stores (concept store builder, activation store writer), and every count the pipeline
@@ -35,8 +35,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.blocks import LayerBlocks
 from stages.concepts import ConceptsConfig, build_concept_store
+from stages.engine.blocks import LayerBlocks
+from stages.engine.reduction import reduce_in_process, reduce_with_dask
 from stages.iou import (
     ScoringConfig,
     TallyReduction,
@@ -46,12 +47,8 @@ from stages.iou import (
     tally_inputs,
     units_frame,
 )
-from stages.kernels import tally_block
-from stages.reduction import reduce_in_process, reduce_with_dask
-from storage import activations as astore
-from storage.activations import ActivationStore
-from storage.concepts import ConceptStore
-from tests.iou_reference import (
+from stages.tally.kernels import tally_block
+from stages.tally.reference import (
     RefImage,
     reference_counts,
     reference_iou,
@@ -59,6 +56,9 @@ from tests.iou_reference import (
     reference_mask,
     reference_units,
 )
+from storage import activations as astore
+from storage.activations import ActivationStore
+from storage.concepts import ConceptStore
 
 N = 14  # images; block size 4 does not divide it
 H, W = 4, 5  # activation maps (non-square on purpose)

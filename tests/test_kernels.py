@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.kernels import float32_below, masked_pixels, row_bands_exact, skip_bound
+from stages.tally.kernels import float32_below, masked_pixels, row_bands_exact, skip_bound
 
 
 def full_pixels(maps: torch.Tensor, t32: torch.Tensor, size) -> set[tuple[int, int]]:
@@ -64,11 +64,11 @@ def test_float32_below_is_the_exact_comparison():
 def test_set_semantics_across_categories_sharing_a_label(tmp_path):
     """A label listed in two categories, at the same pixel in a plane of each, counts once;
     planes of categories that share no label are never compared (and need not be)."""
-    from stages.blocks import LayerBlocks
     from stages.concepts import ConceptsConfig, build_concept_store
+    from stages.engine.blocks import LayerBlocks
+    from stages.engine.reduction import reduce_in_process
     from stages.iou import ScoringConfig, TallyReduction
-    from stages.labels import label_space, repeat_checks
-    from stages.reduction import reduce_in_process
+    from stages.tally.labels import label_space, repeat_checks
     from storage import activations as astore
     from tests.broden_factory import BrodenBuilder
 
@@ -126,7 +126,7 @@ KERNEL_LABELS = {
 def kernel_block(rng: np.random.Generator, n: int, sh: int, sw: int):
     """Random labels of n images: reference images, and the stored layout of a concept block
     (label numbers per plane, image-level numbers) with the lut of the scored labels."""
-    from tests.iou_reference import RefImage
+    from stages.tally.reference import RefImage
 
     by_cat = {c: [k for k, cats in KERNEL_LABELS.items() if c in cats] for c in KERNEL_CATEGORIES}
 
@@ -206,7 +206,7 @@ def corner_maps(rng: np.random.Generator, n: int, h: int, w: int):
 
 def kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes, size, chunk,
                  kernel="auto"):
-    from stages.kernels import TallyInputs, tally_block
+    from stages.tally.kernels import TallyInputs, tally_block
 
     inputs = TallyInputs(torch.from_numpy(pixel), torch.from_numpy(image), torch.from_numpy(lut),
                          torch.from_numpy(category), len(KERNEL_CATEGORIES), planes)
@@ -224,7 +224,7 @@ TALLY_SHAPES = [(7, 7, 112, 112), (6, 8, 96, 128), (14, 14, 56, 56), (4, 5, 12, 
 @pytest.mark.parametrize("shape", TALLY_SHAPES)
 def test_tally_block_matches_reference(shape):
     """Every count, in every union x planes mode, on quad-path and fallback shapes."""
-    from tests.iou_reference import reference_counts
+    from stages.tally.reference import reference_counts
 
     h, w, sh, sw = shape
     rng = np.random.default_rng(sum(shape))
@@ -245,8 +245,8 @@ def test_tally_block_matches_reference(shape):
 
 def test_tally_corners_are_hit():
     """Guard the fixture: the corners above really occur on the quad-path shape."""
-    from stages.kernels import product_plan, quads_exact
-    from tests.iou_reference import reference_mask
+    from stages.tally.kernels import product_plan, quads_exact
+    from stages.tally.reference import reference_mask
 
     assert quads_exact(7, 7, 112, 112) and quads_exact(6, 8, 96, 128)
     assert not any(quads_exact(*shape) for shape in TALLY_SHAPES[2:])
@@ -271,8 +271,8 @@ NO_PLAN = "torch's CPU kernel takes a form the compiled loop does not know here"
 def test_each_tally_kernel_matches_reference(shape, kernel):
     """Both kernels, named: the batched torch one (GPUs, and CPUs where the compiled loop is
     not exact) and the compiled CPU loop, on every shape and union x planes mode."""
-    from stages.compiled import compiled_plan
-    from tests.iou_reference import reference_counts
+    from stages.tally.compiled import compiled_plan
+    from stages.tally.reference import reference_counts
 
     h, w, sh, sw = shape
     if kernel == "compiled" and compiled_plan(*shape) is None:
@@ -294,7 +294,7 @@ def test_each_tally_kernel_matches_reference(shape, kernel):
 @pytest.mark.parametrize("shape", TALLY_SHAPES + [(14, 14, 112, 112), (7, 7, 112, 16), (1, 1, 9, 9)])
 def test_compiled_values_are_torch_bit_for_bit(shape):
     """Where a plan is found, its values equal F.interpolate on maps it was not chosen on."""
-    from stages.compiled import compiled_plan
+    from stages.tally.compiled import compiled_plan
 
     h, w, sh, sw = shape
     plan = compiled_plan(h, w, sh, sw)
@@ -310,8 +310,8 @@ def test_compiled_values_are_torch_bit_for_bit(shape):
 def test_compiled_tally_runs_on_cpu_and_falls_back_where_not_exact(monkeypatch):
     """"auto" takes the compiled loop on CPU for the benchmark's shape; where no plan is
     exact it takes the torch kernel (same counts), and "compiled" refuses."""
-    import stages.kernels as kernels
-    from stages.compiled import compiled_plan
+    import stages.tally.kernels as kernels
+    from stages.tally.compiled import compiled_plan
 
     if compiled_plan(7, 7, 112, 112) is None:
         pytest.skip(NO_PLAN)
@@ -335,7 +335,7 @@ def test_compiled_tally_runs_on_cpu_and_falls_back_where_not_exact(monkeypatch):
 def test_pixel_classes_group_exactly_the_equal_label_tuples():
     """Pixels share a class iff they carry the same label in every plane: runs, repeats far
     apart, and thousands of distinct tuples (hash collisions and probing)."""
-    from stages.compiled import _pixel_classes
+    from stages.tally.compiled import _pixel_classes
 
     rng = np.random.default_rng(4)
     for planes, alphabet, n in [(3, 4, 600), (4, 2000, 5000), (1, 1, 50), (0, 1, 40)]:
@@ -352,7 +352,7 @@ def test_pixel_classes_group_exactly_the_equal_label_tuples():
 
 def test_quad_path_equals_dense_path(monkeypatch):
     """The quad path and the dense canvas path give the same counts on the same block."""
-    import stages.kernels as kernels
+    import stages.tally.kernels as kernels
 
     rng = np.random.default_rng(3)
     _, pixel, image, lut, category, _ = kernel_block(rng, 8, 112, 112)
@@ -368,7 +368,7 @@ def test_quad_path_equals_dense_path(monkeypatch):
 @pytest.mark.parametrize("shape", [(7, 7, 112, 112), (6, 8, 96, 128), (14, 14, 112, 112)])
 def test_quad_values_equal_full_upsample(shape):
     """Every pixel of every quad, on adversarial maps, where quads are used."""
-    from stages.kernels import Workspace, quad_grid, quad_values, quads_exact
+    from stages.tally.kernels import Workspace, quad_grid, quad_values, quads_exact
 
     h, w, sh, sw = shape
     if not quads_exact(h, w, sh, sw):
@@ -393,7 +393,7 @@ def test_quad_values_equal_full_upsample(shape):
 
 def test_active_quads_cover_every_mask_pixel():
     """A pixel outside the active quads is never in the mask (the skip rule, per quad)."""
-    from stages.kernels import active_quads, quad_grid
+    from stages.tally.kernels import active_quads, quad_grid
 
     grid = quad_grid(7, 7, 112, 112)
     rng = np.random.default_rng(11)
@@ -420,7 +420,7 @@ def test_skip_bound_keeps_a_margin_below_the_threshold():
 
 def test_tally_block_without_active_units():
     """A block where no unit reaches its threshold still counts label areas and categories."""
-    from tests.iou_reference import reference_counts
+    from stages.tally.reference import reference_counts
 
     rng = np.random.default_rng(5)
     images, pixel, image, lut, category, primary = kernel_block(rng, 3, 112, 112)
@@ -440,7 +440,7 @@ def test_tally_block_without_active_units():
 def test_merge_top_keeps_the_top_of_the_union_with_ties(extra):
     """A full list met by a few columns trades only its smallest (extra <= k/2); wider
     merges select over everything.  Either way: the top k of the union, as values."""
-    from stages.kernels import merge_top
+    from stages.tally.kernels import merge_top
 
     rng = np.random.default_rng(sum(extra))
     k = 20
@@ -457,7 +457,7 @@ def test_merge_top_keeps_the_top_of_the_union_with_ties(extra):
 def test_gpus_take_the_torch_tally(monkeypatch):
     """Device selection, checked on CPU: a CUDA block never asks for a compiled plan, and
     asking for the compiled loop there is an error; a CPU block gets its plan."""
-    import stages.kernels as kernels
+    import stages.tally.kernels as kernels
 
     monkeypatch.setattr(kernels, "compiled_plan", lambda *shape: pytest.fail("asked for a plan"))
     for kernel in ("auto", "torch"):
@@ -474,7 +474,7 @@ def test_gpus_take_the_torch_tally(monkeypatch):
 def test_compiled_tally_refuses_label_numbers_outside_the_lut():
     """Compiled code does not check bounds itself: a stored number past the label list (a
     damaged store) is an error, in a plane or as an image-level label."""
-    from stages.compiled import compiled_plan
+    from stages.tally.compiled import compiled_plan
 
     if compiled_plan(7, 7, 112, 112) is None:
         pytest.skip(NO_PLAN)
@@ -495,7 +495,7 @@ def test_compiled_tally_refuses_label_numbers_outside_the_lut():
 def test_class_signatures_are_every_pixels_label_set():
     """rows[cls] is each pixel's signature: its planes' and image-level dense labels, each
     once, ascending, zeros first (SEMANTICS.md §6) - checked pixel by pixel."""
-    from stages.compiled import class_signatures
+    from stages.tally.compiled import class_signatures
 
     rng = np.random.default_rng(12)
     _, pixel, image, lut, _, _ = kernel_block(rng, 6, 20, 24)

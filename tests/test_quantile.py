@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.blocks import LayerBlocks
-from stages.kernels import float_keys, keys_to_floats, quantile_position
+from stages.engine.blocks import LayerBlocks
 from stages.quantile import exact_thresholds
+from stages.tally.kernels import float_keys, keys_to_floats, quantile_position
 from storage import activations as astore
 from storage.errors import UserError
 

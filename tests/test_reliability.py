@@ -250,7 +250,7 @@ def test_sigkill_at_a_random_point_of_each_stage_then_rerun_equals_a_clean_run(
         pages = sorted(p.relative_to(killed / "report") for p in (killed / "report").rglob("*.html"))
         assert pages and "</html>" in (killed / "report" / "index.html").read_text()
     if stage in ("concepts", "extract"):
-        from stages.blocks import open_activations, open_concepts
+        from stages.engine.blocks import open_activations, open_concepts
 
         if stage == "concepts":
             (a,) = (killed / "concepts").glob("*.zarr")

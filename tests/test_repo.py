@@ -32,23 +32,38 @@ def _imports(path) -> set[str]:
 
 
 def test_imports_run_pipeline_to_stages_to_storage():
-    for path in (REPO / "storage").glob("*.py"):
+    for path in (REPO / "storage").rglob("*.py"):
         assert not _imports(path) & {"pipeline", "stages"}, path
-    for path in (REPO / "stages").glob("*.py"):
+    for path in (REPO / "stages").rglob("*.py"):
         assert "pipeline" not in _imports(path), path
 
 
-SHARED = {"blocks", "kernels", "compiled", "labels", "reduction", "models", "formulas", "statistics",
-          "transforms", "perturb", "__init__"}
+def _stage_imports(path) -> list[list[str]]:
+    """Every ``stages.…`` module a file imports, split at the dots."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module.split("."))
+        elif isinstance(node, ast.Import):
+            found += [a.name.split(".") for a in node.names]
+    return [parts for parts in found if parts[0] == "stages"]
 
 
-def test_a_stage_never_imports_another_stage():
-    for path in (REPO / "stages").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
-                target = node.module.split(".")[1]
-                assert target in SHARED, f"{path.name} imports stage module {target}"
+def test_stages_layout_stages_on_top_shared_pieces_in_packages():
+    """Top-level modules of stages/ are the stages; the pieces they share live in
+    sub-packages named for what they compute.  A stage never imports another stage, and a
+    shared piece never imports a stage: every ``stages.`` import names a package module."""
+    packages = {p.name for p in (REPO / "stages").iterdir()
+                if p.is_dir() and (p / "__init__.py").is_file()}
+    assert {"engine", "thresholds", "tally", "signatures"} <= packages
+    for path in (REPO / "stages").rglob("*.py"):
+        for parts in _stage_imports(path):
+            assert len(parts) == 3 and parts[1] in packages, (
+                f"{path.relative_to(REPO)} imports {'.'.join(parts)}: only modules of the "
+                f"shared packages ({', '.join(sorted(packages))}) may be imported in stages/")
+    for init in (REPO / "stages").glob("*/__init__.py"):
+        assert not init.read_text().strip(), f"{init}: no re-exports (import from the module)"
 
 
 def test_scoring_contract_ships_in_step_with_the_design():

@@ -25,10 +25,10 @@ from PIL import Image
 
 import stages.report as report_mod
 from pipeline.run import compose_config, run
+from stages.engine.reduction import reduce_with_dask
 from stages.quantile import LayerBlocks
-from stages.reduction import reduce_with_dask
 from stages.report import render_tile, unit_mask
-from stages.statistics import TopImagesReduction, top_images
+from stages.thresholds.statistics import TopImagesReduction, top_images
 from storage.activations import ActivationStore, create_store, mark_complete, write_block
 from storage.errors import UserError
 from tests.test_notebook import tiny_workdir

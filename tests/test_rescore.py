@@ -14,14 +14,14 @@ import torch.nn.functional as F
 import pipeline.data
 import stages.demo_model
 import stages.extract
-import stages.models
+import stages.network.models
 from pipeline.api import rescore
 from pipeline.run import compose_config, run
-from stages.blocks import LayerBlocks
+from stages.engine.blocks import LayerBlocks
+from stages.engine.reduction import reduce_in_process
 from stages.explain import SignatureCounts, SignatureReduction, beam_search, formula_frame
-from stages.formulas import format_formula, parse_formula
-from stages.labels import label_space
-from stages.reduction import reduce_in_process
+from stages.signatures.formulas import format_formula, parse_formula
+from stages.tally.labels import label_space
 from storage.concepts import ConceptStore
 from storage.errors import UserError
 from storage.tables import read_table
@@ -108,7 +108,7 @@ def test_rescore_equals_fresh_run_without_the_model(probe, tmp_path, monkeypatch
     def forbidden(*args, **kwargs):
         raise AssertionError("the model loader must not run during re-scoring")
 
-    for module in (stages.models, stages.extract):
+    for module in (stages.network.models, stages.extract):
         for name in ("build_model", "cached_model"):
             monkeypatch.setattr(module, name, forbidden)
     monkeypatch.setattr(stages.demo_model, "train_demo_model", forbidden)

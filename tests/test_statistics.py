@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages.blocks import LayerBlocks, ScoringBlocks
+from stages.engine.blocks import LayerBlocks, ScoringBlocks
+from stages.engine.reduction import Checkpoint, Pass, reduce_blocks, reduce_in_process
 from stages.explain import SignatureReduction, Signatures
 from stages.iou import ScoringConfig, Tally, TallyReduction, label_space
 from stages.quantile import exact_thresholds, threshold_pass
-from stages.reduction import Checkpoint, Pass, reduce_blocks, reduce_in_process
-from stages.statistics import Covariance, TopImagesReduction
+from stages.thresholds.statistics import Covariance, TopImagesReduction
 from tests.test_iou import write_activations
 from tests.test_quantile import make_store, random_values, reference
 
@@ -51,7 +51,7 @@ def test_thresholds_and_top_images_from_one_read(tmp_path, budget):
     order = np.argsort(-maxima, axis=1, kind="stable")[:, :3]
     np.testing.assert_array_equal(top.index, order)
     counting = CountingSource(blocks)
-    from stages.statistics import TopImagesStat, TopValues
+    from stages.thresholds.statistics import TopImagesStat, TopValues
 
     reduce_in_process(Pass(counting, (TopValues(4), TopImagesStat(3))), range(blocks.n_blocks()))
     assert sorted(counting.reads) == list(range(blocks.n_blocks()))  # each block read once
@@ -59,7 +59,7 @@ def test_thresholds_and_top_images_from_one_read(tmp_path, budget):
 
 @pytest.mark.parametrize("scheduler", [None, "threads"])
 def test_top_values_narrowed_by_the_merged_floor_are_exact_and_small(tmp_path, scheduler):
-    from stages.statistics import TopValues
+    from stages.thresholds.statistics import TopValues
 
     rng = np.random.default_rng(4)
     values = np.maximum(rng.standard_normal((60, 4, 3, 3)), 0).astype(np.float32)
@@ -135,7 +135,7 @@ def test_tally_and_signatures_in_one_pass_equal_separate_passes(tmp_path, synthe
 def test_partials_round_trip_through_state_dict(tmp_path):
     path, _ = _store(tmp_path)
     blocks = LayerBlocks(path, "l")
-    from stages.statistics import RadixHistogram, TopImagesStat, TopValues
+    from stages.thresholds.statistics import RadixHistogram, TopImagesStat, TopValues
 
     reduction = Pass(blocks, (TopValues(7), TopImagesStat(2), Covariance(),
                               RadixHistogram(np.zeros((5, 2), np.int64), 0, 11)))
@@ -172,7 +172,7 @@ def test_a_killed_pass_resumes_from_its_saved_partial(tmp_path, scheduler):
     path, values = _store(tmp_path, n=40, block=3)
     blocks = LayerBlocks(path, "l")
     n = blocks.n_blocks()
-    from stages.statistics import TopValues
+    from stages.thresholds.statistics import TopValues
 
     expected = reduce_in_process(Pass(blocks, (TopValues(9), Covariance())), range(n))
     saved = tmp_path / "pass.partial.npz"
@@ -182,7 +182,7 @@ def test_a_killed_pass_resumes_from_its_saved_partial(tmp_path, scheduler):
         if scheduler is None:
             reduce_in_process(run, range(n), Checkpoint(saved, every=0))
         else:
-            from stages.reduction import reduce_with_dask
+            from stages.engine.reduction import reduce_with_dask
 
             reduce_with_dask(run, range(n), scheduler, split_every=2, progress=False,
                              checkpoint=Checkpoint(saved, every=0))
@@ -217,7 +217,7 @@ def test_a_missing_store_is_one_user_error_line(tmp_path):
 
 
 def test_non_finite_units_are_found_even_when_finite_values_overflow_the_sum():
-    from stages.blocks import non_finite_units
+    from stages.engine.blocks import non_finite_units
 
     big = torch.full((3, 4, 2, 2), 3e38)  # finite, but their float32 sum is +inf
     assert non_finite_units(big).tolist() == []
@@ -232,7 +232,7 @@ def test_non_finite_units_are_found_even_when_finite_values_overflow_the_sum():
 
 
 def test_waves_start_one_block_per_thread_and_double():
-    from stages.reduction import wave_starts
+    from stages.engine.reduction import wave_starts
 
     assert wave_starts(125, 2, 16, fresh=True) == [0, 2, 6, 14, 30, 46, 62, 78, 94, 110]
     assert wave_starts(40, 2, 16, fresh=False) == [0, 16, 32]  # resumed: full waves at once

@@ -169,7 +169,7 @@ def test_iou_with_concepts_path_scores_that_set_from_the_cache(synthetic_root, t
     """stage=iou concepts.path=DIR uses the cache and never loads the model once it exists."""
     import pipeline.data
     import stages.extract
-    import stages.models
+    import stages.network.models
 
     wd = tmp_path / "wd"
     base = [f"workdir={wd}", f"dataset.path={synthetic_root}", "stage=iou", *TINY,
@@ -179,7 +179,7 @@ def test_iou_with_concepts_path_scores_that_set_from_the_cache(synthetic_root, t
     def forbidden(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    for module in (stages.models, stages.extract):
+    for module in (stages.network.models, stages.extract):
         monkeypatch.setattr(module, "build_model", forbidden)
     monkeypatch.setattr(pipeline.data, "run_extract", forbidden)
     run(compose_config([*base, f"concepts.path={synthetic_root}", "concepts.name=again"]))

@@ -12,13 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.run import compose_config, run
-from stages.blocks import LayerBlocks
-from stages.concepts import ConceptsConfig, build_concept_store
-from stages.iou import ScoringConfig, TallyReduction, iou_frame, label_space, units_frame
-from stages.perturb import Perturbation
-from stages.quantile import exact_thresholds
-from stages.reduction import reduce_in_process
-from stages.transforms import (
+from stages.bases.transforms import (
     LinearMap,
     activate,
     fractional_power,
@@ -26,6 +20,12 @@ from stages.transforms import (
     pca_basis,
     random_rotation,
 )
+from stages.concepts import ConceptsConfig, build_concept_store
+from stages.engine.blocks import LayerBlocks
+from stages.engine.reduction import reduce_in_process
+from stages.iou import ScoringConfig, TallyReduction, iou_frame, label_space, units_frame
+from stages.network.perturb import Perturbation
+from stages.quantile import exact_thresholds
 from storage.errors import UserError
 from storage.tables import read_table
 from tests.broden_factory import BrodenBuilder
@@ -119,8 +119,8 @@ def test_linear_files(tmp_path, suffix):
 
 # ---------------------------------------------------------------- PCA
 def test_pca_axes_match_numpy_eigendecomposition(tmp_path):
-    from stages.reduction import Pass
-    from stages.statistics import Covariance
+    from stages.engine.reduction import Pass
+    from stages.thresholds.statistics import Covariance
 
     rng = np.random.default_rng(8)
     mixing = rng.standard_normal((5, 5)) * np.array([3.0, 2.0, 1.0, 0.5, 0.2])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stages.kernels import TallyInputs
+from stages.tally.kernels import TallyInputs
 from storage.broden import primary_category
 from storage.concepts import ConceptBlock, ConceptStore
 from storage.errors import UserError

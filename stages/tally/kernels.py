@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.compiled import compiled_plan
+from stages.tally.compiled import compiled_plan
 
 KEY_BITS = 32
 RADIX_WIDTHS = (11, 11, 10)  # three histogram passes pin down a float32 exactly
@@ -830,9 +830,9 @@ def tally_block(
 ) -> dict[str, torch.Tensor]:
     """Exact int64 counts of one block of images for every unit and label.
 
-    ``kernel``: "compiled" counts with the compiled CPU loop (:mod:`stages.compiled`), "torch"
+    ``kernel``: "compiled" counts with the compiled CPU loop (:mod:`stages.tally.compiled`), "torch"
     with the batched torch kernel below, "auto" with the compiled loop on CPU where
-    :func:`~stages.compiled.compiled_plan` finds it exact for the shape, else torch.
+    :func:`~stages.tally.compiled.compiled_plan` finds it exact for the shape, else torch.
 
     acts (B, K, h, w) raw activations; thresholds (K,) float64.  Only (image, unit) pairs
     whose raw maximum can reach the threshold are upsampled (:func:`skip_bound`): a bilinear

@@ -4,7 +4,7 @@ A :class:`Statistic` turns one block of data into a small typed *partial* (``chu
 merges partials associatively (``combine``) and turns the final partial into the answer
 (``finish``) — the shape of dask's ``reduction(chunk, combine, aggregate)``.  Partials have a
 ``state_dict`` (named numpy arrays), so a long pass can be saved and resumed.  Statistics do no
-I/O: a :class:`Pass` reads each block once from a block source (``stages.blocks``) and feeds
+I/O: a :class:`Pass` reads each block once from a block source (``stages.engine.blocks``) and feeds
 every statistic that needs that read.
 
 The same pass runs in-process (:func:`reduce_in_process`) and as a Dask tree reduction

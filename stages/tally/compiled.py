@@ -1,7 +1,7 @@
 """The CPU tally as one compiled loop (numba): the counts of SEMANTICS.md §4 (and the
 signatures of §6) with no tensors in between.
 
-Why: the torch tally (:func:`stages.kernels.tally_block`) is batched for any device, and on CPU
+Why: the torch tally (:func:`stages.tally.kernels.tally_block`) is batched for any device, and on CPU
 it pays for it in per-op overhead, per-image label indicators and mask canvases.  Here one
 loop per block walks (image, active unit, hot quad, pixel) and counts each mask pixel into its
 *pixel class*: the pixels of an image that carry the same label in every plane form one class,
@@ -177,7 +177,7 @@ def _class_slots(n_pixels):
 
 @njit(inline="always")
 def _can_reach(a, bound):
-    """Does a cell of map ``a`` exceed ``bound`` (:func:`stages.kernels.skip_bound`)?  If not,
+    """Does a cell of map ``a`` exceed ``bound`` (:func:`stages.tally.kernels.skip_bound`)?  If not,
     no bilinear value can exceed the threshold: the mask is empty."""
     peak = a[0, 0]
     for i in range(a.shape[0]):
@@ -453,8 +453,8 @@ class Plan:
         """Add the counts of images acts (B, K, h, w) float32 to ``out`` (int64 intersection
         (K, L+1), label_area (L+1,), area (B, K), lite_area (K, C+1); bool carries (B, C+1)).
 
-        t32 (K,): the float32 thresholds of :func:`stages.kernels.float32_below`; bound (K,):
-        their :func:`stages.kernels.skip_bound`.  stored_pixel (B, P, sh·sw) and stored_image
+        t32 (K,): the float32 thresholds of :func:`stages.tally.kernels.float32_below`; bound (K,):
+        their :func:`stages.tally.kernels.skip_bound`.  stored_pixel (B, P, sh·sw) and stored_image
         (B, Q) hold stored label numbers, ``lut`` maps them to dense labels (0: not scored) and
         ``category`` dense labels to primary category + 1.
         """

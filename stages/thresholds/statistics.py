@@ -1,4 +1,4 @@
-"""Statistics over the activation cache: pure reductions (``stages.reduction``) on blocks.
+"""Statistics over the activation cache: pure reductions (``stages.engine.reduction``) on blocks.
 
 - :class:`TopValues`: per unit, the largest ``need`` values (exact thresholds, one pass);
 - :class:`RadixHistogram`: per unit, a histogram of the next key bits (exact thresholds,
@@ -8,7 +8,7 @@
   winning images from disk;
 - :class:`Covariance`: the exact float64 mean and scatter of the unit vectors (PCA bases).
 
-Every chunk step takes a :class:`~stages.blocks.Block` (already read, transformed if asked);
+Every chunk step takes a :class:`~stages.engine.blocks.Block` (already read, transformed if asked);
 none does I/O.
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.blocks import Block, LayerBlocks
-from stages.kernels import float_keys, merge_top, radix_histogram, top_values, unit_values
-from stages.reduction import Arrays, Pass, reduce_blocks, summed
+from stages.engine.blocks import Block, LayerBlocks
+from stages.engine.reduction import Arrays, Pass, reduce_blocks, summed
+from stages.tally.kernels import float_keys, merge_top, radix_histogram, top_values, unit_values
 
 RADIX_SLICE = 1 << 22  # values keyed at once in a radix pass (32 MiB of int64 keys)
 
@@ -44,7 +44,7 @@ class TopValues:
     keeps only the values above it and partials shrink from ``need`` wide to a few columns
     once the first blocks are merged (memory no longer grows with the number of images).
     Lists stay unsorted until :meth:`finish`, so merging a few columns into a full list
-    costs a scan rather than a sort (:func:`~stages.kernels.merge_top`).
+    costs a scan rather than a sort (:func:`~stages.tally.kernels.merge_top`).
     """
 
     need: int

@@ -4,7 +4,7 @@
 - ``rotate(alpha, seed)``: W = Q^α, Q ∈ SO(K) drawn uniformly from the seed, Q^α its real
   orthogonal fractional power from the real Schur form (the paper's §3.2 experiment);
 - ``pca(whiten)``: W = Vᵀ (÷ standard deviations when whitened), b = -W μ, from the layer's
-  exact float64 covariance (:class:`stages.statistics.Covariance`);
+  exact float64 covariance (:class:`stages.thresholds.statistics.Covariance`);
 - ``linear(file)``: W, b from a ``.npy``/``.npz``/``.pt``/``.safetensors`` file, with
   activation none, ReLU or top-N — e.g. a sparse autoencoder's encoder.
 
