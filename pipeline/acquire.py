@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.data import weights_target
 from pipeline.graph import Run, Target
-from pipeline.layout import registered_weights
+from pipeline.identity import registered_weights
 from stages.check import CheckResult, check_dataset, format_report
 from stages.fetch import fetch_dataset, fetched_artifact
 from storage.artifacts import Artifact
@@ -18,7 +18,7 @@ from storage.registry import release
 log = logging.getLogger("netdissect")
 
 
-def plan_fetch(run: Run) -> list[Target]:
+def fetch_targets(run: Run) -> list[Target]:
     """The release named by dataset= and the checkpoint named by model.weights=, if any."""
     d, f = run.cfg.dataset, run.cfg.fetch
     targets = []
@@ -46,13 +46,13 @@ def plan_fetch(run: Run) -> list[Target]:
 
 
 def fetch_value(run: Run) -> list[Path]:
-    return [a.path for t in plan_fetch(run) for a in t.artifacts]
+    return [a.path for t in fetch_targets(run) for a in t.artifacts]
 
 
 def check_value(run: Run) -> CheckResult:
     """Every CSV, file, PNG size and label number of the probe dataset, and its census."""
     c = run.cfg.check
-    root = run.get("dataset").root
+    root = run.value("dataset").root
     result = check_dataset(root, decode=c.decode, workers=c.workers, progress=run.cfg.progress)
     print(format_report(result))
     if not result.ok:

@@ -25,7 +25,7 @@ from stages.engine.blocks import LayerBlocks
 from stages.engine.reduction import Pass, reduce_blocks
 from stages.thresholds.statistics import Covariance
 from storage.artifacts import Artifact, digest, file_digest, scratch_path
-from storage.thresholds import save_arrays
+from storage.arrays import save_arrays
 
 log = logging.getLogger("netdissect")
 
@@ -74,28 +74,22 @@ def _layer_basis(run: Run, acts: Activations, layer: str) -> Basis:
                                       layer, acts.layer_key(layer), text, activation), activation)
 
 
-def plan_basis(run: Run) -> list[Target]:
-    acts = run.get("extract")
+def basis_targets(run: Run) -> list[Target]:
+    acts = run.value("extract")
     t = run.cfg.transform
     targets = []
-    for layer in acts.layers:
-        basis = _layer_basis(run, acts, layer)
+    for layer, basis in basis_value(run).items():
         if basis.artifact is None:
             continue
-        units = acts.store.shape(layer)[1]
 
-        def build(missing: list[Artifact], layer=layer, units=units, basis=basis) -> None:
+        def build(missing: list[Artifact], layer=layer, basis=basis) -> None:
+            units = acts.store.shape(layer)[1]
             if t.kind == TransformKind.rotate:
-                weight = fractional_power(random_rotation(units, t.seed), t.alpha)
-                bias = np.zeros(units)
+                weight, bias = rotation_basis(units, t.alpha, t.seed)
             elif t.kind == TransformKind.pca:
-                blocks = LayerBlocks(str(acts.store.path), layer, None, run.cfg.extract.device)
-                moments = reduce_blocks(Pass(blocks, (Covariance(),), single=True),
-                                        acts.store.n_blocks(), run.scheduler(),
-                                        f"covariance {layer}", run.cfg.progress,
-                                        checkpoint=scratch_path(missing))
-                covariance = moments.scatter / max(int(moments.count) - 1, 1)
-                weight, bias, _ = pca_basis(moments.mean, covariance, t.whiten)
+                blocks = LayerBlocks(str(acts.path), layer, None, run.cfg.extract.device)
+                weight, bias = pca_of_layer(blocks, t.whiten, run.scheduler(), run.cfg.progress,
+                                            scratch_path(missing))
             else:
                 weight, bias = load_linear(Path(str(t.path)).expanduser(), units)
             save_arrays(missing[0], {"weight": weight, "bias": bias})
@@ -108,5 +102,5 @@ def plan_basis(run: Run) -> list[Target]:
 
 
 def basis_value(run: Run) -> dict[str, Basis]:
-    acts = run.get("extract")
+    acts = run.value("extract")
     return {layer: _layer_basis(run, acts, layer) for layer in acts.layers}

@@ -13,6 +13,8 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from pipeline.config import ClusterKind, ClusterOptions
+from stages.engine.dask import Cluster
+from stages.network.models import has_gpu
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
@@ -31,15 +33,10 @@ def worker_env(threads: int) -> dict[str, str]:
     }
 
 
-def has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 class LazyScheduler:
     """Callable giving what stages take as ``scheduler``: None (in-process), "threads", or a
-    distributed Client, made the first time it is called and closed with the run."""
+    distributed :class:`~stages.engine.dask.Cluster`, made the first time it is called and
+    closed with the run."""
 
     def __init__(self, options: ClusterOptions, stack: ExitStack):
         self.options, self.stack = options, stack
@@ -70,7 +67,7 @@ class LazyScheduler:
                                 f"(waited {WORKER_WAIT:g} s); start some with dask worker "
                                 f"{o.address}") from None
             log.info("dask: scheduler %s (dashboard %s)", o.address, client.dashboard_link)
-            return client
+            return Cluster(client, o.no_worker_timeout)
         if o.kind == ClusterKind.none:
             return None
         if o.kind == ClusterKind.threads:
@@ -112,7 +109,7 @@ class LazyScheduler:
         self.stack.callback(client.close)
         log.info("dask: %s with %d workers (dashboard %s)", type(cluster).__name__,
                  len(cluster.workers), client.dashboard_link)
-        return client
+        return Cluster(client, o.no_worker_timeout)
 
 
 @contextmanager

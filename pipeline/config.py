@@ -128,6 +128,7 @@ class ClusterOptions:
     n_workers: int | None = None  # LocalCluster: default one worker process per core
     threads_per_worker: int = 1
     memory_limit: str = "auto"
+    no_worker_timeout: float = 60.0  # seconds a pass waits on a cluster left with no worker
 
 
 @dataclass
@@ -152,6 +153,7 @@ class Config:
     stage: Stage = Stage.iou
     workdir: str = "./workdir"  # every store, table, report and log lives here
     progress: bool = True
+    dry_run: bool = False  # print what each stage of every job would do; build nothing
     dataset: DatasetOptions = field(default_factory=DatasetOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
     extract: ExtractOptions = field(default_factory=ExtractOptions)
@@ -187,6 +189,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"scoring.iou_threshold={cfg.scoring.iou_threshold}: must lie in [0, 1)")
     _positive("fetch.timeout", cfg.fetch.timeout)
     _positive("fetch.attempts", cfg.fetch.attempts)
+    _positive("cluster.no_worker_timeout", cfg.cluster.no_worker_timeout)
     if cfg.model.input_size is not None:
         _positive("model.input_size", cfg.model.input_size)
     if cfg.dataset.path and cfg.dataset.release:
@@ -205,7 +208,7 @@ def validate(cfg: Config) -> None:
     device = cfg.extract.device
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"extract.device={device!r}: choose auto, cpu, cuda or cuda:N")
-    from pipeline.cluster import has_gpu  # cluster imports this module
+    from stages.network.models import has_gpu
 
     if device.startswith("cuda") and not has_gpu():
         raise UserError(f"extract.device={device}: this machine has no CUDA device; use "

@@ -2,20 +2,24 @@
 it makes (with their fingerprints) and how to build them; running a stage runs what is
 missing upstream, once.
 
-    dataset ─► concepts ───────────────────────────┐
-    dataset ─► model ─► extract ─► quantile ─► iou ◄┴─ concept_set     report ◄─ results
-                                           └─► explain
+    dataset ─► concepts ─────────────────────────────┐
+    dataset ─► model ─► extract ─► basis ─► quantile ─► iou ◄┴─ concept_set     report ◄─ results
+                          └─ cache (rescore)        └─► signatures ─► explain
 
-A stage's ``plan`` returns its :class:`Target` s: artifacts made together by one build (one
-pass over the data).  :func:`realize` is the only place that decides, for every stage alike,
-to skip (all current: one log line), to wait (another run holds a lock: it says what it
-waits for, then finds the artifact current), or to build.
+A stage's ``targets`` are its :class:`Target` s: artifacts made together by one build (one
+pass over the data).  They are a pure function of the run: the config, the values of the
+stages it needs and files already on disk — computing them never builds anything, so a whole
+run can be planned before any work starts (:meth:`Run.plan`, the dry run).  A value that
+needs what an upstream build makes raises :class:`NotReady` while that build is pending.
+:func:`realize` is the only place that decides, for every stage alike, to skip (all current:
+one log line), to wait (another run holds a lock: it says what it waits for, then finds the
+artifact current), or to build.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +28,14 @@ from pipeline.layout import Layout
 from storage.artifacts import Artifact, locked_all
 
 log = logging.getLogger("netdissect")
+
+
+class NotReady(Exception):  # noqa: N818 - a state, not an error
+    """What a plan needs is made by stage ``stage``, which has not been built yet."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
 
 
 @dataclass(frozen=True)
@@ -36,37 +48,103 @@ class Target:
     build: Callable[[list[Artifact]], None]
 
 
+def no_targets(_run: Run) -> list[Target]:
+    return []
+
+
+def no_value(_run: Run) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class StageDef:
     name: str
-    needs: tuple[str, ...]  # stages whose values plan/value may ask for
+    needs: tuple[str, ...]  # stages whose values targets/value may ask for
     uses: tuple[str, ...]  # config keys (or key prefixes) the stage reads
-    plan: Callable[[Run], list[Target]]
-    value: Callable[[Run], Any]
+    targets: Callable[[Run], list[Target]] = no_targets
+    value: Callable[[Run], Any] = no_value
+    reads_results: bool = False  # plans from what earlier stages of the run write
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a stage of a run would do: ``build``, ``skip`` (current), ``wait`` (another run
+    holds a lock) or ``after`` (its artifacts depend on what stage ``after`` builds first)."""
+
+    stage: str
+    status: str
+    targets: tuple[str, ...] = ()
+    after: str = ""
+
+    def line(self) -> str:
+        if self.status == "after":
+            return f"{self.stage:12s} after {self.after} (decided once {self.after} is built)"
+        what = "; ".join(self.targets) if self.targets else "nothing to make"
+        return f"{self.stage:12s} {self.status:5s} {what}"
 
 
 class Run:
-    """One pipeline run: its config, layout, lazy scheduler and the values of stages done."""
+    """One pipeline run: its config, layout, lazy scheduler, and per stage its targets and
+    value (each computed once)."""
 
     def __init__(self, cfg: Config, scheduler: Callable[[], Any], graph: dict[str, StageDef]):
         self.cfg, self.scheduler, self.graph = cfg, scheduler, graph
         self.layout = Layout.of(cfg)
-        self.values: dict[str, Any] = {}
-        self.active: list[str] = []
+        self._memo: dict[Hashable, Any] = {}
+        self._active: list[str] = []
+
+    def shared(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """``make()`` once per run: what several stages derive from the same values."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def _of(self, kind: str, name: str) -> Any:
+        if self._active and name not in self.graph[self._active[-1]].needs:
+            raise RuntimeError(f"stage {self._active[-1]} asked for {name}, not in its needs")
+        stage = self.graph[name]
+        self._active.append(name)
+        try:
+            return self.shared((kind, name), lambda: getattr(stage, kind)(self))
+        finally:
+            self._active.pop()
+
+    def value(self, name: str) -> Any:
+        """The value of stage ``name`` (what the stages after it read)."""
+        return self._of("value", name)
+
+    def targets(self, name: str) -> list[Target]:
+        return self._of("targets", name)
 
     def get(self, name: str) -> Any:
-        """The value of stage ``name``, realizing it (and what it needs) first."""
-        if self.active and name not in self.graph[self.active[-1]].needs:
-            raise RuntimeError(f"stage {self.active[-1]} asked for {name}, not in its needs")
-        if name not in self.values:
-            stage = self.graph[name]
-            self.active.append(name)
+        """Realize ``name`` and everything it needs, upstream first; then its value."""
+        for stage in closure(self.graph, name):
+            realize(stage, self.targets(stage))
+        return self.value(name)
+
+    def plan(self, name: str) -> list[Step]:
+        """What :meth:`get` would do, stage by stage, without building or locking anything."""
+        steps: list[Step] = []
+        for stage in closure(self.graph, name):
+            pending = next((s.stage for s in steps if s.status != "skip"), None)
+            if self.graph[stage].reads_results and pending:
+                steps.append(Step(stage, "after", after=pending))
+                continue
             try:
-                realize(name, stage.plan(self))
-                self.values[name] = stage.value(self)
-            finally:
-                self.active.pop()
-        return self.values[name]
+                targets = self.targets(stage)
+            except NotReady as exc:
+                steps.append(Step(stage, "after", after=exc.stage))
+                continue
+            steps.append(_step(stage, targets))
+        return steps
+
+
+def _step(stage: str, targets: list[Target]) -> Step:
+    todo = [t for t in targets if not all(a.is_current() for a in t.artifacts)]
+    if not todo:
+        return Step(stage, "skip", tuple(t.name for t in targets))
+    locked = any(a.is_locked() for t in todo for a in t.artifacts if not a.is_current())
+    return Step(stage, "wait" if locked else "build", tuple(t.name for t in todo))
 
 
 def realize(stage: str, targets: list[Target]) -> None:

@@ -3,25 +3,25 @@ and the summaries printed at the end of a run."""
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config import DType
 from pipeline.graph import Run, Target
-from pipeline.scoring import TOP_IMAGES_KEPT, top_images_artifact
+from pipeline.scoring import top_images_artifact
 from stages.bases.transforms import LinearMap
 from stages.network.perturb import Perturbation
 from stages.report import Page, PageImages, ReportConfig, build_report
-from stages.thresholds.statistics import TopImages, top_images
+from stages.thresholds.top_images import TopImages, top_images
 from storage import activations as astore
-from storage.artifacts import Artifact, scratch_path
+from storage.arrays import load_arrays, save_arrays
+from storage.artifacts import Artifact, recorded, scratch_path
 from storage.broden import index_fingerprint
 from storage.errors import UserError
 from storage.tables import read_table
-from storage.thresholds import load_arrays, save_arrays
 
 log = logging.getLogger("netdissect")
 REPORT_FORMAT = 2  # bump when the pages change, so a current-looking report is rebuilt
@@ -44,15 +44,13 @@ def report_rows(run: Run) -> pd.DataFrame:
 
 def _units_keys(run: Run) -> list[str]:
     """The manifest keys of every units file: the report is current while they are."""
-    keys = []
-    for manifest in sorted((run.layout.results / "units").rglob(".*.parquet.artifact.json")):
-        keys.append(f"{manifest.parent.name}/{json.loads(manifest.read_text())['key']}")
-    return keys
+    return [f"{path.parent.name}/{made['key']}"
+            for path, made in recorded(run.layout.results / "units", ".parquet", recursive=True)]
 
 
 def _store(run: Run, dataset: str, model_id: str) -> Path | None:
-    for dtype in astore.DTYPES:
-        path = run.layout.activations(dataset, model_id, dtype)
+    for dtype in DType:
+        path = run.layout.activations(dataset, model_id, str(dtype))
         if (path / "zarr.json").is_file():
             return path
     return None
@@ -73,10 +71,8 @@ def _page_source(run: Run, key: tuple[str, str, str, str]) -> tuple[Artifact | N
             index_fingerprint(root) != store.fingerprint.get("dataset_index")):
         return None, PageImages(note=f"No image strips: the images of dataset {dataset} are no "
                                 f"longer at {root or 'a known place'}.")
-    kept = max(run.cfg.report.top_n, TOP_IMAGES_KEPT)
     layer_key = astore.layer_artifact(path, store.fingerprint, layer).key
-    artifact = top_images_artifact(run.layout, dataset, model_id, layer, layer_key, transform,
-                                   kept)
+    artifact = top_images_artifact(run, dataset, model_id, layer, layer_key, transform)
     if not artifact.is_current() and transform != "none" and _basis_map(
             run, dataset, model_id, layer, layer_key, transform) is None:
         return None, PageImages(note=f"No image strips: the {transform} basis of {layer} is "
@@ -91,17 +87,15 @@ def _basis_map(run: Run, dataset: str, model_id: str, layer: str, layer_key: str
     """The (W, b) a transformed page's units came from, found by its readable name among the
     bases made from this cached layer (a float16 and a float32 cache share the folder)."""
     folder = run.layout.statistic("bases", dataset, model_id, layer, "x", "").parent
-    for manifest in sorted(folder.glob(".*.npz.artifact.json")):
-        made = json.loads(manifest.read_text())
+    for path, made in recorded(folder, ".npz"):
         fingerprint = made["fingerprint"]
         if (made.get("complete") and fingerprint.get("transform") == transform
                 and fingerprint.get("activations") == layer_key):
-            return LinearMap(str(folder / manifest.name[1:-len(".artifact.json")]),
-                             made["fingerprint"].get("activation", "none"))
+            return LinearMap(str(path), fingerprint.get("activation", "none"))
     return None
 
 
-def plan_report(run: Run) -> list[Target]:
+def report_targets(run: Run) -> list[Target]:
     frame = report_rows(run)
     keys = sorted({(str(r.dataset), str(r.model_id), str(r.layer), str(r.transform)) for r in
                    frame[["dataset", "model_id", "layer", "transform"]].drop_duplicates()
@@ -150,7 +144,7 @@ def report_value(run: Run) -> Path:
 
 def print_summary(run: Run, summaries: dict[str, pd.DataFrame]) -> None:
     """Per layer: units, detectors, unique concepts per category; and where the tables are."""
-    acts = run.get("extract")
+    acts = run.value("extract")
     concept_set = next(iter(summaries.values()))["concept_set"].iloc[0] if summaries else ""
     ident = acts.model.identity
     first = next(iter(summaries.values())) if summaries else None

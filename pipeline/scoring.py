@@ -1,84 +1,83 @@
-"""Stages that score the cache: quantile and iou."""
+"""Stages that score the cache: quantile, iou and signatures, over a per-layer context made
+once per run."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
-from pipeline.concept_set import ConceptSet, label_space_of
+from pipeline.basis import Basis
+from pipeline.concept_set import ConceptSet
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
-from pipeline.layout import Layout
 from stages.engine.blocks import LayerBlocks, ScoringBlocks
-from stages.engine.reduction import Pass, reduce_blocks
-from stages.explain import Signatures
-from stages.iou import ScoringConfig, Tally, iou_frame, layers_frame, units_frame
+from stages.iou import score_tables, scoring_pass
 from stages.quantile import threshold_pass
 from stages.tally.labels import LabelSpace
-from stages.thresholds.statistics import top_images
+from stages.tally.statistic import TallyRule, describe_kernel
+from stages.thresholds.top_images import top_images
+from storage.arrays import load_thresholds, save_arrays, save_thresholds
 from storage.artifacts import Artifact, digest, scratch_path
 from storage.tables import partition_artifact, write_partition
-from storage.thresholds import load_thresholds, save_arrays, save_thresholds
 
 log = logging.getLogger("netdissect")
 
 
-def blocks(run: Run, acts: Activations, layer: str) -> LayerBlocks:
-    """Blocks of one cached layer for the kernels, through the run's basis transform, on the
-    worker's GPU when it has one (``extract.device=auto``), else CPU."""
-    return LayerBlocks(str(acts.store.path), layer, run.get("basis")[layer].map(),
-                       run.cfg.extract.device)
-
-
-def transform_of(run: Run, layer: str) -> str:
-    return run.get("basis")[layer].text
-
-
 # ---------------------------------------------------------------- quantile
-TOP_IMAGES_KEPT = 8  # top images per unit found with the thresholds (the report's default)
-
-
-def _threshold_artifact(run: Run, acts: Activations, layer: str) -> Artifact:
+def threshold_artifact(run: Run, acts: Activations, layer: str, transform: str) -> Artifact:
     fingerprint = {"activations": acts.layer_key(layer), "quantile": run.cfg.scoring.quantile,
-                   "transform": transform_of(run, layer)}
+                   "transform": transform}
     path = run.layout.statistic("thresholds", acts.dataset.id, acts.model.identity.model_id,
                                 layer, digest(fingerprint), ".parquet")
     return Artifact(path, fingerprint)
 
 
-def top_images_artifact(layout: Layout, dataset: str, model_id: str, layer: str,
-                        layer_key: str, transform: str, top_n: int) -> Artifact:
+def top_images_artifact(run: Run, dataset: str, model_id: str, layer: str, layer_key: str,
+                        transform: str) -> Artifact:
     """Per unit, the top images of a cached layer (under a transform): the report's strips."""
-    fingerprint = {"activations": layer_key, "transform": transform, "top_n": top_n}
-    return Artifact(layout.statistic("thresholds", dataset, model_id, layer,
-                                     f"top-{digest(fingerprint)}", ".npz"), fingerprint)
+    fingerprint = {"activations": layer_key, "transform": transform,
+                   "top_n": run.cfg.report.top_n}
+    return Artifact(run.layout.statistic("thresholds", dataset, model_id, layer,
+                                         f"top-{digest(fingerprint)}", ".npz"), fingerprint)
 
 
-def plan_quantile(run: Run) -> list[Target]:
+def layer_blocks(run: Run, acts: Activations, basis: Basis, layer: str) -> LayerBlocks:
+    """Blocks of one cached layer for the kernels, through the run's basis transform, on the
+    worker's GPU when it has one (``extract.device=auto``), else CPU."""
+    return LayerBlocks(str(acts.path), layer, basis.map(), run.cfg.extract.device)
+
+
+def quantile_value(run: Run) -> dict[str, Artifact]:
+    """Per layer, its thresholds' artifact."""
+    acts, bases = run.value("extract"), run.value("basis")
+    return {layer: threshold_artifact(run, acts, layer, bases[layer].text)
+            for layer in acts.layers}
+
+
+def quantile_targets(run: Run) -> list[Target]:
     """Per layer, exact thresholds and (from the same read of every block) top images."""
-    acts = run.get("extract")
-    q = run.cfg.scoring.quantile
+    acts, bases = run.value("extract"), run.value("basis")
+    q, top_n = run.cfg.scoring.quantile, run.cfg.report.top_n
     ident = acts.model.identity.model_id
 
-    def target(layer: str) -> Target:
-        thresholds = _threshold_artifact(run, acts, layer)
-        top = top_images_artifact(run.layout, acts.dataset.id, ident, layer,
-                                  acts.layer_key(layer), transform_of(run, layer),
-                                  TOP_IMAGES_KEPT)
+    def target(layer: str, thresholds: Artifact) -> Target:
+        basis = bases[layer]
+        top = top_images_artifact(run, acts.dataset.id, ident, layer, acts.layer_key(layer),
+                                  basis.text)
 
         def build(missing: list[Artifact]) -> None:
             if thresholds not in missing:  # only the top images are missing
-                found = top_images(acts.store.path, layer, TOP_IMAGES_KEPT, run.scheduler(),
-                                   run.cfg.progress, run.get("basis")[layer].map(),
-                                   scratch_path(missing))
+                found = top_images(acts.path, layer, top_n, run.scheduler(), run.cfg.progress,
+                                   basis.map(), scratch_path(missing))
                 save_arrays(top, found.state_dict())
                 return
-            values, found = threshold_pass(blocks(run, acts, layer), q, run.scheduler(),
-                                           progress=run.cfg.progress,
-                                           top_n=TOP_IMAGES_KEPT if top in missing else None,
+            values, found = threshold_pass(layer_blocks(run, acts, basis, layer), q,
+                                           run.scheduler(), progress=run.cfg.progress,
+                                           top_n=top_n if top in missing else None,
                                            checkpoint=scratch_path(missing))
             save_thresholds(thresholds, values)
             if top in missing:
@@ -87,123 +86,144 @@ def plan_quantile(run: Run) -> list[Target]:
 
         return Target(f"{ident} {layer} thresholds (q={q:g})", (thresholds, top), build)
 
-    return [target(layer) for layer in acts.layers]
+    return [target(layer, artifact) for layer, artifact in quantile_value(run).items()]
 
 
+# ---------------------------------------------------------------- the per-layer context
 @dataclass(frozen=True)
-class Thresholds:
-    values: dict[str, np.ndarray]
-    keys: dict[str, str]
+class LayerContext:
+    """What every scoring stage of one layer reads, made once per run."""
+
+    layer: str
+    acts: Activations
+    basis: Basis
+    thresholds: Artifact
+    concepts: ConceptSet
+
+    @property
+    def space(self) -> LabelSpace:
+        return self.concepts.space
+
+    @cached_property
+    def threshold_values(self) -> np.ndarray:
+        return load_thresholds(self.thresholds.path)
+
+    def row_keys(self) -> dict:
+        """Row keys every result table shares (beside the model/layer partition columns)."""
+        ident = self.acts.model.identity
+        return {"model_id": ident.model_id, "weights": ident.weights,
+                "perturbation": ident.perturbation, "dataset": self.acts.dataset.id,
+                "concept_set": self.concepts.name, "transform": self.basis.text}
+
+    def made_from(self, with_categories: bool = False) -> dict:
+        """What the layer's scores are made from (and the categories scored)."""
+        rows = None if self.concepts.rows is None else digest(self.concepts.rows.tolist())
+        made = {"thresholds": self.thresholds.key, "concepts": self.concepts.key, "rows": rows}
+        return {**made, "categories": list(self.space.categories)} if with_categories else made
+
+    def shape(self) -> tuple[int, int, int, int]:
+        """(h, w) of the layer's maps and (sh, sw) of the concept set's masks."""
+        return (*self.acts.store.shape(self.layer)[2:], *self.concepts.dataset.uniform_sizes()[2:])
+
+    def source(self, device: str) -> ScoringBlocks:
+        return ScoringBlocks(LayerBlocks(str(self.acts.path), self.layer, self.basis.map(),
+                                         device), str(self.concepts.path), self.concepts.rows)
+
+    def result(self, run: Run, table: str, params: dict, with_categories: bool = False
+               ) -> Artifact:
+        return partition_artifact(run.layout.results, table, self.acts.model.identity.name,
+                                  self.layer, params, self.made_from(with_categories))
+
+    def signature_artifact(self, run: Run) -> Artifact:
+        """Pixel-signature counts of the layer against the run's concept set."""
+        fingerprint = self.made_from(with_categories=True)
+        return Artifact(run.layout.statistic(
+            "signatures", self.acts.dataset.id, self.acts.model.identity.model_id, self.layer,
+            digest(fingerprint), ".npz"), fingerprint)
+
+    def scoring_pass(self, run: Run, rule: TallyRule | None, signatures: bool,
+                     missing: list[Artifact]) -> tuple:
+        return scoring_pass(self.source(run.cfg.extract.device), self.threshold_values,
+                            self.space, rule, signatures, run.scheduler(),
+                            f"{run.cfg.stage} {self.layer}", run.cfg.progress,
+                            scratch_path(missing))
 
 
-def quantile_value(run: Run) -> Thresholds:
-    acts = run.get("extract")
-    artifacts = {layer: _threshold_artifact(run, acts, layer) for layer in acts.layers}
-    return Thresholds({k: load_thresholds(a.path) for k, a in artifacts.items()},
-                      {k: a.key for k, a in artifacts.items()})
+def layer_contexts(run: Run) -> dict[str, LayerContext]:
+    """Per scored layer its context (a stage that calls this needs extract, basis, quantile
+    and concept_set)."""
+    def make() -> dict[str, LayerContext]:
+        acts, bases, thresholds = run.value("extract"), run.value("basis"), run.value("quantile")
+        concepts = run.value("concept_set")
+        return {layer: LayerContext(layer, acts, bases[layer], thresholds[layer], concepts)
+                for layer in acts.layers}
 
-
-def row_keys(run: Run, layer: str) -> dict:
-    """Row keys every result table shares (beside the model/layer partition columns)."""
-    acts, cs = run.get("extract"), run.get("concept_set")
-    ident = acts.model.identity
-    return {"model_id": ident.model_id, "weights": ident.weights,
-            "perturbation": ident.perturbation, "dataset": acts.dataset.id,
-            "concept_set": cs.name, "transform": transform_of(run, layer)}
-
-
-def upstream(thresholds: Thresholds, cs: ConceptSet, layer: str,
-             space: LabelSpace | None = None) -> dict:
-    """What a layer's scores were made from (with ``space``: and the categories scored)."""
-    rows = None if cs.rows is None else digest(cs.rows.tolist())
-    made = {"thresholds": thresholds.keys[layer], "concepts": cs.key, "rows": rows}
-    return made if space is None else {**made, "categories": list(space.categories)}
+    return run.shared("layers", make)
 
 
 # ---------------------------------------------------------------- iou
-def _iou_artifacts(run: Run, layer: str) -> dict[str, Artifact]:
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+def iou_artifacts(run: Run, ctx: LayerContext) -> dict[str, Artifact]:
     s = run.cfg.scoring
-    space = label_space_of(run, cs)
-    params = {**row_keys(run, layer), "quantile": s.quantile, "union_mode": str(s.union),
-              "planes": str(s.planes), "categories": ",".join(space.categories)}
-    fp = upstream(thr, cs, layer)
+    params = {**ctx.row_keys(), "quantile": s.quantile, "union_mode": str(s.union),
+              "planes": str(s.planes), "categories": ",".join(ctx.space.categories)}
     with_threshold = {**params, "iou_threshold": s.iou_threshold}
-    model = acts.model.identity.name
-    root = run.layout.results
-    return {"iou": partition_artifact(root, "iou", model, layer, params, fp),
-            "units": partition_artifact(root, "units", model, layer, with_threshold, fp),
-            "layers": partition_artifact(root, "layers", model, layer, with_threshold, fp)}
+    return {"iou": ctx.result(run, "iou", params),
+            "units": ctx.result(run, "units", with_threshold),
+            "layers": ctx.result(run, "layers", with_threshold)}
 
 
-def signature_artifact(run: Run, layer: str) -> Artifact:
-    """Pixel-signature counts of one layer against the run's concept set."""
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
-    space = label_space_of(run, cs)
-    fingerprint = upstream(thr, cs, layer, space)
-    path = run.layout.statistic("signatures", acts.dataset.id, acts.model.identity.model_id,
-                                layer, digest(fingerprint), ".npz")
-    return Artifact(path, fingerprint)
-
-
-def scoring_pass(run: Run, layer: str, tally: bool, signatures: bool,
-                 missing: list[Artifact]) -> tuple:
-    """One read of every block of a layer feeding the tally and/or the signature counts."""
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
+def iou_targets(run: Run) -> list[Target]:
+    """Per layer its tables and, when formulas are asked for, its signature counts, from one
+    pass over the blocks."""
     s = run.cfg.scoring
-    space = label_space_of(run, cs)
-    statistics = []
-    if tally:
-        scoring = ScoringConfig(s.quantile, str(s.union), str(s.planes),
-                                None if s.categories is None else tuple(s.categories),
-                                s.iou_threshold)
-        statistics.append(Tally(thr.values[layer], space, scoring))
-    if signatures:
-        statistics.append(Signatures(thr.values[layer], space))
-    source = ScoringBlocks(blocks(run, acts, layer), str(cs.store.path), cs.rows)
-    return reduce_blocks(Pass(source, statistics), acts.store.n_blocks(), run.scheduler(),
-                         f"{run.cfg.stage} {layer}", run.cfg.progress,
-                         checkpoint=scratch_path(missing))
+    rule = TallyRule(str(s.union), str(s.planes))
+    targets = []
+    for layer, ctx in layer_contexts(run).items():
+        tables = iou_artifacts(run, ctx)
+        signature = ctx.signature_artifact(run) if run.cfg.concepts.formulas else None
 
+        def build(missing: list[Artifact], ctx=ctx, tables=tables, signature=signature) -> None:
+            tally = any(a in missing for a in tables.values())
+            if tally:
+                log.info("iou: %s: tally by the %s", ctx.layer, describe_kernel(ctx.shape()))
+            counts, found = ctx.scoring_pass(run, rule if tally else None, signature in missing,
+                                             missing)
+            if found is not None:
+                save_arrays(signature, found.state_dict())
+            if counts is None:
+                return
+            frames = score_tables(counts, ctx.space, ctx.threshold_values, s.iou_threshold,
+                                  tables["iou"].fingerprint["params"])
+            for name, frame in frames.items():
+                write_partition(tables[name], frame)
 
-def _iou_target(run: Run, layer: str) -> Target:
-    """The tables of one layer and, when formulas are asked for, its signature counts, from
-    one pass over the blocks."""
-    acts, thr, cs = run.get("extract"), run.get("quantile"), run.get("concept_set")
-    tables = _iou_artifacts(run, layer)
-    signature = signature_artifact(run, layer) if run.cfg.concepts.formulas else None
-    artifacts = (*tables.values(), *([signature] if signature else []))
-
-    def build(missing: list[Artifact]) -> None:
-        tally = any(a in missing for a in tables.values())
-        results = list(scoring_pass(run, layer, tally, signature in missing, missing))
-        if signature in missing:
-            save_arrays(signature, results.pop())
-        if not tally:
-            return
-        counts = results[0]
-        space = label_space_of(run, cs)
-        iou = iou_frame(counts, space, tables["iou"].fingerprint["params"])
-        units = units_frame(iou, thr.values[layer], run.cfg.scoring.iou_threshold)
-        layers = layers_frame(units, space.categories, tables["units"].fingerprint["params"])
-        for table, frame in (("iou", iou), ("units", units), ("layers", layers)):
-            write_partition(tables[table], frame)
-
-    return Target(f"{acts.model.identity.model_id} {layer} tables", artifacts, build)
-
-
-def plan_iou(run: Run) -> list[Target]:
-    acts = run.get("extract")
-    targets = [_iou_target(run, layer) for layer in acts.layers]
-    if run.cfg.concepts.formulas:
-        from pipeline.signatures import plan_formulas
-
-        targets += plan_formulas(run)
+        artifacts = (*tables.values(), *([signature] if signature else []))
+        targets.append(Target(f"{ctx.acts.model.identity.model_id} {layer} tables", artifacts,
+                              build))
     return targets
 
 
 def iou_value(run: Run) -> dict[str, pd.DataFrame]:
     """Per layer, the `layers` rows of this run (for the summary)."""
-    acts = run.get("extract")
-    return {layer: pd.read_parquet(_iou_artifacts(run, layer)["layers"].path)
-            for layer in acts.layers}
+    return {layer: pd.read_parquet(iou_artifacts(run, ctx)["layers"].path)
+            for layer, ctx in layer_contexts(run).items()}
+
+
+# ---------------------------------------------------------------- signatures
+def signatures_value(run: Run) -> dict[str, Artifact]:
+    """Per layer, the artifact of its pixel-signature counts."""
+    return {layer: ctx.signature_artifact(run) for layer, ctx in layer_contexts(run).items()}
+
+
+def signatures_targets(run: Run) -> list[Target]:
+    """Per layer its signature counts, in a pass of their own (unless the iou stage made
+    them alongside the tally)."""
+    def target(ctx: LayerContext, artifact: Artifact) -> Target:
+        def build(missing: list[Artifact]) -> None:
+            _, found = ctx.scoring_pass(run, None, True, missing)
+            save_arrays(artifact, found.state_dict())
+
+        return Target(f"{ctx.acts.model.identity.model_id} {ctx.layer} signatures", (artifact,),
+                      build)
+
+    return [target(layer_contexts(run)[layer], a) for layer, a in signatures_value(run).items()]

@@ -9,45 +9,46 @@ from typing import Any
 from pipeline import acquire, basis, concept_set, data, publish, scoring, signatures
 from pipeline.cluster import dask_scheduler
 from pipeline.config import Config, Stage, validate
-from pipeline.graph import Run, StageDef, closure
-from pipeline.layout import model_spec
+from pipeline.graph import Run, StageDef, Step, Target, closure
+from pipeline.identity import model_spec
 from stages.network.models import check_layers
 from stages.signatures.formulas import load_formulas
 from storage.errors import UserError
 
 
-def _all_value(run: Run) -> Any:
-    run.get("iou")
-    return run.get("report")
+def _iou_targets(run: Run) -> list[Target]:
+    """The tables (with signature counts when formulas are scored) and the formula rows."""
+    return scoring.iou_targets(run) + signatures.formula_targets(run)
 
 
-def _none(_run: Run) -> list:
-    return []
-
-
+SCORED = ("extract", "basis", "quantile", "concept_set")  # what every scoring stage reads
 GRAPH: dict[str, StageDef] = {s.name: s for s in (
-    StageDef("dataset", (), ("dataset",), data.plan_dataset, data.dataset_value),
+    StageDef("dataset", (), ("dataset",), data.dataset_targets, data.dataset_value),
     StageDef("concepts", ("dataset",), ("dataset.block_size", "extract.perturb"),
-             data.plan_concepts, data.concepts_value),
-    StageDef("model", ("dataset",), ("model", "fetch"), data.plan_model, data.model_value),
-    StageDef("extract", ("dataset", "model"), ("extract",), data.plan_extract, data.extract_value),
-    StageDef("basis", ("extract",), ("transform",), basis.plan_basis, basis.basis_value),
-    StageDef("quantile", ("extract", "basis"), ("scoring.quantile",), scoring.plan_quantile,
-             scoring.quantile_value),
+             data.concepts_targets, data.concepts_value),
+    StageDef("model", ("dataset",), ("model", "fetch"), data.model_targets, data.model_value),
+    StageDef("extract", ("dataset", "model"), ("extract",), data.extract_targets,
+             data.extract_value),
+    StageDef("cache", ("dataset", "model"), (), data.cache_targets, data.extract_value),
+    StageDef("basis", ("extract",), ("transform",), basis.basis_targets, basis.basis_value),
+    StageDef("quantile", ("extract", "basis"), ("scoring.quantile", "report.top_n"),
+             scoring.quantile_targets, scoring.quantile_value),
     StageDef("concept_set", ("extract", "concepts"), ("concepts.path", "concepts.name"),
-             concept_set.plan_concept_set, concept_set.concept_set_value),
-    StageDef("iou", ("extract", "basis", "quantile", "concept_set"),
-             ("scoring", "concepts.formulas"), scoring.plan_iou, scoring.iou_value),
-    StageDef("rescore", ("iou",), (), _none, lambda run: run.get("iou")),
-    StageDef("explain", ("extract", "basis", "quantile", "concept_set"),
-             ("explain", "scoring.categories"), signatures.plan_explain, signatures.explain_value),
-    StageDef("report", (), ("report",), publish.plan_report, publish.report_value),
-    StageDef("all", ("iou", "report"), (), _none, _all_value),
-    StageDef("fetch", (), ("fetch", "dataset", "model.weights"), acquire.plan_fetch,
+             concept_set.concept_set_targets, concept_set.concept_set_value),
+    StageDef("iou", SCORED, ("scoring", "concepts.formulas"), _iou_targets, scoring.iou_value),
+    StageDef("rescore", ("cache", "iou"), (), value=lambda run: run.value("iou")),
+    StageDef("signatures", SCORED, ("scoring.categories",), scoring.signatures_targets,
+             scoring.signatures_value),
+    StageDef("explain", (*SCORED, "signatures"), ("explain",), signatures.explain_targets,
+             signatures.explain_value),
+    StageDef("report", (), ("report",), publish.report_targets, publish.report_value,
+             reads_results=True),
+    StageDef("all", ("iou", "report"), (), value=publish.report_value),
+    StageDef("fetch", (), ("fetch", "dataset", "model.weights"), acquire.fetch_targets,
              acquire.fetch_value),
-    StageDef("check", ("dataset",), ("check",), _none, acquire.check_value),
+    StageDef("check", ("dataset",), ("check",), value=acquire.check_value),
 )}
-ALWAYS_USED = ("stage", "workdir", "progress", "cluster", "hydra")
+ALWAYS_USED = ("stage", "workdir", "progress", "cluster", "hydra", "dry_run")
 
 
 def check_overrides_used(cfg: Config, keys: Iterable[str]) -> None:
@@ -86,11 +87,20 @@ def _label_names(cfg: Config) -> list[str]:
 
     root = cfg.concepts.path or cfg.dataset.path
     if root is None:
-        from stages.synthetic import label_table
+        from stages.scenes.labels import label_table
 
         return [lab["name"] for lab in label_table()]
     root = Path(root).expanduser()
     return [lab.name for lab in read_labels(root, read_categories(root)).values()]
+
+
+def _no_cluster() -> Any:
+    raise RuntimeError("a dry run starts no cluster")
+
+
+def plan(cfg: Config) -> list[Step]:
+    """What running ``cfg`` would do, stage by stage; nothing is built, locked or started."""
+    return Run(cfg, _no_cluster, GRAPH).plan(str(cfg.stage))
 
 
 def execute(cfg: Config) -> Any:
@@ -100,9 +110,9 @@ def execute(cfg: Config) -> Any:
         run = Run(cfg, scheduler, GRAPH)
         value = run.get(stage)
         if stage in (Stage.iou, Stage.rescore, Stage.all):
-            publish.print_summary(run, run.get("iou"))
+            publish.print_summary(run, run.value("iou"))
         if stage == Stage.explain:
             publish.print_explanations(run, value)
         if stage in (Stage.report, Stage.all):
-            print(f"Report: {run.get('report')}")
+            print(f"Report: {run.value('report')}")
     return value

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from stages.engine.reduction import map_blocks
+from stages.engine.dask import map_blocks
 from stages.network.perturb import Perturbation
 from storage import concepts as cstore
 from storage.artifacts import remove

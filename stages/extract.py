@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.engine.reduction import map_blocks
+from stages.engine.dask import map_blocks
 from stages.network.models import (
     ModelSpec,
     build_model,

@@ -18,7 +18,6 @@ unit (what the report shows), so thresholds and top images cost one pass.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,16 @@ import numpy as np
 
 from stages.engine.blocks import LayerBlocks
 from stages.engine.reduction import Pass, reduce_blocks
-from stages.tally.kernels import RADIX_WIDTHS, keys_to_floats, lerp, quantile_position, radix_step
-from stages.thresholds.statistics import RadixHistogram, TopImages, TopImagesStat, TopValues
-from storage.errors import UserError
+from stages.thresholds.kernels import (
+    RADIX_WIDTHS,
+    keys_to_floats,
+    lerp,
+    quantile_position,
+    radix_step,
+)
+from stages.thresholds.statistics import RadixHistogram, TopValues
+from stages.thresholds.top_images import TopImages, TopImagesStat
 
-log = logging.getLogger("netdissect")
 DEFAULT_CANDIDATE_BUDGET = 1 << 25  # float32 values kept per partial (128 MiB)
 
 
@@ -60,8 +64,6 @@ def threshold_pass(
     ``scheduler=None`` runs in-process; otherwise a Dask scheduler name or Client;
     ``checkpoint`` (a file path) makes the passes resumable.
     """
-    if not 0.0 < q < 1.0:
-        raise UserError(f"scoring.quantile={q}: must lie in (0, 1)")
     store = blocks.store()
     n_blocks = store.n_blocks()
     # a transform may change the unit count: then ask it, on the first block
@@ -76,6 +78,7 @@ def threshold_pass(
         tops, *found = reduce_blocks(Pass(blocks, (TopValues(need), *extra)), n_blocks,
                                      scheduler, desc, progress, split_every,
                                      _pass_checkpoint(checkpoint, "top"))
+        tops = tops.descending()
         v_lo, v_hi = tops[:, n - 1 - lo], tops[:, n - 1 - hi]
         return lerp(v_lo, v_hi, gamma), (found[0] if found else None)
     ranks = np.tile(np.array([lo, hi], dtype=np.int64), (k, 1))
@@ -87,18 +90,7 @@ def threshold_pass(
                                     f"{desc} pass {i + 1}/{len(RADIX_WIDTHS)}", progress, 8,
                                     _pass_checkpoint(checkpoint, f"radix{i}"))
         found += more
-        prefixes, ranks = radix_step(hist, prefixes, ranks, width)
+        prefixes, ranks = radix_step(hist.counts, prefixes, ranks, width)
         done += width
     values = keys_to_floats(prefixes)
     return lerp(values[:, 0], values[:, 1], gamma), (found[0] if found else None)
-
-
-def exact_thresholds(
-    blocks: LayerBlocks,
-    q: float,
-    scheduler: Any = None,
-    candidate_budget: int = DEFAULT_CANDIDATE_BUDGET,
-    progress: bool = False,
-) -> np.ndarray:
-    """T_k = numpy.quantile(all values of unit k, 1 - q, method='linear'), exactly."""
-    return threshold_pass(blocks, q, scheduler, candidate_budget, progress)[0]

@@ -32,13 +32,12 @@ from typing import Any
 import jinja2
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from stages.network.perturb import Perturbation
-from stages.tally.kernels import upsample_masks
-from stages.thresholds.statistics import TopImages
+from stages.tally.masks import unit_mask
+from stages.thresholds.top_images import TopImages
 from storage.artifacts import atomic_dir
 from storage.broden import dataset_file
 from storage.errors import UserError
@@ -85,13 +84,6 @@ class PageImages:
 
 
 # ---------------------------------------------------------------- image tiles
-def unit_mask(act_map: np.ndarray, threshold: float, size: tuple[int, int]) -> np.ndarray:
-    """SEMANTICS.md §2 mask of one raw map at ``size`` (h, w): bilinear upsample > T."""
-    acts = torch.from_numpy(np.ascontiguousarray(act_map, dtype=np.float32))[None]
-    thr = torch.tensor([threshold], dtype=torch.float32)
-    return upsample_masks(acts, size, thr)[0].numpy()
-
-
 def render_tile(image: np.ndarray, mask: np.ndarray, thumb: int) -> np.ndarray:
     """The image scaled to fit ``thumb`` px, dimmed outside the mask, the mask outlined."""
     h, w = image.shape[:2]

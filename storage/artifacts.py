@@ -24,6 +24,7 @@ on one workdir never build the same artifact twice: the second waits, then finds
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -135,6 +136,23 @@ class Artifact:
         """Drop the manifest, so the artifact reads as missing (before rebuilding it)."""
         self.manifest_path.unlink(missing_ok=True)
 
+    def is_locked(self) -> bool:
+        """Does another process hold this artifact's lock now?  Asked without creating or
+        changing any file (a dry run writes nothing)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return False  # no lock file: nobody has ever held it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
     @contextmanager
     def locked(self, on_wait: Callable[[Artifact], None] | None = None) -> Iterator[None]:
         """Hold this artifact's lock; ``on_wait`` is told when another run holds it."""
@@ -150,6 +168,20 @@ class Artifact:
             yield
         finally:
             lock.release()
+
+
+def recorded(folder: Path, suffix: str, recursive: bool = False) -> list[tuple[Path, dict]]:
+    """Every artifact with a manifest in ``folder`` whose name ends in ``suffix`` (a whole
+    artifact, not a store member): its path and its manifest, sorted by path."""
+    pattern = f".*{suffix}.artifact.json"
+    found = []
+    for manifest in sorted(folder.rglob(pattern) if recursive else folder.glob(pattern)):
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        found.append((manifest.parent / manifest.name[1 : -len(".artifact.json")], data))
+    return found
 
 
 def scratch_path(artifacts: list[Artifact], suffix: str = "partial.npz") -> Path:

@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 
 from storage.artifacts import Artifact, atomic_file, digest
 
-TABLES = ("iou", "units", "layers", "explanations")
 PARTITIONS = ("model", "layer")
 
 
@@ -35,12 +34,15 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "unnamed"
 
 
-def run_key(params: dict) -> str:
-    return digest(params)
-
-
 def partition_dir(root: Path, table: str, model: str, layer: str) -> Path:
     return root / table / f"model={model}" / f"layer={layer}"
+
+
+def with_row_keys(frame: pd.DataFrame, keys: dict) -> pd.DataFrame:
+    """``frame`` with the key and parameter columns ``keys`` in front (one value each)."""
+    for position, (key, value) in enumerate(keys.items()):
+        frame.insert(position, key, value)
+    return frame
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
@@ -53,7 +55,7 @@ def partition_artifact(
     root: Path, table: str, model: str, layer: str, params: dict, fingerprint: dict
 ) -> Artifact:
     """The file holding one (model, layer, parameter set)'s rows of ``table``."""
-    path = partition_dir(root, table, model, layer) / f"{run_key(params)}.parquet"
+    path = partition_dir(root, table, model, layer) / f"{digest(params)}.parquet"
     return Artifact(path, {"table": table, "params": params, **fingerprint})
 
 

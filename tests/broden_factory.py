@@ -9,63 +9,33 @@ Usage::
     b.image(planes={"object": [arr]}, scalars={"scene": [12]})
     root = b.write()
 
-Label planes are int arrays of label numbers; they are written as RGB PNGs with
-R = n % 256, G = n // 256 (so numbers up to 65535 fit).  Every generated path lives under
-``images/``.  ``cells`` overrides a raw index.csv cell for malformed-input tests, and
+Label planes are int arrays of label numbers, written by the project's Broden writer
+(:mod:`storage.broden_writer`).  Every generated path lives under ``images/``.  ``cells`` overrides a raw index.csv cell for malformed-input tests, and
 ``index_columns`` sets the category column order of index.csv independently of
 category.csv.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-INDEX_FIXED = ["image", "split", "ih", "iw", "sh", "sw"]
-
-
-def encode_plane(labels: np.ndarray) -> np.ndarray:
-    """(H, W) label numbers -> (H, W, 3) uint8 with R + 256·G = number, B = 0."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.ndim != 2:
-        raise ValueError(f"a label plane must be 2-D, got shape {labels.shape}")
-    if labels.min(initial=0) < 0 or labels.max(initial=0) > 65535:
-        raise ValueError("label numbers must lie in 0..65535")
-    out = np.zeros((*labels.shape, 3), dtype=np.uint8)
-    out[..., 0] = labels & 0xFF
-    out[..., 1] = (labels >> 8) & 0xFF
-    return out
-
-
-def save_plane(path: Path, labels: np.ndarray) -> Path:
-    """Write a label plane PNG (creating parent folders)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(encode_plane(labels)).save(path, format="PNG")
-    return path
+from storage.broden_writer import BrodenWriter
 
 
 def save_rgb(path: Path, h: int, w: int, seed: int = 0) -> Path:
     """Write a small deterministic RGB image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(path, format="PNG")
+    Image.fromarray(random_rgb(h, w, seed)).save(path, format="PNG")
     return path
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows([[str(v) for v in row] for row in rows])
-    return path
+def random_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
 
 @dataclass
@@ -137,56 +107,20 @@ class BrodenBuilder:
 
     # ------------------------------------------------------------------ writing
     def write(self) -> Path:
-        root = self.root
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        self._write_category_csv()
-        self._write_label_csv()
-        for cat in self.categories:
-            self._write_c_csv(cat)
-        self._write_index_and_images()
-        return root
-
-    def _write_category_csv(self) -> None:
-        rows = []
-        for cat in self.categories:
-            nums = sorted(self.coverage[cat]) or [0]
-            rows.append([cat, nums[0], nums[-1], len(self.coverage[cat]), len(self.images)])
-        write_csv(self.root / "category.csv", ["name", "first", "last", "count", "frequency"], rows)
-
-    def _write_label_csv(self) -> None:
-        rows: list[list[object]] = [[0, "-", "", 0, 0, ""]]
+        writer = BrodenWriter(self.root, self.categories, self.index_columns)
         for n in sorted(self.labels):
-            cats = ";".join(f"{c}(1)" for c in self.categories if n in self.coverage[c])
-            rows.append([n, self.labels[n], cats, 1, 0.5, ""])
-        header = ["number", "name", "category", "frequency", "coverage", "syns"]
-        write_csv(self.root / "label.csv", header, rows)
-
-    def _write_c_csv(self, cat: str) -> None:
-        rows = [
-            [code, n, self.labels[n], 1, repr(cov)]
-            for code, (n, cov) in enumerate(sorted(self.coverage[cat].items()), start=1)
-        ]
-        header = ["code", "number", "name", "frequency", "coverage"]
-        write_csv(self.root / f"c_{cat}.csv", header, rows)
-
-    def _write_index_and_images(self) -> None:
-        images_dir = self.root / "images"
-        rows = []
+            writer.label(n, self.labels[n], [c for c in self.categories if n in self.coverage[c]])
         for row, spec in enumerate(self.images):
-            save_rgb(images_dir / spec.name, self.ih, self.iw, seed=row)
             stem = spec.name.rsplit(".", 1)[0]
-            cells = []
+            entries: dict[str, list] = {}
             for cat in self.index_columns:
-                paths = []
-                for k, plane in enumerate(spec.planes.get(cat, [])):
-                    rel = f"{stem}_{cat}_{k + 1}.png"
-                    save_plane(images_dir / rel, plane)
-                    paths.append(rel)
+                paths = [f"{stem}_{cat}_{k + 1}.png" for k in range(len(spec.planes.get(cat, [])))]
                 spec.plane_paths[cat] = paths
-                entries = paths + [str(v) for v in spec.scalars.get(cat, [])]
-                cells.append(spec.cells.get(cat, ";".join(entries)))
-            rows.append([spec.name, spec.split, self.ih, self.iw, self.sh, self.sw, *cells])
-        write_csv(self.root / "index.csv", INDEX_FIXED + self.index_columns, rows)
+                entries[cat] = [*zip(paths, spec.planes.get(cat, []), strict=True),
+                                *(int(v) for v in spec.scalars.get(cat, []))]
+            writer.add_image(spec.name, spec.split, (self.ih, self.iw, self.sh, self.sw),
+                             entries, random_rgb(self.ih, self.iw, seed=row), spec.cells)
+        return writer.write_tables(self.coverage)
 
     # ------------------------------------------------------------------ expectations
     def expected_packing(self) -> list[tuple[list[np.ndarray], list[int], list[int], list[int]]]:

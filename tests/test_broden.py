@@ -19,7 +19,8 @@ from stages.iou import label_space
 from storage.broden import decode_plane, primary_category, read_broden
 from storage.concepts import store_artifact
 from storage.errors import BrodenFormatError, UserError
-from tests.broden_factory import BrodenBuilder, rewrite_index_line, save_plane, write_csv
+from storage.broden_writer import save_plane, write_csv
+from tests.broden_factory import BrodenBuilder, rewrite_index_line
 
 REPO = Path(__file__).resolve().parents[1]
 SH = SW = 4

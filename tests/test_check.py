@@ -18,7 +18,8 @@ from stages.check import check_dataset, format_report
 from stages.synthetic import CATEGORIES, label_table, render
 from storage.broden import read_broden
 from storage.errors import BrodenFormatError, UserError
-from tests.broden_factory import BrodenBuilder, save_plane, save_rgb
+from storage.broden_writer import save_plane
+from tests.broden_factory import BrodenBuilder, save_rgb
 
 N_IMAGES = 12
 

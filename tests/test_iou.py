@@ -25,7 +25,6 @@ Corners built into the data (image numbers in brackets):
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,21 +32,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from stages.concepts import ConceptsConfig, build_concept_store
-from stages.engine.blocks import LayerBlocks
-from stages.engine.reduction import reduce_in_process, reduce_with_dask
-from stages.iou import (
-    ScoringConfig,
-    TallyReduction,
-    iou_frame,
-    label_space,
-    layers_frame,
-    tally_inputs,
-    units_frame,
-)
-from stages.tally.kernels import tally_block
+from stages.engine.blocks import LayerBlocks, ScoringBlocks
+from stages.engine.reduction import Pass, reduce_in_process, reduce_with_dask
+from stages.iou import iou_frame, layers_frame, units_frame
+from stages.tally.labels import block_labels, label_space
 from stages.tally.reference import (
     RefImage,
     reference_counts,
@@ -56,8 +46,10 @@ from stages.tally.reference import (
     reference_mask,
     reference_units,
 )
+from stages.tally.statistic import Tally, TallyCounts, TallyRule, count_block
 from storage import activations as astore
 from storage.activations import ActivationStore
+from storage.broden_writer import BrodenWriter
 from storage.concepts import ConceptStore
 
 N = 14  # images; block size 4 does not divide it
@@ -175,52 +167,26 @@ def build_images(rng: np.random.Generator) -> list[RefImage]:
     return images
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def _write_plane(path: Path, plane: np.ndarray) -> None:
-    rgb = np.zeros((*plane.shape, 3), dtype=np.uint8)
-    rgb[..., 0] = plane % 256
-    rgb[..., 1] = plane // 256
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
-
-
 def write_broden(root: Path, images: list[RefImage]) -> list[str]:
     """A Broden directory for ``images``; returns the image paths in row order."""
-    (root / "images" / "tiny").mkdir(parents=True)
-    _write_csv(root / "category.csv", ["name", "first", "last", "count", "frequency"],
-               [[c, 0, 0, 0, 0] for c in CATEGORY_CSV])
-    _write_csv(root / "label.csv", ["number", "name", "category", "frequency", "coverage", "syns"],
-               [[0, "-", "", 0, 0, ""]] + [[n, name, "", 1, 0.1, ""]
-                                          for n, (name, _) in LABELS.items()])
-    for cat in CATEGORY_CSV:
-        rows = [[n, name, 1, cov[cat]] for n, (name, cov) in LABELS.items() if cat in cov]
-        _write_csv(root / f"c_{cat}.csv", ["number", "name", "frequency", "coverage"], rows)
+    writer = BrodenWriter(root, CATEGORY_CSV, INDEX_COLUMNS)
+    for n, (name, cov) in LABELS.items():
+        writer.label(n, name, [c for c in CATEGORY_CSV if c in cov])
     rng = np.random.default_rng(7)
-    paths, rows = [], []
+    paths = []
     for i, img in enumerate(images):
         image_path = f"tiny/img_{i:02d}.jpg"
-        Image.fromarray(rng.integers(0, 256, (IH, IW, 3), dtype=np.uint8)).save(
-            root / "images" / image_path
-        )
         paths.append(image_path)
-        cells = {}
+        entries = {}
         for cat in INDEX_COLUMNS:
-            entries = []
-            for j, plane in enumerate(img.planes.get(cat, [])):
-                rel = f"tiny/img_{i:02d}_{cat}_{j}.png"
-                _write_plane(root / "images" / rel, plane)
-                entries.append(rel)
-            numbers = [str(n) for n in img.scalars.get(cat, [])]
-            entries = numbers + entries if i % 2 else entries + numbers  # order is free
-            cells[cat] = ";".join(entries)
-        rows.append([image_path, "train", IH, IW, SH, SW] + [cells[c] for c in INDEX_COLUMNS])
-    _write_csv(root / "index.csv", ["image", "split", "ih", "iw", "sh", "sw", *INDEX_COLUMNS], rows)
+            planes = [(f"tiny/img_{i:02d}_{cat}_{j}.png", plane)
+                      for j, plane in enumerate(img.planes.get(cat, []))]
+            numbers = list(img.scalars.get(cat, []))
+            entries[cat] = numbers + planes if i % 2 else planes + numbers  # order is free
+        writer.add_image(image_path, "train", (IH, IW, SH, SW), entries,
+                         rng.integers(0, 256, (IH, IW, 3), dtype=np.uint8))
+    writer.write_tables({c: {n: cov[c] for n, (_, cov) in LABELS.items() if c in cov}
+                         for c in CATEGORY_CSV})
     return paths
 
 
@@ -303,22 +269,32 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     return w
 
 
-def tally(world: World, scoring: ScoringConfig, act_path: Path | None = None,
+@dataclass(frozen=True)
+class Scoring:
+    """The counting rule and the categories a test scores with."""
+
+    union: str = "restricted"
+    planes: str = "set"
+    categories: tuple[str, ...] | None = None
+
+
+def tally(world: World, scoring: Scoring, act_path: Path | None = None,
           thresholds: np.ndarray | None = None, layer: str = LAYER, dask: bool = False):
+    """The tally's counts (as named arrays) through the real stores and a real pass."""
     store = world.store
     space = label_space(store, scoring.categories)
     path = act_path or world.act_path
-    reduction = TallyReduction(
-        LayerBlocks(str(path), layer), str(world.concept_path),
-        world.thresholds if thresholds is None else thresholds, space, scoring,
-    )
+    statistic = Tally(world.thresholds if thresholds is None else thresholds, space,
+                      TallyRule(scoring.union, scoring.planes))
+    reduction = Pass(ScoringBlocks(LayerBlocks(str(path), layer), str(world.concept_path)),
+                     [statistic])
     blocks = list(range(ActivationStore(path).n_blocks()))
     if dask:
-        counts = reduce_with_dask(reduction, blocks, scheduler="threads", split_every=2,
-                                  progress=False)
+        (counts,) = reduce_with_dask(reduction, blocks, scheduler="threads", split_every=2,
+                                     progress=False)
     else:
-        counts = reduce_in_process(reduction, blocks)
-    return counts, space
+        (counts,) = reduce_in_process(reduction, blocks)
+    return counts.state_dict(), space
 
 
 def reference(world: World, union: str, planes: str, primary: dict[int, str] | None = None,
@@ -409,7 +385,7 @@ def test_label_space_primary_categories(world: World, categories, primary) -> No
 
 @pytest.mark.parametrize(("union", "planes"), COMBOS)
 def test_tally_matches_reference(world: World, union: str, planes: str) -> None:
-    counts, space = tally(world, ScoringConfig(union=union, planes=planes))
+    counts, space = tally(world, Scoring(union=union, planes=planes))
     ref, _ = reference(world, union, planes)
     assert_counts_equal(counts, ref)
     assert int(counts["images"]) == N
@@ -417,10 +393,10 @@ def test_tally_matches_reference(world: World, union: str, planes: str) -> None:
 
 @pytest.mark.parametrize(("union", "planes"), COMBOS)
 def test_iou_frame_matches_reference(world: World, union: str, planes: str) -> None:
-    counts, space = tally(world, ScoringConfig(union=union, planes=planes))
+    counts, space = tally(world, Scoring(union=union, planes=planes))
     ref, selected = reference(world, union, planes)
     rows = reference_iou(ref, sorted(PRIMARY_ALL), selected, PRIMARY_ALL)
-    frame = iou_frame(counts, space, {"layer": LAYER, "union_mode": union})
+    frame = iou_frame(TallyCounts.from_state_dict(counts), space, {"layer": LAYER, "union_mode": union})
     assert len(frame) == len(rows) == K * len(PRIMARY_ALL)
     assert (frame["layer"] == LAYER).all() and (frame["union_mode"] == union).all()
     want = pd.DataFrame(rows)
@@ -436,7 +412,7 @@ def test_iou_frame_matches_reference(world: World, union: str, planes: str) -> N
 @pytest.mark.parametrize(("union", "planes"), COMBOS)
 @pytest.mark.parametrize("categories", [("object", "part"), ("part", "object")])
 def test_category_subset_matches_reference(world: World, union, planes, categories) -> None:
-    scoring = ScoringConfig(union=union, planes=planes, categories=categories)
+    scoring = Scoring(union=union, planes=planes, categories=categories)
     counts, space = tally(world, scoring)
     assert space.categories == ("part", "object")  # category.csv order, whatever was asked
     ref, _ = reference(world, union, planes, PRIMARY_OBJECT_PART)
@@ -445,7 +421,7 @@ def test_category_subset_matches_reference(world: World, union, planes, categori
 
 @pytest.mark.parametrize(("union", "planes"), [("restricted", "set"), ("lite", "multiset")])
 def test_dask_threads_and_other_block_size(world: World, union: str, planes: str) -> None:
-    scoring = ScoringConfig(union=union, planes=planes)
+    scoring = Scoring(union=union, planes=planes)
     ref, _ = reference(world, union, planes)
     counts, _ = tally(world, scoring, dask=True)
     assert_counts_equal(counts, ref)
@@ -457,14 +433,15 @@ def test_dask_threads_and_other_block_size(world: World, union: str, planes: str
 
 @pytest.mark.parametrize(("union", "planes"), COMBOS)
 def test_tally_block_pair_chunks(world: World, union: str, planes: str) -> None:
-    """The kernel on the whole dataset at once, with tiny pair chunks."""
+    """The torch producer on the whole dataset at once, with tiny pair chunks."""
     space = label_space(world.store, None)
-    inputs = tally_inputs(world.store.read_block(0, N), space, planes, "cpu")
+    labels = block_labels(world.store.read_block(0, N), space)
     ref, _ = reference(world, union, planes)
     for chunk in (1, 3, 512):
-        counts = tally_block(torch.from_numpy(world.acts), torch.from_numpy(world.thresholds),
-                             inputs, space.n_labels, (SH, SW), union, pair_chunk=chunk)
-        assert_counts_equal({k: v.numpy() for k, v in counts.items()}, ref)
+        counts = count_block(torch.from_numpy(world.acts), world.thresholds, labels, space.lut,
+                             space.dense_category(), len(space.categories), (SH, SW),
+                             TallyRule(union, planes), kernel="torch", pair_chunk=chunk)
+        assert_counts_equal(counts._asdict(), ref)
 
 
 def test_second_layer_and_quantile_thresholds(world: World) -> None:
@@ -476,7 +453,7 @@ def test_second_layer_and_quantile_thresholds(world: World) -> None:
     thr = np.array([np.quantile(small[:, k].astype(np.float64).ravel(), 1 - q)
                     for k, q in enumerate((0.005, 0.3, 0.6))])
     for union, planes in COMBOS:
-        counts, _ = tally(world, ScoringConfig(union=union, planes=planes), act_path=path,
+        counts, _ = tally(world, Scoring(union=union, planes=planes), act_path=path,
                           thresholds=thr, layer="head")
         ref, _ = reference(world, union, planes, acts=small, thresholds=thr)
         assert_counts_equal(counts, ref)
@@ -487,11 +464,11 @@ def test_second_layer_and_quantile_thresholds(world: World) -> None:
 
 @pytest.mark.parametrize(("union", "planes"), COMBOS)
 def test_units_and_layers_frames(world: World, union: str, planes: str) -> None:
-    counts, space = tally(world, ScoringConfig(union=union, planes=planes))
+    counts, space = tally(world, Scoring(union=union, planes=planes))
     ref, selected = reference(world, union, planes)
     rows = reference_iou(ref, sorted(PRIMARY_ALL), selected, PRIMARY_ALL)
     meta = {"layer": LAYER}
-    units = units_frame(iou_frame(counts, space, meta), world.thresholds, 0.04)
+    units = units_frame(iou_frame(TallyCounts.from_state_dict(counts), space, meta), world.thresholds, 0.04)
     want = reference_units(rows, K, 0.04)
     assert units["unit"].tolist() == list(range(K))
     assert units["label"].tolist() == [u["label"] for u in want]
@@ -551,7 +528,7 @@ def test_layers_frame_counts_distinct_concepts() -> None:
 
 def _single_unit_tally(world: World, acts: np.ndarray, thresholds: np.ndarray, name: str):
     path = world.activation_store(4, {"edge": acts}, name=name)
-    counts, _ = tally(world, ScoringConfig(union="global"), act_path=path,
+    counts, _ = tally(world, Scoring(union="global"), act_path=path,
                       thresholds=thresholds, layer="edge")
     ref, _ = reference(world, "global", "set", acts=acts, thresholds=thresholds)
     return counts, ref

@@ -4,7 +4,7 @@
 - ``rotate(alpha, seed)``: W = Q^α, Q ∈ SO(K) drawn uniformly from the seed, Q^α its real
   orthogonal fractional power from the real Schur form (the paper's §3.2 experiment);
 - ``pca(whiten)``: W = Vᵀ (÷ standard deviations when whitened), b = -W μ, from the layer's
-  exact float64 covariance (:class:`stages.thresholds.statistics.Covariance`);
+  exact float64 covariance (:class:`stages.bases.covariance.Covariance`);
 - ``linear(file)``: W, b from a ``.npy``/``.npz``/``.pt``/``.safetensors`` file, with
   activation none, ReLU or top-N — e.g. a sparse autoencoder's encoder.
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from storage.errors import UserError, first_line
-from storage.thresholds import load_arrays
+from storage.arrays import load_arrays
 
 
 def random_rotation(k: int, seed: int) -> np.ndarray:

@@ -8,10 +8,11 @@ re-opened when rebuilt), not once per block.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,12 +68,24 @@ def non_finite_units(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Block:
-    """What one read of a block gives the statistics of a pass."""
+    """What one read of a block gives the statistics of a pass.
+
+    :meth:`shared` holds what several statistics derive from the same read (the tally and
+    the signatures both count the units' mask pixels per pixel class): made by the first
+    that asks, reused by the others.
+    """
 
     acts: torch.Tensor  # (B, K, h, w) float32 on the pass's device (transformed if asked)
     rows: np.ndarray  # (B,) activation-store rows of ``acts``
     labels: ConceptBlock | None = None  # the same images' labels (scoring passes)
     seg_size: tuple[int, int] | None = None
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def shared(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per block and key."""
+        if key not in self.derived:
+            self.derived[key] = make()
+        return self.derived[key]
 
 
 @dataclass(frozen=True)

@@ -1,52 +1,37 @@
 """Statistics as pure reductions, and the runners that apply them to image blocks.
 
-A :class:`Statistic` turns one block of data into a small typed *partial* (``chunk``),
-merges partials associatively (``combine``) and turns the final partial into the answer
-(``finish``) — the shape of dask's ``reduction(chunk, combine, aggregate)``.  Partials have a
-``state_dict`` (named numpy arrays), so a long pass can be saved and resumed.  Statistics do no
-I/O: a :class:`Pass` reads each block once from a block source (``stages.engine.blocks``) and feeds
-every statistic that needs that read.
+A :class:`Statistic` turns one block of data into a small typed :class:`Partial` (``chunk``)
+and merges partials associatively (``combine``) — the shape of dask's
+``reduction(chunk, combine, aggregate)``, where the aggregate is a readout of the final
+partial named for what it answers (``TallyCounts.iou``, ``TopList.sorted``,
+``Moments.covariance``).  Partials have a ``state_dict`` (named numpy arrays), so a long pass
+can be saved and resumed.  Statistics do no I/O: a :class:`Pass` reads each block once from a
+block source (:mod:`stages.engine.blocks`) and feeds every statistic that needs that read.
 
 The same pass runs in-process (:func:`reduce_in_process`) and as a Dask tree reduction
-(:func:`reduce_with_dask`) on any scheduler: ``"sync"``, ``"threads"``, ``"processes"`` or a
-``distributed.Client``.
+(:func:`reduce_with_dask`) on any scheduler (:mod:`stages.engine.dask`).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import dask
 import numpy as np
-from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
-from storage.errors import UserError
-from storage.thresholds import load_arrays, write_arrays
+from stages.engine.dask import compute, one_torch_thread_per_task, parallelism
+from storage.arrays import load_arrays, write_arrays
 
-P = TypeVar("P")
 CHECKPOINT_EVERY = 30.0  # seconds between saved partials of a long pass
-NO_WORKER_GRACE = 60.0  # seconds without any Dask worker before a pass gives up
-
-
-class Statistic(Protocol[P]):
-    partial_type: type  # an :class:`Arrays` subclass: how a saved partial is read back
-
-    def chunk(self, block: Any) -> P: ...
-
-    def combine(self, partials: Sequence[P]) -> P: ...
-
-    def finish(self, partial: P) -> Any: ...
 
 
 @dataclass(frozen=True)
-class Arrays:
+class Partial:
     """Base of typed partials made of named numpy arrays: their state_dict is those arrays."""
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -55,6 +40,22 @@ class Arrays:
     @classmethod
     def from_state_dict(cls, state: dict[str, np.ndarray]):
         return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+
+class Statistic:
+    """Base of statistics: ``chunk`` one block into a partial of ``partial_type``, ``combine``
+    partials; ``refine`` may narrow what later chunks keep, given what is merged so far."""
+
+    partial_type: type[Partial]
+
+    def chunk(self, block: Any) -> Partial:
+        raise NotImplementedError
+
+    def combine(self, partials: Sequence[Partial]) -> Partial:
+        raise NotImplementedError
+
+    def refine(self, partial: Partial) -> Statistic:  # noqa: ARG002 - most keep everything
+        return self
 
 
 def summed(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -70,12 +71,11 @@ class Pass:
     """One read of every block of ``source`` feeding several statistics.
 
     ``chunk`` takes a block *index*, so runners and Dask graphs deal in indices and each task
-    reads its block once; the partial is the tuple of the statistics' partials.  With
-    ``single=True`` (one statistic) ``finish`` returns that statistic's result alone.
+    reads its block once; the partial is the tuple of the statistics' partials.
     """
 
-    def __init__(self, source: Any, statistics: Sequence[Statistic], single: bool = False):
-        self.source, self.statistics, self.single = source, tuple(statistics), single
+    def __init__(self, source: Any, statistics: Sequence[Statistic]):
+        self.source, self.statistics = source, tuple(statistics)
 
     def chunk(self, index: int) -> tuple:
         block = self.source.read(index)
@@ -85,15 +85,9 @@ class Pass:
         return tuple(s.combine([p[i] for p in partials]) for i, s in enumerate(self.statistics))
 
     def refine(self, partial: tuple) -> Pass:
-        """The pass for the blocks still to come: a statistic with a ``refine(partial)``
-        method may narrow what its chunks keep from what is merged so far."""
+        """The pass for the blocks still to come, each statistic refined by its partial."""
         return Pass(self.source, tuple(
-            s.refine(p) if hasattr(s, "refine") else s
-            for s, p in zip(self.statistics, partial, strict=True)), self.single)
-
-    def finish(self, partial: tuple) -> Any:
-        results = tuple(s.finish(p) for s, p in zip(self.statistics, partial, strict=True))
-        return results[0] if self.single else results
+            s.refine(p) for s, p in zip(self.statistics, partial, strict=True)))
 
     def state_dict(self, partial: tuple) -> dict[str, np.ndarray]:
         return {f"{i}.{key}": value for i, p in enumerate(partial)
@@ -122,8 +116,8 @@ class Checkpoint:
         done = {int(b) for b in state.pop("blocks_done")}
         return done, reduction.load_state_dict(state)
 
-    def save(self, reduction: Pass, partial: tuple, done: set[int], force: bool = False) -> None:
-        if not force and time.monotonic() - self.saved < self.every:
+    def save(self, reduction: Pass, partial: tuple, done: set[int]) -> None:
+        if time.monotonic() - self.saved < self.every:
             return
         write_arrays(self.path, {"blocks_done": np.array(sorted(done), dtype=np.int64),
                                  **reduction.state_dict(partial)})
@@ -133,45 +127,54 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
-def _resume(reduction: Any, blocks: list[int], checkpoint: Checkpoint | None
-            ) -> tuple[list[int], Any, set[int]]:
-    if checkpoint is None or not blocks:
-        return blocks, None, set()
-    done, acc = checkpoint.load(reduction)
-    return [b for b in blocks if b not in done], acc, done
+class _Progress:
+    """Where a pass stands: the blocks still to do, the running partial and the blocks in it
+    (resumed from a checkpoint when one is given)."""
+
+    def __init__(self, reduction: Pass, blocks: list[int], checkpoint: Checkpoint | None):
+        self.reduction, self.checkpoint = reduction, checkpoint
+        self.acc: tuple | None = None
+        self.done: set[int] = set()
+        if checkpoint is not None and blocks:
+            self.done, self.acc = checkpoint.load(reduction)
+        self.todo = [b for b in blocks if b not in self.done]
+        if not self.todo and self.acc is None:
+            raise ValueError("no blocks to reduce")
+
+    def current(self) -> Pass:
+        """The pass for the blocks to come, refined by what is merged so far."""
+        return self.reduction if self.acc is None else self.reduction.refine(self.acc)
+
+    def add(self, part: tuple, blocks: Iterable[int]) -> None:
+        self.acc = part if self.acc is None else self.reduction.combine([self.acc, part])
+        self.done.update(blocks)
+        if self.checkpoint is not None:
+            self.checkpoint.save(self.reduction, self.acc, self.done)
+
+    def result(self) -> tuple:
+        if self.checkpoint is not None:
+            self.checkpoint.remove()
+        return self.acc
 
 
-def reduce_in_process(reduction: Any, blocks: Iterable[int],
-                      checkpoint: Checkpoint | None = None) -> Any:
-    """Run chunk/combine/finish sequentially: the reference semantics of every runner."""
-    todo, acc, done = _resume(reduction, list(blocks), checkpoint)
-    for index in todo:
-        part = _refined(reduction, acc).chunk(index)
-        acc = part if acc is None else reduction.combine([acc, part])
-        done.add(index)
-        if checkpoint is not None:
-            checkpoint.save(reduction, acc, done)
-    if acc is None:
-        raise ValueError("no blocks to reduce")
-    result = reduction.finish(acc)
-    if checkpoint is not None:
-        checkpoint.remove()
-    return result
+def reduce_in_process(reduction: Pass, blocks: Iterable[int],
+                      checkpoint: Checkpoint | None = None) -> tuple:
+    """Run chunk/combine sequentially: the reference semantics of every runner."""
+    progress = _Progress(reduction, list(blocks), checkpoint)
+    for index in progress.todo:
+        progress.add(progress.current().chunk(index), [index])
+    return progress.result()
 
 
-def _refined(reduction: Pass, acc: tuple | None) -> Pass:
-    return reduction if acc is None else reduction.refine(acc)
-
-
-def _chunk(reduction: Any, index: int):
+def _chunk(reduction: Pass, index: int):
     return reduction.chunk(index)
 
 
-def _combine(reduction: Any, *partials):
+def _combine(reduction: Pass, *partials):
     return reduction.combine(list(partials))
 
 
-def reduction_graph(reduction: Any, blocks: Sequence[int], split_every: int = 8):
+def reduction_graph(reduction: Pass, blocks: Sequence[int], split_every: int = 8):
     """A dask.delayed tree: chunk per block, combine ``split_every`` partials per node.  The
     reduction object is one node of the graph, so a cluster ships it once per worker."""
     if not blocks:
@@ -186,16 +189,10 @@ def reduction_graph(reduction: Any, blocks: Sequence[int], split_every: int = 8)
     return layer[0]
 
 
-def reduce_with_dask(
-    reduction: Any,
-    blocks: Sequence[int],
-    scheduler: Any = "threads",
-    desc: str = "reduce",
-    split_every: int = 8,
-    progress: bool = True,
-    checkpoint: Checkpoint | None = None,
-) -> Any:
-    """Tree-reduce on a Dask scheduler; the finish step runs here, on the caller.
+def reduce_with_dask(reduction: Pass, blocks: Sequence[int], scheduler: Any = "threads",
+                     desc: str = "reduce", split_every: int = 8, progress: bool = True,
+                     checkpoint: Checkpoint | None = None) -> tuple:
+    """Tree-reduce on a Dask scheduler.
 
     Blocks go in waves of a few per worker thread, each wave one tree whose result joins
     the running partial: schedulers are free to run every ready chunk before any combine,
@@ -203,37 +200,27 @@ def reduce_with_dask(
     wave size, whatever the number of images.  After each wave the running partial may be
     checkpointed, and the pass is refined with it (``Pass.refine``) for the next wave.
     """
-    todo, acc, done = _resume(reduction, list(blocks), checkpoint)
-    if not todo and acc is None:
-        raise ValueError("no blocks to reduce")
-    parallel = _parallelism(scheduler)
-    starts = wave_starts(len(todo), parallel, max(split_every, 8 * parallel), acc is None)
+    state = _Progress(reduction, list(blocks), checkpoint)
+    parallel = parallelism(scheduler)
+    todo = state.todo
+    starts = wave_starts(len(todo), parallel, max(split_every, 8 * parallel), state.acc is None)
     bar = tqdm(total=len(blocks), initial=len(blocks) - len(todo), desc=desc, unit="block",
                leave=False, disable=None if progress else True)
-    with _one_torch_thread_per_task(scheduler):
+    with bar, one_torch_thread_per_task(scheduler):
         for start, end in zip(starts, [*starts[1:], len(todo)], strict=True):
-            part_blocks = todo[start:end]
-            graph = reduction_graph(_refined(reduction, acc), part_blocks, split_every)
+            graph = reduction_graph(state.current(), todo[start:end], split_every)
             (part,) = compute(graph, scheduler=scheduler, desc=desc, progress=False)
-            acc = part if acc is None else reduction.combine([acc, part])
-            done.update(part_blocks)
-            if checkpoint is not None:
-                checkpoint.save(reduction, acc, done)
-            bar.update(len(part_blocks))
-    bar.close()
-    result = reduction.finish(acc)
-    if checkpoint is not None:
-        checkpoint.remove()
-    return result
+            state.add(part, todo[start:end])
+            bar.update(end - start)
+    return state.result()
 
 
 def wave_starts(n_blocks: int, parallel: int, wave: int, fresh: bool) -> list[int]:
     """First block of each wave.  A fresh pass starts with one block per thread and doubles
     its waves up to ``wave``: a refinable pass narrows what later blocks keep by what is
     merged so far (top-k thresholds keep only values above the running floor), and a floor
-    from few images is loose, so only small waves run under it.  (The Broden-scale benchmark's
-    top-k peak RSS from 2,000 to 8,000 images: x1.14 and x1.21 for resnet18 and resnet50
-    with a full-size second wave, x1.13 and x1.16 with doubling waves.)"""
+    from few images is loose, so only small waves run under it (the Broden-scale benchmark
+    measures the peak RSS this bounds)."""
     starts, size, start = [], parallel if fresh else wave, 0
     while start < n_blocks:
         starts.append(start)
@@ -242,159 +229,14 @@ def wave_starts(n_blocks: int, parallel: int, wave: int, fresh: bool) -> list[in
     return starts
 
 
-@contextmanager
-def _one_torch_thread_per_task(scheduler: Any) -> Iterator[None]:
-    """Dask's threaded scheduler already runs one block per core; torch's own intra-op
-    threads on top would oversubscribe the cores (measured: stalls of a waiting thread)."""
-    if scheduler != "threads":
-        yield
-        return
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def reduce_blocks(
-    reduction: Any,
-    n_blocks: int,
-    scheduler: Any = None,
-    desc: str = "reduce",
-    progress: bool = True,
-    split_every: int = 8,
-    checkpoint: Path | None = None,
-) -> Any:
-    """Reduce blocks 0..n_blocks-1: in-process when ``scheduler`` is None, else on Dask;
-    ``checkpoint`` (a file path) makes a long pass resumable."""
+def reduce_blocks(reduction: Pass, n_blocks: int, scheduler: Any = None,
+                  desc: str = "reduce", progress: bool = True, split_every: int = 8,
+                  checkpoint: Path | None = None) -> tuple:
+    """Reduce blocks 0..n_blocks-1 into the statistics' final partials: in-process when
+    ``scheduler`` is None, else on Dask; ``checkpoint`` (a file path) makes a long pass
+    resumable."""
     blocks = list(range(n_blocks))
     saver = Checkpoint(checkpoint) if checkpoint is not None else None
     if scheduler is None:
         return reduce_in_process(reduction, blocks, saver)
     return reduce_with_dask(reduction, blocks, scheduler, desc, split_every, progress, saver)
-
-
-def _parallelism(scheduler: Any) -> int:
-    """How many chunks a scheduler runs at once (threads of all workers on a Client)."""
-    if _is_client(scheduler):
-        try:
-            return max(1, sum(scheduler.nthreads().values()))
-        except Exception:  # noqa: BLE001 - a client that cannot answer: assume a few
-            return 4
-    if scheduler in (None, "sync", "synchronous", "single-threaded"):
-        return 1
-    return os.cpu_count() or 1
-
-
-class _TqdmCallback(Callback):
-    """Progress for the local schedulers: one tick per finished task."""
-
-    def __init__(self, desc: str, unit: str = "task", scale: int = 1):
-        super().__init__()
-        self.desc, self.unit, self.scale = desc, unit, scale
-        self.bar = None
-
-    def _start_state(self, dsk, state):
-        total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
-        self.bar = tqdm(total=total * self.scale, desc=self.desc, unit=self.unit, leave=False,
-                        disable=None)
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        self.bar.update(self.scale)
-
-    def _finish(self, dsk, state, errored):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def compute(
-    *objs,
-    scheduler: Any = "threads",
-    desc: str = "compute",
-    progress: bool = True,
-    unit: str = "task",
-    scale: int = 1,
-):
-    """``dask.compute`` with a progress bar on local schedulers and on a distributed Client.
-
-    ``scheduler=None`` means in-process (Dask's synchronous scheduler).
-    """
-    if scheduler is None:
-        scheduler = "sync"
-    if _is_client(scheduler):
-        futures = scheduler.compute(list(objs))
-        wait_with_workers(scheduler, futures)
-        return tuple(scheduler.gather(futures))
-    if progress:
-        with _TqdmCallback(desc, unit, scale):
-            return dask.compute(*objs, scheduler=scheduler)
-    return dask.compute(*objs, scheduler=scheduler)
-
-
-def _is_client(scheduler: Any) -> bool:
-    return type(scheduler).__name__ == "Client" and hasattr(scheduler, "gather")
-
-
-def wait_with_workers(client: Any, futures: list, on_done: Callable[[Any], None] | None = None
-                      ) -> None:
-    """Wait for ``futures`` (``on_done`` is called on each as it finishes); if the cluster
-    has had no worker for a while (Dask config ``netdissect.no-worker-timeout``, default
-    60 s), stop with one line instead of waiting forever."""
-    from distributed import wait
-
-    grace = float(dask.config.get("netdissect.no-worker-timeout", NO_WORKER_GRACE))
-    pending, alone_since = set(futures), None
-    while pending:
-        try:
-            done, pending = wait(pending, timeout=2, return_when="FIRST_COMPLETED")
-        except TimeoutError:
-            done = set()
-        for future in done:
-            if on_done is not None:
-                on_done(future)
-        if done or client.scheduler_info().get("workers"):
-            alone_since = None
-            continue
-        alone_since = alone_since or time.monotonic()
-        if time.monotonic() - alone_since > grace:
-            raise UserError(f"no Dask worker left on {client.scheduler.address} for {grace:g} s; "
-                            "start workers (or use another cluster) and run the same command "
-                            "again")
-
-
-def map_blocks(
-    func: Callable[[Any], Any],
-    blocks: Sequence[Any],
-    scheduler: Any = "threads",
-    desc: str = "blocks",
-    progress: bool = True,
-    unit_scale: int = 1,
-    unit: str = "img",
-) -> list[Any]:
-    """Run ``func(item)`` for each block item (writers: extract, concept store).
-
-    On a distributed Client the blocks are submitted as separate futures so a progress
-    bar can tick per block; elsewhere they are one dask.compute call.
-    """
-    if not blocks:
-        return []
-    if _is_client(scheduler):
-        futures = scheduler.map(func, list(blocks), pure=False)
-        results = {}
-        bar = tqdm(total=len(blocks) * unit_scale, desc=desc, unit=unit,
-                   disable=None if progress else True)
-
-        def collect(future) -> None:
-            results[future.key] = future.result()
-            bar.update(unit_scale)
-
-        wait_with_workers(scheduler, futures, collect)
-        bar.close()
-        return [results[f.key] for f in futures]
-    tasks = [dask.delayed(func, pure=False)(b) for b in blocks]
-    return list(
-        compute(*tasks, scheduler=scheduler, desc=desc, progress=progress, unit=unit, scale=unit_scale)
-    )

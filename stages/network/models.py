@@ -258,6 +258,10 @@ def preprocess(images: np.ndarray, mode: str, device: str | torch.device = "cpu"
     raise UserError(f"model.preprocess={mode!r}: choose one of {', '.join(PREPROCESSING)}")
 
 
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
 def pick_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

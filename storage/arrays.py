@@ -1,8 +1,6 @@
-"""Per-layer statistics of an activation cache, each a small artifact file.
-
-- thresholds: ``<key>.parquet`` with columns ``unit, threshold`` (float64);
-- top images: ``top-<key>.npz`` with, per unit, the top-n image rows by maximum activation
-  (ties to the lower row), those maxima and the unit's raw maps on those images.
+"""Small artifact files of named arrays: a statistic's result or a running partial as one
+``.npz`` (top images, signatures, bases, checkpoints), and a layer's thresholds as a
+``unit, threshold`` (float64) Parquet table.
 
 Paths come from the pipeline's layout; currency, locks and atomic writes from
 ``storage.artifacts``.

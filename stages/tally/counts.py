@@ -1,0 +1,98 @@
+"""The counts of SEMANTICS.md §4 from mask pixels per pixel class: the one place the
+``planes`` (set, multiset) and ``union`` (restricted, global, lite) rules are written.
+
+A class's pixels all carry the same labels (:mod:`stages.tally.classes`), so for every unit
+k, label l and category c of a block:
+
+- label_area[l] = Σ_classes size · w(class, l);
+- intersection[k, l] = Σ_(k, class) mask pixels · w(class, l);
+- area[image, k] = Σ_(k, class of the image) mask pixels, the |M_k(x)| of §4;
+
+with w = 1 where the class carries l (``set``) or the number of its planes and image-level
+entries that do (``multiset``).  The unit area of each union mode then sums |M_k(x)| over the
+images it names: all of them (``global``), those carrying a label of category c
+(``restricted``), or those where the mask meets a class with a label of category c
+(``lite``; image-level labels are in every class of their image, so any mask meets them).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from stages.tally.classes import PixelClasses
+from stages.tally.masks import MaskClasses
+
+UNIONS = ("restricted", "global", "lite")
+
+
+class BlockCounts(NamedTuple):
+    """The int64 counts of one block (dense labels 1..L; column and entry 0 stay 0)."""
+
+    intersection: np.ndarray  # (K, L + 1)
+    unit_area: np.ndarray  # (K, C)
+    label_area: np.ndarray  # (L + 1,)
+
+
+@njit(nogil=True, cache=True)
+def _counts(unit, klass, pixels, first, size, labels, occurrences, category, n_units,
+            n_labels, n_categories, multiset, union):
+    n_images = first.shape[0] - 1
+    n_classes, width = labels.shape
+    image = np.empty(n_classes, np.int64)
+    for b in range(n_images):
+        image[first[b] : first[b + 1]] = b
+    intersection = np.zeros((n_units, n_labels + 1), np.int64)
+    label_area = np.zeros(n_labels + 1, np.int64)
+    carries = np.zeros((n_images, n_categories + 1), np.bool_)  # column 0: no label
+    for c in range(n_classes):
+        for j in range(width):
+            label = labels[c, j]
+            weight = occurrences[c, j] if multiset else 1
+            label_area[label] += size[c] * weight
+            carries[image[c], category[label]] = True
+    lite = union == 2
+    area = np.zeros((n_images, n_units), np.int64)
+    meets = np.zeros((n_images if lite else 0, n_units, n_categories + 1), np.bool_)
+    for m in range(unit.shape[0]):
+        k, c, n = unit[m], klass[m], pixels[m]
+        area[image[c], k] += n
+        for j in range(width):
+            label = labels[c, j]
+            intersection[k, label] += n * (occurrences[c, j] if multiset else 1)
+            if lite:
+                meets[image[c], k, category[label]] = True
+    intersection[:, 0] = 0
+    label_area[0] = 0
+    unit_area = np.zeros((n_units, n_categories), np.int64)
+    for b in range(n_images):
+        for k in range(n_units):
+            if area[b, k] == 0:
+                continue
+            for cat in range(n_categories):
+                if union == 0:
+                    counted = carries[b, cat + 1]
+                elif union == 1:
+                    counted = True
+                else:
+                    counted = meets[b, k, cat + 1]
+                if counted:
+                    unit_area[k, cat] += area[b, k]
+    return intersection, unit_area, label_area
+
+
+def block_counts(found: MaskClasses, classes: PixelClasses, n_units: int,
+                 label_category: np.ndarray, n_categories: int, planes: str, union: str
+                 ) -> BlockCounts:
+    """The counts of one block: ``found`` the units' mask pixels per class of ``classes``,
+    ``label_category`` (L + 1,) the primary category index of each dense label (-1 for 0)."""
+    if union not in UNIONS:
+        raise ValueError(f"unknown union mode {union!r}")
+    if planes not in ("set", "multiset"):
+        raise ValueError(f"unknown planes mode {planes!r}")
+    return BlockCounts(*_counts(
+        found.unit, found.klass, found.pixels, classes.first, classes.size, classes.labels,
+        classes.occurrences, np.asarray(label_category, np.int64) + 1, n_units,
+        len(label_category) - 1, n_categories, planes == "multiset", UNIONS.index(union)))

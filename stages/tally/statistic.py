@@ -1,0 +1,154 @@
+"""The tally of SEMANTICS.md §2–4 as a statistic, and the per-block product it shares with
+the signatures: every unit's mask pixels per pixel class.
+
+Per block: the pixel classes of its labels (:mod:`stages.tally.classes`), then one mask
+producer counts each unit's mask pixels per class — the compiled CPU loop where it is exact
+for the shape (:mod:`stages.tally.compiled`), the torch producer otherwise and on GPUs
+(:func:`stages.tally.masks.torch_mask_classes`).  :mod:`stages.tally.counts` reads the §4
+counts out of that; :class:`stages.signatures.statistic.Signatures` reads the §6 signature
+counts out of the same product when both run in one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from stages.engine.blocks import Block
+from stages.engine.reduction import Partial, Statistic, summed
+from stages.tally.classes import PixelClasses, pixel_classes
+from stages.tally.compiled import CompiledMasks, compiled_masks
+from stages.tally.counts import BlockCounts, block_counts
+from stages.tally.labels import BlockLabels, LabelSpace, block_labels
+from stages.tally.masks import MaskClasses, float32_below, skip_bound, torch_mask_classes
+
+log = logging.getLogger("netdissect")
+KERNELS = ("auto", "compiled", "torch")
+
+
+def mask_kernel(device: torch.device | str, shape: tuple[int, int, int, int],
+                kernel: str = "auto") -> CompiledMasks | None:
+    """The compiled producer for (h, w) -> (sh, sw) when ``kernel`` and the device let it
+    run (``auto``: on CPU where it is exact for the shape); None for the torch producer.
+    GPUs always take the torch producer."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown tally kernel {kernel!r}")
+    cpu = torch.device(device).type == "cpu"
+    compiled = compiled_masks(*shape) if cpu and kernel != "torch" else None
+    if kernel == "compiled" and compiled is None:
+        raise ValueError(f"the compiled tally is not exact for {shape} on {device}")
+    return compiled
+
+
+def describe_kernel(shape: tuple[int, int, int, int]) -> str:
+    """Which producer counts CPU blocks of this shape, in words (the run logs it once)."""
+    compiled = compiled_masks(*shape)
+    if compiled is None:
+        return ("torch kernel: no compiled form matches this torch's CPU arithmetic for "
+                f"{shape[0]}x{shape[1]} -> {shape[2]}x{shape[3]} (about 10x slower)")
+    return f"compiled CPU loop ({compiled.describe()})"
+
+
+def mask_classes(acts: torch.Tensor, thresholds: np.ndarray, classes: PixelClasses,
+                 seg_size: tuple[int, int], kernel: str = "auto", pair_chunk: int = 1024
+                 ) -> MaskClasses:
+    """Every unit's mask pixels per pixel class of a block: acts (B, K, h, w) on any device,
+    thresholds (K,) float64."""
+    t32 = float32_below(np.asarray(thresholds, np.float64))
+    compiled = mask_kernel(acts.device, (*acts.shape[2:], *seg_size), kernel)
+    if compiled is not None:
+        return compiled.mask_classes(acts.numpy(), t32, skip_bound(t32), classes)
+    return torch_mask_classes(acts, t32, classes.pixel_class, classes.n_classes, seg_size,
+                              pair_chunk)
+
+
+def count_block(acts: torch.Tensor, thresholds: np.ndarray, labels: BlockLabels,
+                lut: np.ndarray, label_category: np.ndarray, n_categories: int,
+                seg_size: tuple[int, int], rule: TallyRule, kernel: str = "auto",
+                pair_chunk: int = 1024) -> BlockCounts:
+    """The §4 counts of one block of images for every unit and label (lut: stored number ->
+    dense label; label_category: dense label -> primary category index, -1 for 0)."""
+    classes = pixel_classes(labels, lut)
+    found = mask_classes(acts, thresholds, classes, seg_size, kernel, pair_chunk)
+    return block_counts(found, classes, acts.shape[1], label_category, n_categories,
+                        rule.planes, rule.union)
+
+
+class ScoredBlock(NamedTuple):
+    """A block's pixel classes and every unit's mask pixels per class."""
+
+    classes: PixelClasses
+    masks: MaskClasses
+
+
+def scored_block(block: Block, thresholds: np.ndarray, space: LabelSpace,
+                 kernel: str = "auto") -> ScoredBlock:
+    """The block's :class:`ScoredBlock`, made once per block for every statistic of the pass
+    that counts against the same thresholds and labels."""
+    thresholds = np.asarray(thresholds, np.float64)
+    key = ("scored", kernel, thresholds.tobytes(), space.lut.tobytes(), space.categories)
+
+    def make() -> ScoredBlock:
+        classes = pixel_classes(block_labels(block.labels, space), space.lut)
+        return ScoredBlock(classes, mask_classes(block.acts, thresholds, classes,
+                                                 block.seg_size, kernel))
+
+    return block.shared(key, make)
+
+
+@dataclass(frozen=True)
+class TallyRule:
+    """How labels are counted (SEMANTICS.md §3–4): ``planes`` set or multiset, ``union``
+    restricted, global or lite."""
+
+    union: str = "restricted"
+    planes: str = "set"
+
+
+@dataclass(frozen=True)
+class TallyCounts(Partial):
+    intersection: np.ndarray  # (K, L + 1) int64
+    unit_area: np.ndarray  # (K, C) int64
+    label_area: np.ndarray  # (L + 1,) int64
+    images: np.ndarray  # () int64 images counted
+
+    def union_area(self, space: LabelSpace) -> np.ndarray:
+        """(K, L) |M_k| in the label's primary category + |L_l| - |M_k ∩ L_l|."""
+        return (self.unit_area[:, space.primary] + self.label_area[None, 1:]
+                - self.intersection[:, 1:])
+
+    def iou(self, space: LabelSpace) -> np.ndarray:
+        """(K, L) intersection over union, 0 where the union is empty (SEMANTICS.md §4)."""
+        union = self.union_area(space)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(union > 0, self.intersection[:, 1:] / np.maximum(union, 1), 0.0)
+
+
+@dataclass(frozen=True)
+class Tally(Statistic):
+    """The exact int64 counts of SEMANTICS.md §4 over the blocks it sees (labels required)."""
+
+    thresholds: np.ndarray  # (K,) float64
+    space: LabelSpace
+    rule: TallyRule = TallyRule()
+    kernel: str = "auto"
+    partial_type = TallyCounts
+
+    def chunk(self, block: Block) -> TallyCounts:
+        k = block.acts.shape[1]
+        if block.labels is None:
+            width, c = self.space.n_labels + 1, len(self.space.categories)
+            return TallyCounts(np.zeros((k, width), np.int64), np.zeros((k, c), np.int64),
+                               np.zeros(width, np.int64), np.zeros((), np.int64))
+        scored = scored_block(block, self.thresholds, self.space, self.kernel)
+        counts = block_counts(scored.masks, scored.classes, k, self.space.dense_category(),
+                              len(self.space.categories), self.rule.planes, self.rule.union)
+        return TallyCounts(*counts, np.array(block.acts.shape[0], dtype=np.int64))
+
+    def combine(self, partials) -> TallyCounts:
+        return TallyCounts(*(summed([getattr(p, f) for p in partials])
+                             for f in ("intersection", "unit_area", "label_area", "images")))
