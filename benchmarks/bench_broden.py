@@ -41,7 +41,7 @@ from benchmarks.common import REPO, directory_bytes, peak_rss_mib, run_child
 
 FULL_BRODEN = 63_305  # images in Broden1 (index.csv rows)
 QUANTILE = 0.005
-TOP_IMAGES = 8  # pipeline.scoring.TOP_IMAGES_KEPT, not imported: pandas would raise the RSS floor
+TOP_IMAGES = 8  # the default report.top_n, not imported: pandas would raise the RSS floor
 SCHEDULERS = ("threads", "none", "local")
 PASS_STAGES = ("tally", "top_images", "signatures", "tally_signatures")
 
@@ -159,9 +159,10 @@ def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     passes do); scoring stages use the thresholds of the top-k run."""
     from stages.engine.blocks import LayerBlocks, ScoringBlocks
     from stages.engine.reduction import Pass, reduce_blocks
-    from stages.explain import Signatures
-    from stages.iou import ScoringConfig, Tally, label_space
-    from stages.thresholds.statistics import TopImagesStat
+    from stages.signatures.statistic import Signatures
+    from stages.tally.labels import label_space
+    from stages.tally.statistic import Tally
+    from stages.thresholds.top_images import TopImagesStat
     from storage.concepts import ConceptStore
 
     workdir, n, model, stage = Path(spec["workdir"]), spec["n"], spec["model"], spec["stage"]
@@ -175,7 +176,7 @@ def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
         source = ScoringBlocks(blocks, str(concepts))
         statistics = []
         if stage in ("tally", "tally_signatures"):
-            statistics.append(Tally(thresholds, space, ScoringConfig()))
+            statistics.append(Tally(thresholds, space))
         if stage in ("signatures", "tally_signatures"):
             statistics.append(Signatures(thresholds, space))
     with watch.running():
@@ -184,10 +185,10 @@ def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     summary = {}
     for statistic, result in zip(statistics, results, strict=True):
         if isinstance(statistic, Tally):
-            summary["intersection_total"] = int(result["intersection"].sum())
+            summary["intersection_total"] = int(result.intersection.sum())
         elif isinstance(statistic, Signatures):
-            summary["signatures"] = len(result["counts"])
-            summary["unit_signature_pairs"] = len(result["unit_counts"])
+            summary["signatures"] = len(result.counts)
+            summary["unit_signature_pairs"] = len(result.unit_counts)
     return summary
 
 
@@ -205,7 +206,8 @@ def stage_baseline(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     from benchmarks.baseline import baseline_tally
     from stages.engine.blocks import LayerBlocks, ScoringBlocks
     from stages.engine.reduction import Pass, reduce_in_process
-    from stages.iou import ScoringConfig, Tally, label_space
+    from stages.tally.labels import label_space
+    from stages.tally.statistic import Tally, TallyRule
     from storage.activations import ActivationStore
     from storage.concepts import ConceptStore
 
@@ -219,12 +221,13 @@ def stage_baseline(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     with watch.running():
         ours = baseline_tally(ActivationStore(store), data.LAYER, concepts, thresholds, images,
                               space)
-    lite = Tally(thresholds, space, ScoringConfig(union="lite", planes="multiset"))
+    lite = Tally(thresholds, space, TallyRule(union="lite", planes="multiset"))
     source = ScoringBlocks(LayerBlocks(str(store), data.LAYER), str(concepts.path))
     lite.chunk(source.read(0))  # untimed: the first block loads the compiled kernel (once a process)
     start = time.perf_counter()
-    theirs = reduce_in_process(Pass(source, (lite,), single=True),
-                               range(-(-images // data.ACTIVATION_BLOCK)))
+    (theirs,) = reduce_in_process(Pass(source, (lite,)),
+                                  range(-(-images // data.ACTIVATION_BLOCK)))
+    theirs = theirs.state_dict()
     pipeline_seconds = time.perf_counter() - start
     differs = {name: int((getattr(ours, name) != theirs[name]).sum())
                for name in ("intersection", "unit_area", "label_area")}

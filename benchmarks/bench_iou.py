@@ -22,19 +22,20 @@ from benchmarks.common import peak_rss_mib, run_child, write_activations
 
 
 def child(workdir: Path, n: int, scheduler: str) -> None:
-    from stages.engine.blocks import LayerBlocks
-    from stages.engine.reduction import reduce_in_process, reduce_with_dask
-    from stages.iou import ScoringConfig, TallyReduction, label_space
-    from stages.quantile import exact_thresholds
+    from stages.engine.blocks import LayerBlocks, ScoringBlocks
+    from stages.engine.reduction import Pass, reduce_in_process, reduce_with_dask
+    from stages.quantile import threshold_pass
+    from stages.tally.labels import label_space
+    from stages.tally.statistic import Tally
     from storage.concepts import ConceptStore
 
     concepts = ConceptStore(workdir / "concepts.zarr")
     store = str(workdir / f"act_{n}.zarr")
     blocks = LayerBlocks(store, "layer4")
-    thresholds = exact_thresholds(blocks, 0.005, "threads")
+    thresholds, _ = threshold_pass(blocks, 0.005, "threads")
     rows = np.arange(n) % concepts.n_images
     space = label_space(concepts, None)
-    reduction = TallyReduction(blocks, str(concepts.path), thresholds, space, ScoringConfig(), rows)
+    reduction = Pass(ScoringBlocks(blocks, str(concepts.path), rows), [Tally(thresholds, space)])
     n_blocks = blocks.store().n_blocks()
     client = cluster = None
     if scheduler == "local":
@@ -46,9 +47,9 @@ def child(workdir: Path, n: int, scheduler: str) -> None:
         client.run(lambda: __import__("torch").set_num_threads(1))
     start = time.perf_counter()
     if scheduler == "none":
-        counts = reduce_in_process(reduction, range(n_blocks))
+        (counts,) = reduce_in_process(reduction, range(n_blocks))
     else:
-        counts = reduce_with_dask(reduction, list(range(n_blocks)), client or scheduler,
+        (counts,) = reduce_with_dask(reduction, list(range(n_blocks)), client or scheduler,
                                   progress=False)
     seconds = time.perf_counter() - start
     workers_peak = None
@@ -59,7 +60,7 @@ def child(workdir: Path, n: int, scheduler: str) -> None:
         cluster.close()
     print(json.dumps({"images": n, "seconds": seconds, "images_per_s": n / seconds,
                       "peak_rss_mib_client": peak_rss_mib(), "labels": space.n_labels,
-                      "intersections": int(counts["intersection"].sum()),
+                      "intersections": int(counts.intersection.sum()),
                       "peak_rss_mib_worker": workers_peak}))
 
 

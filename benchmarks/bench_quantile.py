@@ -20,13 +20,13 @@ from benchmarks.common import peak_rss_mib, run_child, write_activations
 
 def child(store: str, q: float, scheduler: str, budget: int | None) -> None:
     from stages.engine.blocks import LayerBlocks
-    from stages.quantile import DEFAULT_CANDIDATE_BUDGET, exact_thresholds
+    from stages.quantile import DEFAULT_CANDIDATE_BUDGET, threshold_pass
 
     n = int(json.loads((Path(store) / "zarr.json").read_text())["attributes"]["n_images"])
     start = time.perf_counter()
     sched = None if scheduler == "none" else scheduler
-    t = exact_thresholds(LayerBlocks(store, "layer4"), q, sched,
-                         budget or DEFAULT_CANDIDATE_BUDGET)
+    t, _ = threshold_pass(LayerBlocks(store, "layer4"), q, sched,
+                          budget or DEFAULT_CANDIDATE_BUDGET)
     seconds = time.perf_counter() - start
     print(json.dumps({"images": n, "seconds": seconds, "images_per_s": n / seconds,
                       "peak_rss_mib": peak_rss_mib(), "mean_threshold": float(np.mean(t))}))

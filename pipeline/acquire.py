@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.data import weights_target
 from pipeline.graph import Run, Target
 from pipeline.identity import registered_weights
-from stages.check import CheckResult, check_dataset, format_report
+from stages.check import KINDS, CheckResult, check_dataset, size_text
 from stages.fetch import fetch_dataset, fetched_artifact
 from storage.artifacts import Artifact
 from storage.errors import UserError
@@ -58,3 +58,38 @@ def check_value(run: Run) -> CheckResult:
     if not result.ok:
         raise UserError(f"{root}: {result.n_problems} problem(s) found, listed above")
     return result
+
+
+def format_report(result: CheckResult, max_problems: int = 20) -> str:
+    """A short text block: census table, then the problems (the first ``max_problems``)."""
+    c = result.census
+    splits = ", ".join(f"{name or '(empty)'} {n:,}" for name, n in c.splits.items())
+    lines = [f"Broden dataset {result.root}: {c.images:,} images ({splits or 'no rows'})"]
+    for size, n in c.image_sizes.items():
+        lines.append(f"  sizes (h x w): {size_text(size)}: {n:,} images")
+    lines.append(
+        f"  labels: {c.labels:,} in label.csv; {len(c.multi_category_labels):,} listed in several categories"
+    )
+    seen_head = "  seen in planes" if result.decoded else ""
+    lines.append(
+        f"  {'category':<12}{'listed':>8}{'images':>9}{'planes':>9}{'max/img':>9}{'image-level':>13}{seen_head}"
+    )
+    for cat in c.categories:
+        seen = f"{c.pixel_labels_seen.get(cat, 0):>16,}" if result.decoded else ""
+        lines.append(
+            f"  {cat:<12}{c.labels_per_category.get(cat, 0):>8,}{c.images_with_category.get(cat, 0):>9,}"
+            f"{c.planes_per_category.get(cat, 0):>9,}{c.max_planes_per_image.get(cat, 0):>9,}"
+            f"{c.image_labels_per_category.get(cat, 0):>13,}{seen}"
+        )
+    if result.ok:
+        checked = "decoded" if result.decoded else "present (not decoded)"
+        lines.append(f"  no problems: every CSV row parses, every referenced file is {checked}")
+        return "\n".join(lines)
+    counts = ", ".join(
+        f"{kind} {result.problem_counts[kind]:,}" for kind in KINDS if kind in result.problem_counts
+    )
+    lines.append(f"  {result.n_problems:,} problem(s): {counts}")
+    lines.extend(f"  - {p.text}" for p in result.problems[:max_problems])
+    if result.n_problems > max_problems:
+        lines.append(f"  ... and {result.n_problems - max_problems:,} more")
+    return "\n".join(lines)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.layout import Layout, concept_set_id, dataset_id
+from pipeline.identity import concept_set_id, dataset_id
+from pipeline.layout import Layout
 from pipeline.run import compose_config, run
 from storage.tables import read_table
 

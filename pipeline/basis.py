@@ -8,24 +8,18 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.config import TransformKind, TransformOptions
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
 from pipeline.layout import Layout
 from stages.bases.transforms import (
     LinearMap,
-    fractional_power,
     load_linear,
-    pca_basis,
-    random_rotation,
 )
+from stages.basis import pca_of_layer, rotation_basis
 from stages.engine.blocks import LayerBlocks
-from stages.engine.reduction import Pass, reduce_blocks
-from stages.thresholds.statistics import Covariance
-from storage.artifacts import Artifact, digest, file_digest, scratch_path
 from storage.arrays import save_arrays
+from storage.artifacts import Artifact, digest, file_digest, scratch_path
 
 log = logging.getLogger("netdissect")
 

@@ -18,7 +18,6 @@ from stages.network.models import has_gpu
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
-WORKER_WAIT = 60.0  # seconds to wait for a worker on an existing scheduler
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -61,10 +60,10 @@ class LazyScheduler:
                                 f"({exc})") from None
             self.stack.callback(client.close)
             try:
-                client.wait_for_workers(1, timeout=WORKER_WAIT)
+                client.wait_for_workers(1, timeout=o.worker_wait)
             except TimeoutError:
                 raise UserError(f"cluster.address={o.address}: the scheduler has no workers "
-                                f"(waited {WORKER_WAIT:g} s); start some with dask worker "
+                                f"(waited {o.worker_wait:g} s); start some with dask worker "
                                 f"{o.address}") from None
             log.info("dask: scheduler %s (dashboard %s)", o.address, client.dashboard_link)
             return Cluster(client, o.no_worker_timeout)

@@ -129,6 +129,7 @@ class ClusterOptions:
     threads_per_worker: int = 1
     memory_limit: str = "auto"
     no_worker_timeout: float = 60.0  # seconds a pass waits on a cluster left with no worker
+    worker_wait: float = 60.0  # cluster.address: seconds to wait for its first worker
 
 
 @dataclass
@@ -190,6 +191,7 @@ def validate(cfg: Config) -> None:
     _positive("fetch.timeout", cfg.fetch.timeout)
     _positive("fetch.attempts", cfg.fetch.attempts)
     _positive("cluster.no_worker_timeout", cfg.cluster.no_worker_timeout)
+    _positive("cluster.worker_wait", cfg.cluster.worker_wait)
     if cfg.model.input_size is not None:
         _positive("model.input_size", cfg.model.input_size)
     if cfg.dataset.path and cfg.dataset.release:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, NoReturn, get_type_hints
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +35,7 @@ from omegaconf.errors import (
 )
 
 from pipeline.config import Config
-from pipeline.workflow import check_overrides_used, execute, preflight
+from pipeline.workflow import check_overrides_used, execute, plan, preflight
 from storage.errors import UserError, first_line
 
 log = logging.getLogger("netdissect")
@@ -197,10 +196,8 @@ def main(composed: DictConfig) -> None:
     logging.getLogger("netdissect").setLevel(logging.INFO)
     quiet_libraries()
 
-    def job() -> None:
-        cfg = OmegaConf.to_object(composed)
-        check_overrides_used(cfg, override_keys(list(HydraConfig.get().overrides.task)))
-        run(cfg)
+    def job() -> None:  # composed and checked already, by check_command_line
+        execute(OmegaConf.to_object(composed))
 
     guarded(job)
 
@@ -216,18 +213,35 @@ def jobs(argv: list[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def check_command_line(argv: list[str]) -> None:
-    """Compose and check every job before Hydra starts the first (fail before work)."""
+def check_command_line(argv: list[str]) -> bool:
+    """Compose and check every job before Hydra starts the first (fail before work).  With
+    ``dry_run=true`` print what each job would do instead; returns whether jobs remain to
+    run."""
     if any(arg.split("=")[0] in HYDRA_FLAGS for arg in argv):
-        return
+        return True
+    checked: list[tuple[list[str], Config]] = []
 
     def check() -> None:
         for job in jobs(argv):
-            preflight(compose_config(job))
+            cfg = compose_config(job)
+            preflight(cfg)
+            checked.append((job, cfg))
+        if any(cfg.dry_run for _, cfg in checked):
+            print_plans(checked)
 
     guarded(check)
+    return not any(cfg.dry_run for _, cfg in checked)
+
+
+def print_plans(checked: list[tuple[list[str], Config]]) -> None:
+    """The dry run: per job, what every stage would do; nothing is built or started."""
+    for i, (job, cfg) in enumerate(checked, start=1):
+        shown = " ".join(o for o in job if not o.startswith("dry_run=")) or "(defaults)"
+        print(f"job {i} of {len(checked)}: {shown}")
+        for step in plan(cfg):
+            print(f"  {step.line()}")
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv[1:])
-    main()
+    if check_command_line(sys.argv[1:]):
+        main()

@@ -12,7 +12,8 @@ from pipeline.graph import Run, Target
 from pipeline.scoring import LayerContext, layer_contexts
 from stages.explain import explain_layer
 from stages.iou import formula_frame, label_index
-from stages.signatures.formulas import Formula, format_formula, load_formulas
+from stages.signatures.formulas import Formula, format_formula
+from stages.signatures.parsing import load_formulas
 from stages.signatures.statistic import SignatureCounts, SignaturePartial
 from storage.arrays import load_arrays
 from storage.artifacts import Artifact

@@ -12,7 +12,7 @@ from pipeline.config import Config, Stage, validate
 from pipeline.graph import Run, StageDef, Step, Target, closure
 from pipeline.identity import model_spec
 from stages.network.models import check_layers
-from stages.signatures.formulas import load_formulas
+from stages.signatures.parsing import load_formulas
 from storage.errors import UserError
 
 

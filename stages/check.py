@@ -24,9 +24,6 @@ from storage.broden import (
     FIXED_COLUMNS,
     SIZE_COLUMNS,
     LabelInfo,
-    dataset_file,
-    decode_plane,
-    load_image,
     parse_image_path,
     parse_label_cell,
     parse_sizes,
@@ -34,6 +31,7 @@ from storage.broden import (
     scan_categories,
     scan_labels,
 )
+from storage.broden_images import dataset_file, decode_plane, load_image
 from storage.errors import (
     BrodenFormatError,
     MissingFileError,
@@ -285,7 +283,7 @@ def _check_index(
     census.splits = dict(sorted(splits.items()))
     census.image_sizes = dict(sizes_seen.most_common())
     if len(sizes_seen) > 1:
-        listed = ", ".join(f"{_size_text(s)} ({n} rows)" for s, n in sizes_seen.most_common(3))
+        listed = ", ".join(f"{size_text(s)} ({n} rows)" for s, n in sizes_seen.most_common(3))
         problems.add(
             "size",
             f"{path}: rows differ in sizes ih,iw,sh,sw: {listed}; this tool needs one image size per dataset",
@@ -394,41 +392,6 @@ def _first(numbers: list[int], limit: int = 5) -> str:
     return text + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
 
 
-def _size_text(size: tuple[int, int, int, int]) -> str:
+def size_text(size: tuple[int, int, int, int]) -> str:
     ih, iw, sh, sw = size
     return f"{ih}x{iw} image, {sh}x{sw} labels"
-
-
-def format_report(result: CheckResult, max_problems: int = 20) -> str:
-    """A short text block: census table, then the problems (the first ``max_problems``)."""
-    c = result.census
-    splits = ", ".join(f"{name or '(empty)'} {n:,}" for name, n in c.splits.items())
-    lines = [f"Broden dataset {result.root}: {c.images:,} images ({splits or 'no rows'})"]
-    for size, n in c.image_sizes.items():
-        lines.append(f"  sizes (h x w): {_size_text(size)}: {n:,} images")
-    lines.append(
-        f"  labels: {c.labels:,} in label.csv; {len(c.multi_category_labels):,} listed in several categories"
-    )
-    seen_head = "  seen in planes" if result.decoded else ""
-    lines.append(
-        f"  {'category':<12}{'listed':>8}{'images':>9}{'planes':>9}{'max/img':>9}{'image-level':>13}{seen_head}"
-    )
-    for cat in c.categories:
-        seen = f"{c.pixel_labels_seen.get(cat, 0):>16,}" if result.decoded else ""
-        lines.append(
-            f"  {cat:<12}{c.labels_per_category.get(cat, 0):>8,}{c.images_with_category.get(cat, 0):>9,}"
-            f"{c.planes_per_category.get(cat, 0):>9,}{c.max_planes_per_image.get(cat, 0):>9,}"
-            f"{c.image_labels_per_category.get(cat, 0):>13,}{seen}"
-        )
-    if result.ok:
-        checked = "decoded" if result.decoded else "present (not decoded)"
-        lines.append(f"  no problems: every CSV row parses, every referenced file is {checked}")
-        return "\n".join(lines)
-    counts = ", ".join(
-        f"{kind} {result.problem_counts[kind]:,}" for kind in KINDS if kind in result.problem_counts
-    )
-    lines.append(f"  {result.n_problems:,} problem(s): {counts}")
-    lines.extend(f"  - {p.text}" for p in result.problems[:max_problems])
-    if result.n_problems > max_problems:
-        lines.append(f"  ... and {result.n_problems - max_problems:,} more")
-    return "\n".join(lines)

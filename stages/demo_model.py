@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from stages.network.models import preprocess
-from storage.broden import BrodenDataset, dataset_file, load_image, read_broden
+from storage.broden import BrodenDataset, read_broden
+from storage.broden_images import dataset_file, load_image
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
-DEMO_LAYERS = ("block3", "block4")
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

@@ -31,7 +31,8 @@ from stages.network.models import (
 from stages.network.perturb import Perturbation
 from storage import activations as astore
 from storage.blocks import missing_blocks
-from storage.broden import ImageRecord, dataset_file, load_image
+from storage.broden import ImageRecord
+from storage.broden_images import dataset_file, load_image
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")

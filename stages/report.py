@@ -39,7 +39,7 @@ from stages.network.perturb import Perturbation
 from stages.tally.masks import unit_mask
 from stages.thresholds.top_images import TopImages
 from storage.artifacts import atomic_dir
-from storage.broden import dataset_file
+from storage.broden_images import dataset_file
 from storage.errors import UserError
 from storage.tables import safe_name
 

@@ -30,6 +30,7 @@ import zarr
 
 from storage.artifacts import Artifact
 from storage.blocks import (
+    BlockStore,
     compressors,
     create_image_coordinate,
     create_progress,
@@ -39,7 +40,6 @@ from storage.blocks import (
 from storage.errors import UserError
 
 FORMAT_VERSION = 3
-DTYPES = ("float32", "float16")
 
 
 def layer_dims(layer: str) -> list[str]:
@@ -77,8 +77,6 @@ def create_group(path: Path, image_paths: list[str], block_size: int, fingerprin
 
 def add_layer(path: Path, layer: str, shape: tuple[int, int, int], dtype: str) -> None:
     """Create (or re-create, if a killed run left it half made) one layer's array."""
-    if dtype not in DTYPES:
-        raise UserError(f"extract.dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     group = open_group(path, "r+")
     n, block_size = int(group.attrs["n_images"]), int(group.attrs["block_size"])
     units, h, w = shape
@@ -131,18 +129,14 @@ def consolidate(path: Path) -> None:
         zarr.consolidate_metadata(str(path))
 
 
-class ActivationStore:
+class ActivationStore(BlockStore):
     """Read access to an activation store (completeness is the artifact layer's business)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
-            raise UserError(f"{self.path}: activation store not found; run stage=extract first")
-        self.group = open_group(self.path)
-        self.attrs = dict(self.group.attrs)
+        if not (Path(path) / "zarr.json").is_file():
+            raise UserError(f"{path}: activation store not found; run stage=extract first")
+        super().__init__(path)
         self.layers: list[str] = list(self.attrs["layers"])
-        self.block_size = int(self.attrs["block_size"])
-        self.n_images = int(self.attrs["n_images"])
         self.fingerprint: dict = self.attrs["fingerprint"]
         self._arrays: dict[str, zarr.Array] = {}  # opened once: every block reads through them
 
@@ -160,16 +154,6 @@ class ActivationStore:
 
     def shape(self, layer: str) -> tuple[int, int, int, int]:
         return tuple(self.array(layer).shape)
-
-    def n_blocks(self) -> int:
-        return n_blocks(self.n_images, self.block_size)
-
-    def block_range(self, block: int) -> tuple[int, int]:
-        start = block * self.block_size
-        return start, min(start + self.block_size, self.n_images)
-
-    def image_paths(self) -> list[str]:
-        return [str(p) for p in self.group["image"][:]]
 
 
 def open_layer(path: str | Path, layer: str):

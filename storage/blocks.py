@@ -1,5 +1,6 @@
-"""What every block-written Zarr store shares: the codec, the image coordinate and resume
-markers.
+"""What every block-written Zarr store shares: the codec, the image coordinate, resume
+markers, direct chunk reads, one base class for reading (:class:`BlockStore`) and one cache
+of open stores per process (:meth:`BlockStore.open`).
 
 ``progress/<name>`` is a uint8 array with one chunk per image block; a writer sets its block's
 flag only after every chunk of the block is written, so a killed build resumes at the first
@@ -8,7 +9,9 @@ unset flag.  (A subgroup, so ``xarray.open_zarr`` of the store does not list it.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import numcodecs
 import numpy as np
@@ -64,6 +67,52 @@ def _chunk_file(array: zarr.Array, index: int) -> Path | None:
 
 def n_blocks(n_images: int, block_size: int) -> int:
     return -(-n_images // block_size)
+
+
+S = TypeVar("S", bound="BlockStore")
+
+
+class BlockStore:
+    """Read access to a store of image blocks: its group, attributes, images and blocks.
+
+    Stores are read block by block by every task of a pass; :meth:`open` gives each process
+    one open store per path (opened again once the store is rewritten), not one per block.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.group = zarr.open_group(str(self.path), mode="r", use_consolidated=False)
+        self.attrs = dict(self.group.attrs)
+        self.n_images = int(self.attrs["n_images"])
+        self.block_size = int(self.attrs["block_size"])
+
+    @classmethod
+    def open(cls: type[S], path: str | Path) -> S:
+        """The store at ``path``, opened once per process (again after it was rewritten)."""
+        return _open(cls, str(path), _mtime(Path(path)))
+
+    def image_paths(self) -> list[str]:
+        return [str(p) for p in self.group["image"][:]]
+
+    def n_blocks(self) -> int:
+        return n_blocks(self.n_images, self.block_size)
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        start = block * self.block_size
+        return start, min(start + self.block_size, self.n_images)
+
+
+def _mtime(path: Path) -> int:
+    """When the store was last rewritten; 0 for none, so opening it says it is missing."""
+    try:
+        return (path / "zarr.json").stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+@lru_cache(maxsize=16)
+def _open(cls: type[BlockStore], path: str, _mtime_ns: int) -> BlockStore:
+    return cls(path)
 
 
 def create_image_coordinate(group: zarr.Group, image_paths: list[str]) -> None:

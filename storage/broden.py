@@ -14,14 +14,10 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-
-import numpy as np
-from PIL import Image
+from typing import NamedTuple
 
 from storage.errors import (
     BrodenFormatError,
-    MissingFileError,
-    SizeMismatchError,
     UnknownLabelError,
     UnsafePathError,
 )
@@ -56,6 +52,14 @@ class LabelInfo:
     frequency: dict[str, int]  # category -> image frequency
 
 
+class LabelTable(NamedTuple):
+    """Every category (category.csv order) and every label with its coverage: what a label
+    space is made from."""
+
+    categories: list[str]
+    labels: dict[int, LabelInfo]
+
+
 @dataclass
 class BrodenDataset:
     """A parsed Broden directory restricted to a selection of categories."""
@@ -69,6 +73,10 @@ class BrodenDataset:
     @property
     def images_dir(self) -> Path:
         return self.root / "images"
+
+    @property
+    def label_table(self) -> LabelTable:
+        return LabelTable(self.all_categories, self.labels)
 
     def primary_category(self, number: int) -> str | None:
         """Primary category among the selected ones (highest coverage, tie -> later)."""
@@ -398,49 +406,6 @@ def parse_label_cell(
             )
         cat_scalars.append(number)
     return tuple(cat_planes), tuple(cat_scalars)
-
-
-def dataset_file(images_dir: Path, rel: str, line: int | None = None) -> Path:
-    """``images_dir / rel``, refused when a symbolic link takes it outside ``images/`` (the
-    relative path itself was already checked for ``..`` and absolute parts)."""
-    path = Path(images_dir) / rel
-    real = path.resolve()
-    if not real.is_relative_to(Path(images_dir).resolve()):
-        where = f" (index.csv line {line})" if line is not None else ""
-        raise UnsafePathError(f"{path}: a link to {real}, outside the dataset's images/ "
-                              f"folder{where}; copy the file into the dataset instead")
-    return path
-
-
-def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:
-    """Decode a label PNG to int32 label numbers (R + 256·G) and check its size."""
-    where = f" (index.csv line {line})" if line is not None else ""
-    if not path.is_file():
-        raise MissingFileError(f"{path}: label image not found{where}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise BrodenFormatError(f"{path}: not a readable image{where} ({exc})") from None
-    if rgb.shape[:2] != tuple(shape):
-        raise SizeMismatchError(
-            f"{path}: size {rgb.shape[1]}x{rgb.shape[0]} (w x h) differs from index.csv "
-            f"sw x sh = {shape[1]}x{shape[0]}{where}"
-        )
-    return rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
-
-
-def load_image(path: Path, line: int | None = None) -> np.ndarray:
-    """Decode an RGB image to uint8 (H, W, 3)."""
-    where = f" (index.csv line {line})" if line is not None else ""
-    if not path.is_file():
-        raise MissingFileError(f"{path}: image not found{where}")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as exc:
-        raise BrodenFormatError(f"{path}: not a readable image{where} ({exc})") from None
 
 
 def dataset_fingerprint(root: Path, categories: list[str]) -> str:

@@ -22,29 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from storage.broden_images import save_plane
+
 Entry = int | tuple[str, np.ndarray]  # an image-level label, or a plane's path and labels
 FIXED_COLUMNS = ["image", "split", "ih", "iw", "sh", "sw"]
-
-
-def encode_plane(labels: np.ndarray) -> np.ndarray:
-    """(H, W) label numbers -> (H, W, 3) uint8 with R + 256·G = number, B = 0."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.ndim != 2:
-        raise ValueError(f"a label plane must be 2-D, got shape {labels.shape}")
-    if labels.min(initial=0) < 0 or labels.max(initial=0) > 65535:
-        raise ValueError("label numbers must lie in 0..65535")
-    out = np.zeros((*labels.shape, 3), dtype=np.uint8)
-    out[..., 0] = labels & 0xFF
-    out[..., 1] = (labels >> 8) & 0xFF
-    return out
-
-
-def save_plane(path: Path, labels: np.ndarray, compress_level: int = 6) -> Path:
-    """Write a label plane PNG (creating parent folders)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(encode_plane(labels)).save(path, format="PNG", compress_level=compress_level)
-    return path
 
 
 @dataclass
@@ -60,8 +41,8 @@ def label_pixels(entries: Mapping[str, Sequence[Entry]], area: int) -> LabelPixe
     found = LabelPixels()
     every_plane, image_level = [], set()
     for cat, items in entries.items():
-        planes = [np.asarray(e[1]) for e in items if not isinstance(e, int)]
-        numbers = [int(e) for e in items if isinstance(e, int)]
+        planes = [np.asarray(e[1]) for e in items if isinstance(e, tuple)]
+        numbers = [int(e) for e in items if not isinstance(e, tuple)]
         every_plane += planes
         image_level.update(numbers)
         pixels = {}
@@ -93,11 +74,11 @@ def write_image_files(images_dir: Path, image: str, rgb: np.ndarray | None,
     for cat, items in entries.items():
         texts = []
         for entry in items:
-            if isinstance(entry, int):
-                texts.append(str(entry))
-            else:
+            if isinstance(entry, tuple):
                 save_plane(images_dir / entry[0], entry[1], compress_level)
                 texts.append(entry[0])
+            else:
+                texts.append(str(int(entry)))
         cells[cat] = ";".join(texts)
     return cells
 

@@ -29,7 +29,8 @@ import zarr
 
 from storage import blocks
 from storage.artifacts import Artifact
-from storage.broden import BrodenDataset, ImageRecord, LabelInfo, dataset_file, decode_plane
+from storage.broden import BrodenDataset, ImageRecord, LabelInfo
+from storage.broden_images import dataset_file, decode_plane
 from storage.errors import BrodenFormatError
 
 FORMAT_VERSION = 3
@@ -46,19 +47,15 @@ class ConceptBlock:
     image_label_category: np.ndarray  # (B, Q) int8
 
 
-class ConceptStore:
+class ConceptStore(blocks.BlockStore):
     """Read access to a finished concept store."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.group = zarr.open_group(str(self.path), mode="r")
-        attrs = dict(self.group.attrs)
-        self.attrs = attrs
+        super().__init__(path)
+        attrs = self.attrs
         self.categories: list[str] = list(attrs["categories"])
         self.sh, self.sw = int(attrs["sh"]), int(attrs["sw"])
         self.ih, self.iw = int(attrs["ih"]), int(attrs["iw"])
-        self.n_images = int(attrs["n_images"])
-        self.block_size = int(attrs["block_size"])
         self.fingerprint: str = attrs["fingerprint"]
         self.labels: dict[int, LabelInfo] = {
             int(d["number"]): LabelInfo(int(d["number"]), d["name"], d["coverage"], d["frequency"])
@@ -72,9 +69,6 @@ class ConceptStore:
     @property
     def complete(self) -> bool:
         return store_artifact(self.path, self.fingerprint, self.perturbation).is_current()
-
-    def image_paths(self) -> list[str]:
-        return [str(p) for p in self.group["image"][:]]
 
     @cached_property
     def _arrays(self) -> tuple[zarr.Array, ...]:

@@ -15,11 +15,12 @@ import pytest
 import zarr
 
 from stages.concepts import ConceptsConfig, build_concept_store
-from stages.iou import label_space
-from storage.broden import decode_plane, primary_category, read_broden
+from stages.tally.labels import label_space
+from storage.broden import primary_category, read_broden
+from storage.broden_images import decode_plane, save_plane
+from storage.broden_writer import write_csv
 from storage.concepts import store_artifact
 from storage.errors import BrodenFormatError, UserError
-from storage.broden_writer import save_plane, write_csv
 from tests.broden_factory import BrodenBuilder, rewrite_index_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def test_category_subset_changes_primary(tmp_path: Path) -> None:
         5: 1,
         7: 1,
     }
-    assert space.store_category_map.tolist() == [0, -1, 1]
+    assert space.selected.tolist() == [True, False, True]
     assert space.lut[300] == 0
     full = label_space(store, None)
     assert full.categories[full.primary[full.numbers.tolist().index(5)]] == "part"

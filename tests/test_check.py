@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.check import check_dataset, format_report
-from stages.synthetic import CATEGORIES, label_table, render
+from pipeline.acquire import format_report
+from stages.check import check_dataset
+from stages.scenes.labels import CATEGORIES, label_table
+from stages.scenes.render import render
 from storage.broden import read_broden
+from storage.broden_images import save_plane
 from storage.errors import BrodenFormatError, UserError
-from storage.broden_writer import save_plane
 from tests.broden_factory import BrodenBuilder, save_rgb
 
 N_IMAGES = 12

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,10 @@ import zarr
 
 from stages import synthetic as syn
 from stages.concepts import ConceptsConfig, build_concept_store
-from storage.broden import decode_plane, read_broden
+from stages.scenes.labels import CATEGORIES
+from stages.scenes.render import render
+from storage.broden import read_broden
+from storage.broden_images import decode_plane
 from storage.concepts import ConceptBlock, ConceptStore, store_artifact
 from tests.broden_factory import BrodenBuilder, tree_mtimes
 
@@ -263,7 +267,7 @@ def test_changed_label_csv_rebuilds(built, tmp_path: Path, caplog) -> None:
 def test_changed_coverage_rebuilds_and_new_attrs(built, tmp_path: Path, caplog) -> None:
     _, root, store = built
     c_part = root / "c_part.csv"
-    c_part.write_text(c_part.read_text().replace(",glass,1,0.2", ",glass,1,0.01"))
+    c_part.write_text(re.sub(r"(,glass,\d+,)0\.2\n", r"\g<1>0.01\n", c_part.read_text()))
     caplog.set_level(logging.INFO, logger="netdissect")
     again = build_concept_store(_cfg(root, tmp_path), scheduler=None)
     assert "rebuilding" in caplog.text
@@ -301,14 +305,14 @@ def synthetic_store(tmp_path_factory: pytest.TempPathFactory):
 def test_synthetic_round_trip(synthetic_store) -> None:
     root, store = synthetic_store
     ds = read_broden(root)
-    assert ds.all_categories == list(syn.CATEGORIES)
-    assert store.categories == list(syn.CATEGORIES)
+    assert ds.all_categories == list(CATEGORIES)
+    assert store.categories == list(CATEGORIES)
     assert store.n_images == 24 and (store.sh, store.sw) == (56, 56)
     whole = store.read_block(0, store.n_images)
     n_planes = whole.pixel_labels.shape[1]
     n_scalars = whole.image_labels.shape[1]
     for rec in ds.images:
-        img = syn.render(rec.row, 0)
+        img = render(rec.row, 0)
         assert rec.image == syn.image_path(rec.row) and rec.split == img.split
         # reader: image-level labels and planes per category
         assert rec.scalars == {c: tuple(v) for c, v in img.image_labels.items() if v}
@@ -319,7 +323,7 @@ def test_synthetic_round_trip(synthetic_store) -> None:
                 np.testing.assert_array_equal(decode_plane(ds.images_dir / rel, (56, 56)), want)
         # store: planes in category.csv order, then cell order; then image-level labels
         planes, pcat, scal, scat = [], [], [], []
-        for ci, cat in enumerate(syn.CATEGORIES):
+        for ci, cat in enumerate(CATEGORIES):
             for p in img.planes.get(cat, []):
                 planes.append(p)
                 pcat.append(ci)

@@ -37,7 +37,7 @@ def test_asking_for_cuda_without_a_gpu_is_one_line_before_work(tmp_path):
 def test_cluster_cuda_without_a_gpu_falls_back_to_a_cpu_local_cluster(caplog):
     caplog.set_level(logging.INFO, logger="netdissect")
     with ExitStack() as stack:
-        client = LazyScheduler(ClusterOptions(kind=ClusterKind.cuda, n_workers=1), stack)()
+        client = LazyScheduler(ClusterOptions(kind=ClusterKind.cuda, n_workers=1), stack)().client
         assert type(client).__name__ == "Client"
         assert len(client.scheduler_info()["workers"]) == 1
     assert "no GPU on this machine; using a CPU LocalCluster" in caplog.text

@@ -23,7 +23,8 @@ from stages.network.models import (
     weights_identity,
 )
 from storage.activations import ActivationStore, open_layer
-from storage.broden import index_fingerprint, load_image, read_broden
+from storage.broden import index_fingerprint, read_broden
+from storage.broden_images import load_image
 from storage.errors import UserError
 from tests.conftest import REPO, cli, cli_env
 

@@ -634,7 +634,7 @@ def test_places_resnet18_fetched_into_hub_cache_loads_and_runs(server, tmp_path)
 
 def places365_spec(name: str, weights: Path):
     """The model spec of the ``model=<name>`` preset with weights from ``weights``."""
-    from pipeline.layout import model_spec
+    from pipeline.identity import model_spec
     from pipeline.run import compose_config
 
     return model_spec(compose_config([f"model={name}", "stage=model"]).model, weights=str(weights))

@@ -1,4 +1,4 @@
-"""Tests for the formula-concept language in stages/signatures/formulas.py."""
+"""Tests for the formula-concept language (stages/signatures/formulas.py, parsing.py)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,12 @@ from stages.signatures.formulas import (
     Label,
     Not,
     Or,
-    check_labels,
     evaluate,
     format_formula,
     formula_labels,
     formula_length,
-    load_formulas,
-    parse_formula,
 )
+from stages.signatures.parsing import check_labels, load_formulas, parse_formula
 from storage.errors import UserError
 
 a, b, c, d = Label("a"), Label("b"), Label("c"), Label("d")
@@ -479,5 +477,5 @@ def test_load_formulas_not_utf8(tmp_path: Path) -> None:
 
 
 def test_source_does_not_use_eval() -> None:
-    source = (Path(__file__).parents[1] / "stages" / "signatures" / "formulas.py").read_text(encoding="utf-8")
+    source = (Path(__file__).parents[1] / "stages" / "signatures" / "parsing.py").read_text(encoding="utf-8")
     assert re.search(r"(?<![\w.])(eval|exec|compile|__import__)\s*\(", source) is None

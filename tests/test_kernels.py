@@ -1,13 +1,35 @@
-"""Kernels: the fast mask paths must give exactly the pixels of a full upsample."""
+"""Kernels: the mask producers must give exactly the pixels of a full upsample, and every
+tally kernel exactly the counts of the reference tally (stages/tally/reference.py)."""
 
 from __future__ import annotations
+
+import platform
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.tally.kernels import float32_below, masked_pixels, row_bands_exact, skip_bound
+from stages.tally.classes import pixel_classes
+from stages.tally.compiled import compiled_masks
+from stages.tally.labels import BlockLabels
+from stages.tally.masks import float32_below, masked_pixels, row_bands_exact, skip_bound
+from stages.tally.statistic import TallyRule, count_block
+
+PINNED_TORCH = "2.14.1"  # pyproject.toml's pin, whose CPU arithmetic the compiled loop knows
+
+
+def compiled_for(shape: tuple[int, int, int, int]):
+    """The compiled producer of a shape.  On the pinned torch and an x86-64 CPU its absence
+    is a failure (the tally would silently run ~10x slower); elsewhere the test skips with
+    the reason in the summary."""
+    found = compiled_masks(*shape)
+    if found is None:
+        where = f"torch {torch.__version__} on {platform.machine()}"
+        if torch.__version__.split("+")[0] == PINNED_TORCH and platform.machine() == "x86_64":
+            pytest.fail(f"no compiled form matches torch's CPU arithmetic for {shape} on {where}")
+        pytest.skip(f"torch's CPU kernel takes a form the compiled loop does not know ({where})")
+    return found
 
 
 def full_pixels(maps: torch.Tensor, t32: torch.Tensor, size) -> set[tuple[int, int]]:
@@ -65,10 +87,10 @@ def test_set_semantics_across_categories_sharing_a_label(tmp_path):
     """A label listed in two categories, at the same pixel in a plane of each, counts once;
     planes of categories that share no label are never compared (and need not be)."""
     from stages.concepts import ConceptsConfig, build_concept_store
-    from stages.engine.blocks import LayerBlocks
-    from stages.engine.reduction import reduce_in_process
-    from stages.iou import ScoringConfig, TallyReduction
-    from stages.tally.labels import label_space, repeat_checks
+    from stages.engine.blocks import LayerBlocks, ScoringBlocks
+    from stages.engine.reduction import Pass, reduce_in_process
+    from stages.tally.labels import label_space
+    from stages.tally.statistic import Tally
     from storage import activations as astore
     from tests.broden_factory import BrodenBuilder
 
@@ -85,9 +107,6 @@ def test_set_semantics_across_categories_sharing_a_label(tmp_path):
     root = b.write()
     store = build_concept_store(ConceptsConfig(root, tmp_path / "c.zarr", 2, False), None)
     space = label_space(store, None)
-    pairs, slots = repeat_checks(store.read_block(0, 3), space.category_share)
-    assert (0, 1) not in pairs and (1, 2) in pairs and (1, 3) in pairs and (2, 3) in pairs
-    assert slots == []
     path = tmp_path / "a.zarr"
     acts = np.zeros((3, 1, 4, 4), dtype=np.float32)
     astore.create_store(path, store.image_paths(), {"l": (1, 4, 4)}, 2, "float32", {"m": 1})
@@ -95,17 +114,17 @@ def test_set_semantics_across_categories_sharing_a_label(tmp_path):
     astore.write_block(path, 1, 2, {"l": acts[2:]})
     astore.mark_complete(path)
     for planes, expected in (("set", 3 * 4), ("multiset", 3 * 4 * 3)):
-        counts = reduce_in_process(
-            TallyReduction(LayerBlocks(str(path), "l"), str(store.path), np.array([1.0]), space,
-                           ScoringConfig(planes=planes)), range(2))
+        tally = Tally(np.array([1.0]), space, TallyRule(planes=planes))
+        (counts,) = reduce_in_process(
+            Pass(ScoringBlocks(LayerBlocks(str(path), "l"), str(store.path)), [tally]), range(2))
         glass_index = int(space.lut[48])
-        assert counts["label_area"][glass_index] == expected
+        assert counts.label_area[glass_index] == expected
 
 
 # --------------------------------------------------------------------------- the tally kernel
 #
-# tally_block on in-memory label blocks against tests/iou_reference.py, on the shapes that take
-# the quad path (integer scales, large outputs) and on those that don't, with maps built to hit
+# count_block on in-memory label blocks against stages/tally/reference.py, on shapes with
+# integer and non-integer scale factors, with maps built to hit
 # the corners of the mask rule and labels built to hit the corners of set/multiset counting.
 
 KERNEL_CATEGORIES = ["color", "object", "part", "material", "scene", "texture"]
@@ -206,24 +225,22 @@ def corner_maps(rng: np.random.Generator, n: int, h: int, w: int):
 
 def kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes, size, chunk,
                  kernel="auto"):
-    from stages.tally.kernels import TallyInputs, tally_block
-
-    inputs = TallyInputs(torch.from_numpy(pixel), torch.from_numpy(image), torch.from_numpy(lut),
-                         torch.from_numpy(category), len(KERNEL_CATEGORIES), planes)
-    counts = tally_block(torch.from_numpy(acts), torch.from_numpy(thresholds), inputs,
-                         len(category) - 1, size, union, pair_chunk=chunk, kernel=kernel)
-    return {key: value.numpy() for key, value in counts.items()}
+    counts = count_block(torch.from_numpy(acts), thresholds, BlockLabels(pixel, image), lut,
+                         category, len(KERNEL_CATEGORIES), size, TallyRule(union, planes),
+                         kernel=kernel, pair_chunk=chunk)
+    return counts._asdict()
 
 
-# quad path (two shapes); dense canvas with row bands; with whole maps (non-integer scales);
-# and a pixel count with no exact bfloat16 chunk (float64 products)
+# integer scales (row bands in the torch producer; both compiled forms) and non-integer ones
+# (whole maps), square and not, and a single output row
 TALLY_SHAPES = [(7, 7, 112, 112), (6, 8, 96, 128), (14, 14, 56, 56), (4, 5, 12, 14),
                 (5, 4, 37, 29), (2, 5, 3, 263)]
 
 
 @pytest.mark.parametrize("shape", TALLY_SHAPES)
 def test_tally_block_matches_reference(shape):
-    """Every count, in every union x planes mode, on quad-path and fallback shapes."""
+    """Every count, in every union x planes mode, as a pass counts (kernel "auto"), with
+    the torch producer's pairs in one chunk and in chunks of 5."""
     from stages.tally.reference import reference_counts
 
     h, w, sh, sw = shape
@@ -234,9 +251,9 @@ def test_tally_block_matches_reference(shape):
         for planes in ("set", "multiset"):
             ref = reference_counts(acts, thresholds, images, KERNEL_CATEGORIES, primary, union,
                                    planes, (sh, sw))
-            for chunk in (2048, 5):
+            for kernel, chunk in (("auto", 2048), ("torch", 2048), ("torch", 5)):
                 got = kernel_tally(acts, thresholds, pixel, image, lut, category, union, planes,
-                                   (sh, sw), chunk)
+                                   (sh, sw), chunk, kernel)
                 np.testing.assert_array_equal(got["intersection"][:, 1:], ref["intersection"])
                 np.testing.assert_array_equal(got["unit_area"], ref["unit_area"])
                 np.testing.assert_array_equal(got["label_area"][1:], ref["label_area"])
@@ -244,13 +261,9 @@ def test_tally_block_matches_reference(shape):
 
 
 def test_tally_corners_are_hit():
-    """Guard the fixture: the corners above really occur on the quad-path shape."""
-    from stages.tally.kernels import product_plan, quads_exact
+    """Guard the fixture: the corners above really occur on the benchmark's shape."""
     from stages.tally.reference import reference_mask
 
-    assert quads_exact(7, 7, 112, 112) and quads_exact(6, 8, 96, 128)
-    assert not any(quads_exact(*shape) for shape in TALLY_SHAPES[2:])
-    assert product_plan(3 * 263, 1)[1] == torch.float64
     rng = np.random.default_rng(7 + 7 + 112 + 112)
     kernel_block(rng, 6, 112, 112)
     acts, thresholds = corner_maps(rng, 6, 7, 7)
@@ -261,22 +274,16 @@ def test_tally_corners_are_hit():
         assert 0 < areas[:, k].sum() < 6 * 112 * 112, k
 
 
-# torch's CPU bilinear kernel takes a form per shape that depends on the build and the CPU;
-# where the compiled loop knows none that matches, "auto" runs the torch kernel instead
-NO_PLAN = "torch's CPU kernel takes a form the compiled loop does not know here"
-
-
 @pytest.mark.parametrize("shape", TALLY_SHAPES)
 @pytest.mark.parametrize("kernel", ["torch", "compiled"])
 def test_each_tally_kernel_matches_reference(shape, kernel):
-    """Both kernels, named: the batched torch one (GPUs, and CPUs where the compiled loop is
-    not exact) and the compiled CPU loop, on every shape and union x planes mode."""
-    from stages.tally.compiled import compiled_plan
+    """Both producers, named: the torch one (GPUs, and CPUs where the compiled loop is not
+    exact) and the compiled CPU loop, on every shape and union x planes mode."""
     from stages.tally.reference import reference_counts
 
     h, w, sh, sw = shape
-    if kernel == "compiled" and compiled_plan(*shape) is None:
-        pytest.skip(NO_PLAN)
+    if kernel == "compiled":
+        compiled_for(shape)
     rng = np.random.default_rng(sum(shape) + 1)
     images, pixel, image, lut, category, primary = kernel_block(rng, 5, sh, sw)
     acts, thresholds = corner_maps(rng, 5, h, w)
@@ -293,13 +300,9 @@ def test_each_tally_kernel_matches_reference(shape, kernel):
 
 @pytest.mark.parametrize("shape", TALLY_SHAPES + [(14, 14, 112, 112), (7, 7, 112, 16), (1, 1, 9, 9)])
 def test_compiled_values_are_torch_bit_for_bit(shape):
-    """Where a plan is found, its values equal F.interpolate on maps it was not chosen on."""
-    from stages.tally.compiled import compiled_plan
-
+    """The compiled form's values equal F.interpolate on maps it was not chosen on."""
     h, w, sh, sw = shape
-    plan = compiled_plan(h, w, sh, sw)
-    if plan is None:
-        pytest.skip(NO_PLAN)
+    plan = compiled_for(shape)
     rng = np.random.default_rng(sum(shape) + 2)
     maps = np.concatenate([random_maps(rng, 30, h, w) for _ in range(8)])
     full = F.interpolate(torch.from_numpy(maps)[:, None], size=(sh, sw), mode="bilinear",
@@ -308,23 +311,21 @@ def test_compiled_values_are_torch_bit_for_bit(shape):
 
 
 def test_compiled_tally_runs_on_cpu_and_falls_back_where_not_exact(monkeypatch):
-    """"auto" takes the compiled loop on CPU for the benchmark's shape; where no plan is
-    exact it takes the torch kernel (same counts), and "compiled" refuses."""
-    import stages.tally.kernels as kernels
-    from stages.tally.compiled import compiled_plan
+    """"auto" takes the compiled loop on CPU for the benchmark's shape; where no form is
+    exact it takes the torch producer (same counts), and "compiled" refuses."""
+    import stages.tally.statistic as statistic
 
-    if compiled_plan(7, 7, 112, 112) is None:
-        pytest.skip(NO_PLAN)
+    compiled_for((7, 7, 112, 112))
     rng = np.random.default_rng(9)
     _, pixel, image, lut, category, _ = kernel_block(rng, 4, 112, 112)
     acts, thresholds = corner_maps(rng, 4, 7, 7)
     args = (acts, thresholds, pixel, image, lut, category, "lite", "set", (112, 112), 64)
     called = []
-    monkeypatch.setattr(kernels, "compiled_plan", lambda *shape: called.append(shape) or
-                        compiled_plan(*shape))
+    monkeypatch.setattr(statistic, "compiled_masks", lambda *shape: called.append(shape) or
+                        compiled_masks(*shape))
     auto = kernel_tally(*args)
     assert called == [(7, 7, 112, 112)]
-    monkeypatch.setattr(kernels, "compiled_plan", lambda *shape: None)
+    monkeypatch.setattr(statistic, "compiled_masks", lambda *shape: None)
     fallback = kernel_tally(*args)
     for key in auto:
         np.testing.assert_array_equal(auto[key], fallback[key])
@@ -335,7 +336,7 @@ def test_compiled_tally_runs_on_cpu_and_falls_back_where_not_exact(monkeypatch):
 def test_pixel_classes_group_exactly_the_equal_label_tuples():
     """Pixels share a class iff they carry the same label in every plane: runs, repeats far
     apart, and thousands of distinct tuples (hash collisions and probing)."""
-    from stages.tally.compiled import _pixel_classes
+    from stages.tally.classes import _pixel_classes
 
     rng = np.random.default_rng(4)
     for planes, alphabet, n in [(3, 4, 600), (4, 2000, 5000), (1, 1, 50), (0, 1, 40)]:
@@ -348,65 +349,6 @@ def test_pixel_classes_group_exactly_the_equal_label_tuples():
         # the same partition: class ids map one-to-one onto the unique tuples
         assert len(set(zip(cls.tolist(), expected.ravel().tolist(), strict=True))) == n_classes
         assert (dense[:, rep[cls]] == dense).all()
-
-
-def test_quad_path_equals_dense_path(monkeypatch):
-    """The quad path and the dense canvas path give the same counts on the same block."""
-    import stages.tally.kernels as kernels
-
-    rng = np.random.default_rng(3)
-    _, pixel, image, lut, category, _ = kernel_block(rng, 8, 112, 112)
-    acts, thresholds = corner_maps(rng, 8, 7, 7)
-    args = (acts, thresholds, pixel, image, lut, category)
-    quad = kernel_tally(*args, "lite", "multiset", (112, 112), 300, kernel="torch")
-    monkeypatch.setattr(kernels, "quads_exact", lambda *a: False)
-    dense = kernel_tally(*args, "lite", "multiset", (112, 112), 300, kernel="torch")
-    for key in quad:
-        np.testing.assert_array_equal(quad[key], dense[key])
-
-
-@pytest.mark.parametrize("shape", [(7, 7, 112, 112), (6, 8, 96, 128), (14, 14, 112, 112)])
-def test_quad_values_equal_full_upsample(shape):
-    """Every pixel of every quad, on adversarial maps, where quads are used."""
-    from stages.tally.kernels import Workspace, quad_grid, quad_values, quads_exact
-
-    h, w, sh, sw = shape
-    if not quads_exact(h, w, sh, sw):
-        pytest.skip("torch's kernel on this machine is not separable for this shape")
-    grid = quad_grid(h, w, sh, sw)
-    rng = np.random.default_rng(sum(shape))
-    maps = torch.from_numpy(np.concatenate([random_maps(rng, 40, h, w) for _ in range(6)]))
-    t = np.float32(0.3)
-    maps[:10] = torch.from_numpy(rng.choice(
-        [np.nextafter(t, np.float32(0)), t, np.nextafter(t, np.float32(1))], (10, h, w)))
-    full = F.interpolate(maps[:, None], size=(sh, sw), mode="bilinear", align_corners=False)
-    n = len(maps)
-    pair = torch.arange(n).repeat_interleave(grid.n_quads)
-    quad = torch.arange(grid.n_quads).repeat(n)
-    rows = F.interpolate(maps, size=sw, mode="linear", align_corners=False)
-    tiles = torch.full((len(pair), grid.cols.tile, grid.rows.tile), torch.nan)
-    for entries, values in quad_values(rows, pair, quad, grid, Workspace("cpu")):
-        tiles[entries, :, : values.shape[2]] = values
-    got = tiles.view(n, -1).gather(1, grid.position[None].expand(n, -1))
-    assert torch.equal(got, full.view(n, -1))
-
-
-def test_active_quads_cover_every_mask_pixel():
-    """A pixel outside the active quads is never in the mask (the skip rule, per quad)."""
-    from stages.tally.kernels import active_quads, quad_grid
-
-    grid = quad_grid(7, 7, 112, 112)
-    rng = np.random.default_rng(11)
-    for _ in range(10):
-        maps = torch.from_numpy(random_maps(rng, 30, 7, 7))
-        flat = maps.reshape(30, -1)
-        t32 = float32_below(flat[torch.arange(30), torch.from_numpy(rng.integers(0, 49, 30))]
-                            .double())
-        masks = (F.interpolate(maps[:, None], size=(112, 112), mode="bilinear",
-                               align_corners=False) > t32[:, None, None, None]).view(30, -1)
-        quad_of_pixel = grid.position // grid.tile
-        covered = active_quads(maps, t32).gather(1, quad_of_pixel[None].expand(30, -1))
-        assert not (masks & ~covered).any()
 
 
 def test_skip_bound_keeps_a_margin_below_the_threshold():
@@ -440,7 +382,7 @@ def test_tally_block_without_active_units():
 def test_merge_top_keeps_the_top_of_the_union_with_ties(extra):
     """A full list met by a few columns trades only its smallest (extra <= k/2); wider
     merges select over everything.  Either way: the top k of the union, as values."""
-    from stages.tally.kernels import merge_top
+    from stages.thresholds.kernels import merge_top
 
     rng = np.random.default_rng(sum(extra))
     k = 20
@@ -455,29 +397,26 @@ def test_merge_top_keeps_the_top_of_the_union_with_ties(extra):
 
 
 def test_gpus_take_the_torch_tally(monkeypatch):
-    """Device selection, checked on CPU: a CUDA block never asks for a compiled plan, and
-    asking for the compiled loop there is an error; a CPU block gets its plan."""
-    import stages.tally.kernels as kernels
+    """Device selection, checked on CPU: a CUDA block never asks for a compiled form, and
+    asking for the compiled loop there is an error; a CPU block gets its form."""
+    import stages.tally.statistic as statistic
 
-    monkeypatch.setattr(kernels, "compiled_plan", lambda *shape: pytest.fail("asked for a plan"))
+    monkeypatch.setattr(statistic, "compiled_masks", lambda *shape: pytest.fail("asked"))
     for kernel in ("auto", "torch"):
-        assert kernels.tally_plan(torch.device("cuda"), (7, 7, 112, 112), kernel) is None
+        assert statistic.mask_kernel(torch.device("cuda"), (7, 7, 112, 112), kernel) is None
     with pytest.raises(ValueError, match="not exact"):
-        kernels.tally_plan(torch.device("cuda"), (7, 7, 112, 112), "compiled")
+        statistic.mask_kernel(torch.device("cuda"), (7, 7, 112, 112), "compiled")
     with pytest.raises(ValueError, match="unknown tally kernel"):
-        kernels.tally_plan(torch.device("cpu"), (7, 7, 112, 112), "numba")
+        statistic.mask_kernel(torch.device("cpu"), (7, 7, 112, 112), "numba")
     monkeypatch.undo()
-    assert kernels.tally_plan(torch.device("cpu"), (7, 7, 112, 112)) is \
-        kernels.compiled_plan(7, 7, 112, 112)
+    assert statistic.mask_kernel(torch.device("cpu"), (7, 7, 112, 112)) is \
+        compiled_masks(7, 7, 112, 112)
 
 
 def test_compiled_tally_refuses_label_numbers_outside_the_lut():
     """Compiled code does not check bounds itself: a stored number past the label list (a
     damaged store) is an error, in a plane or as an image-level label."""
-    from stages.tally.compiled import compiled_plan
-
-    if compiled_plan(7, 7, 112, 112) is None:
-        pytest.skip(NO_PLAN)
+    compiled_for((7, 7, 112, 112))
     rng = np.random.default_rng(2)
     _, pixel, image, lut, category, _ = kernel_block(rng, 2, 112, 112)
     acts, thresholds = corner_maps(rng, 2, 7, 7)
@@ -493,19 +432,24 @@ def test_compiled_tally_refuses_label_numbers_outside_the_lut():
 
 
 def test_class_signatures_are_every_pixels_label_set():
-    """rows[cls] is each pixel's signature: its planes' and image-level dense labels, each
-    once, ascending, zeros first (SEMANTICS.md §6) - checked pixel by pixel."""
-    from stages.tally.compiled import class_signatures
-
+    """labels[pixel_class] is each pixel's signature: its planes' and image-level dense
+    labels, each once, ascending, zeros first (SEMANTICS.md §6), and occurrences counts each
+    of them once per plane and image-level entry carrying it - checked pixel by pixel."""
     rng = np.random.default_rng(12)
     _, pixel, image, lut, _, _ = kernel_block(rng, 6, 20, 24)
     lut = lut.copy()
     lut[[12, 31]] = 0  # unscored labels vanish from signatures
-    cls, rows = class_signatures(pixel, image, lut)
+    classes = pixel_classes(BlockLabels(pixel, image), lut)
+    cls, rows = classes.pixel_class, classes.labels
     width = pixel.shape[1] + image.shape[1]
     assert rows.shape == (cls.max() + 1, width) and len(np.unique(cls)) == len(rows)
+    assert (np.bincount(cls.ravel(), minlength=len(rows)) == classes.size).all()
     for b in range(len(pixel)):
+        assert (classes.image()[cls[b]] == b).all()
         for s in range(pixel.shape[2]):
-            labels = sorted({int(lut[v]) for v in [*pixel[b, :, s], *image[b]]} - {0})
+            entries = [int(lut[v]) for v in [*pixel[b, :, s], *image[b]] if lut[v]]
+            labels = sorted(set(entries))
             expected = [0] * (width - len(labels)) + labels
             assert rows[cls[b, s]].tolist() == expected, (b, s)
+            counts = classes.occurrences[cls[b, s]]
+            assert counts[width - len(labels):].tolist() == [entries.count(n) for n in labels]

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stages.engine.blocks import LayerBlocks
-from stages.quantile import exact_thresholds
-from stages.tally.kernels import float_keys, keys_to_floats, quantile_position
+from stages.thresholds.kernels import float_keys, keys_to_floats, quantile_position
 from storage import activations as astore
 from storage.errors import UserError
+from tests.passes import exact_thresholds
 
 
 def make_store(path: Path, values: np.ndarray, block: int, layer: str = "l") -> str:

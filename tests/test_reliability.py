@@ -1,14 +1,13 @@
 """Interrupted, killed or misused, the pipeline loses nothing and says one line.
 
 Every test here drives real processes (``python -m pipeline.run``): signals, SIGKILL at a
-random point of each stage, a killed Dask worker, and a catalogue of bad inputs, each giving
+build of each stage, a killed Dask worker, and a catalogue of bad inputs, each giving
 one ``error:`` line, exit status 2 and nothing half-written.  docs/RELIABILITY.md lists them.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import resource
 import shutil
 import signal
@@ -22,6 +21,7 @@ import pytest
 
 from pipeline.run import compose_config, run
 from stages.synthetic import generate
+from storage.artifacts import Artifact
 from storage.tables import read_table
 from tests.conftest import REPO, cli, cli_env
 
@@ -97,6 +97,14 @@ def blocks_done(workdir: Path, layer: str, until: int, timeout: float = 120) -> 
     raise AssertionError(f"{layer}: fewer than {until} blocks written in {timeout} s")
 
 
+def eventually(condition, timeout: float = 60) -> None:
+    """Wait until ``condition()`` holds (polled), failing after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"{condition} did not hold within {timeout} s"
+        time.sleep(0.05)
+
+
 def alive(pids: set[int]) -> set[int]:
     out = set()
     for pid in pids:
@@ -120,7 +128,7 @@ def half_written(workdir: Path) -> list[Path]:
     leftovers = [p for p in workdir.rglob("*") if ".tmp-" in p.name or p.name.endswith(".tmp")]
     results = workdir / "results"
     orphans = [p for p in results.rglob("*.parquet")
-               if not (p.parent / f".{p.name}.artifact.json").is_file()] if results.exists() else []
+               if not Artifact(p, {}).manifest_path.is_file()] if results.exists() else []
     return leftovers + orphans
 
 
@@ -149,8 +157,7 @@ def test_signal_during_extract_is_one_line_no_orphans_and_resumes(data, tmp_path
     assert proc.returncode == code, out[-3000:]
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
     assert out.strip().splitlines()[-1] == "interrupted; run the same command again to resume"
-    time.sleep(1)
-    assert not alive(workers), "worker processes outlived the run"
+    eventually(lambda: not alive(workers), 30)  # no worker process outlives the run
     assert not half_written(wd)
     resumed = finish(*args, "cluster=none", logs=True)
     assert "resuming conv3" in resumed
@@ -227,7 +234,7 @@ def same_rows(workdir: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_sigkill_at_a_random_point_of_each_stage_then_rerun_equals_a_clean_run(
+def test_sigkill_during_each_stages_build_then_rerun_equals_a_clean_run(
         data, prepared, tmp_path, stage):
     before, _, logs = STAGES[stage]
     killed = tmp_path / "killed"
@@ -235,11 +242,11 @@ def test_sigkill_at_a_random_point_of_each_stage_then_rerun_equals_a_clean_run(
         shutil.copytree(prepared[before], killed)
     proc = start(*own_args(stage, data), f"workdir={killed}")
     try:
-        wait_for(proc, f"{logs}: building")
-        time.sleep(random.Random(stage).uniform(0, 0.3))
+        wait_for(proc, f"{logs}: building")  # the build has started: its locks are held
     finally:
         proc.kill()
         proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # killed in the build, not finished before it
     finish(*own_args(stage, data), f"workdir={killed}")
     assert not half_written(killed)
     reference = prepared["reference"]
@@ -250,21 +257,22 @@ def test_sigkill_at_a_random_point_of_each_stage_then_rerun_equals_a_clean_run(
         pages = sorted(p.relative_to(killed / "report") for p in (killed / "report").rglob("*.html"))
         assert pages and "</html>" in (killed / "report" / "index.html").read_text()
     if stage in ("concepts", "extract"):
-        from stages.engine.blocks import open_activations, open_concepts
+        from storage.activations import ActivationStore
+        from storage.concepts import ConceptStore
 
         if stage == "concepts":
             (a,) = (killed / "concepts").glob("*.zarr")
             b = reference / "concepts" / a.name
-            assert open_concepts(str(a)).complete
-            np.testing.assert_array_equal(open_concepts(str(a)).read_block(0, 48).pixel_labels,
-                                          open_concepts(str(b)).read_block(0, 48).pixel_labels)
+            assert ConceptStore.open(str(a)).complete
+            np.testing.assert_array_equal(ConceptStore.open(str(a)).read_block(0, 48).pixel_labels,
+                                          ConceptStore.open(str(b)).read_block(0, 48).pixel_labels)
         else:
             (a,) = (killed / "activations").rglob("*.zarr")
             b = reference / a.relative_to(killed)
             for layer in ("conv2", "conv3"):
-                assert open_activations(str(a)).is_complete(layer)
-                np.testing.assert_array_equal(open_activations(str(a)).array(layer)[:],
-                                              open_activations(str(b)).array(layer)[:])
+                assert ActivationStore.open(str(a)).is_complete(layer)
+                np.testing.assert_array_equal(ActivationStore.open(str(a)).array(layer)[:],
+                                              ActivationStore.open(str(b)).array(layer)[:])
 
 
 # ---------------------------------------------------------------- worker faults
@@ -279,11 +287,13 @@ def test_a_killed_worker_is_replaced_and_the_tables_are_identical(data, tmp_path
     shutil.copytree(wd, clean)
     proc = start(*args, f"workdir={wd}")
     wait_for(proc, "iou: building")
-    time.sleep(0.5)
-    tree = process_tree(proc.pid)  # nannies live in the run's process; workers are children
-    workers = [p for p in alive(set(tree)) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert workers, tree
-    os.kill(workers[0], signal.SIGKILL)
+
+    def workers() -> list[int]:  # nannies live in the run's process; workers are children
+        return [p for p in alive(set(process_tree(proc.pid)))
+                if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+    eventually(lambda: len(workers()) == 2)
+    os.kill(workers()[0], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     run(compose_config([*[a for a in args if a not in local], "cluster=none", "progress=false",
@@ -313,12 +323,13 @@ def test_no_worker_left_on_an_external_scheduler_is_one_line(data, tmp_path):
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         proc = subprocess.Popen(
             cli("stage=extract", f"dataset.path={data}", f"workdir={tmp_path / 'wd'}",
-                f"cluster.address={address}", "progress=false", "dataset.block_size=1",
+                f"cluster.address={address}", "cluster.no_worker_timeout=3", "progress=false",
+                "dataset.block_size=1",
                 "model=resnet18", "model.weights=none", "model.layers=[layer3]"),
-            cwd=REPO, env={**env(), "DASK_NETDISSECT__NO_WORKER_TIMEOUT": "3"},
+            cwd=REPO, env=env(),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for(proc, "extract: building")
-        time.sleep(2)
+        blocks_done(tmp_path / "wd", "layer3", until=1)  # the workers are extracting
         worker.kill()
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode == 2, out[-3000:]

@@ -25,12 +25,14 @@ from PIL import Image
 
 import stages.report as report_mod
 from pipeline.run import compose_config, run
+from stages.engine.blocks import LayerBlocks
 from stages.engine.reduction import reduce_with_dask
-from stages.quantile import LayerBlocks
-from stages.report import render_tile, unit_mask
-from stages.thresholds.statistics import TopImagesReduction, top_images
+from stages.report import render_tile
+from stages.tally.masks import unit_mask
+from stages.thresholds.top_images import top_images
 from storage.activations import ActivationStore, create_store, mark_complete, write_block
 from storage.errors import UserError
+from tests.passes import top_images_pass
 from tests.test_notebook import tiny_workdir
 
 TOP_N = 5
@@ -144,9 +146,9 @@ def check_top(store: Path, acts: np.ndarray, n: int, scheduler=None) -> None:
     if scheduler is None:
         top = top_images(store, "L", n)
     else:
-        reduction = TopImagesReduction(LayerBlocks(str(store), "L"), n)
+        reduction = top_images_pass(LayerBlocks(str(store), "L"), n)
         blocks = list(range(ActivationStore(store).n_blocks()))
-        top = reduce_with_dask(reduction, blocks, scheduler, split_every=2, progress=False)
+        (top,) = reduce_with_dask(reduction, blocks, scheduler, split_every=2, progress=False)
     index, value = brute_force_top(acts, n)
     np.testing.assert_array_equal(top.index, index)
     np.testing.assert_array_equal(top.value, value)
@@ -227,6 +229,38 @@ def test_strips_show_the_top_images_with_their_masks(built, units, model_id):
         expected = render_tile(image, mask, THUMB).astype(int)
         tile = strip[:, j * (THUMB + 3) : j * (THUMB + 3) + THUMB]
         assert np.abs(tile - expected).mean() < 6  # JPEG noise only
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "torch"])
+def test_outline_pixels_are_the_counted_mask_where_t_rounds_up(kernel):
+    """T is no float32, and rounding it to the nearest float32 gives exactly the value of a
+    plateau of upsampled pixels: those pixels exceed T, so they are in the counted mask,
+    and the report's mask (what it outlines) has them too."""
+    from stages.tally.classes import pixel_classes
+    from stages.tally.labels import BlockLabels
+    from stages.tally.reference import reference_mask
+    from stages.tally.statistic import mask_classes
+
+    plateau = np.float32(1.0)
+    threshold = 1.0 - 2.0**-30  # between the float32 below 1.0 and 1.0 itself
+    assert float(np.float32(threshold)) == float(plateau) and threshold < float(plateau)
+    act = np.full((7, 7), np.float32(0.25), dtype=np.float32)
+    act[1:5, 2:6] = plateau  # a plateau: its inner upsampled values are exactly 1.0
+    size = (56, 56)
+    outline = unit_mask(act, threshold, size)
+    counted = reference_mask(act, threshold, size)
+    assert (outline == counted).all()
+    flat = F.interpolate(torch.from_numpy(act)[None, None], size=size, mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+    assert (flat[counted] == plateau).sum() > 100  # the case the test is about
+    # the tally's producers count exactly those pixels (one pixel class per pixel)
+    labels = BlockLabels(np.arange(1, 56 * 56 + 1, dtype=np.int32)[None, None], np.zeros((1, 1),
+                                                                                          np.int32))
+    classes = pixel_classes(labels, np.arange(56 * 56 + 1))
+    found = mask_classes(torch.from_numpy(act)[None, None], np.array([threshold]), classes,
+                         size, kernel)
+    assert sorted(found.klass.tolist()) == np.flatnonzero(outline.ravel()).tolist()
+    assert (found.pixels == 1).all()
 
 
 def test_render_tile_dims_outside_the_mask():

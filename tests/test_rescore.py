@@ -19,13 +19,16 @@ from pipeline.api import rescore
 from pipeline.run import compose_config, run
 from stages.engine.blocks import LayerBlocks
 from stages.engine.reduction import reduce_in_process
-from stages.explain import SignatureCounts, SignatureReduction, beam_search, formula_frame
-from stages.signatures.formulas import format_formula, parse_formula
+from stages.iou import formula_frame
+from stages.signatures.formulas import format_formula
+from stages.signatures.parsing import parse_formula
+from stages.signatures.search import beam_search
 from stages.tally.labels import label_space
 from storage.concepts import ConceptStore
 from storage.errors import UserError
 from storage.tables import read_table
 from tests.broden_factory import BrodenBuilder, tree_mtimes
+from tests.passes import signature_pass
 
 N_IMAGES = 14
 MODEL = ["model=resnet18", "model.weights=none", "model.layers=[layer2]", "cluster=none",
@@ -204,9 +207,9 @@ def test_formula_counts_equal_hand_computed_masks(probe):
     acts = np.concatenate([blocks.load(b).numpy() for b in range(blocks.store().n_blocks())])
     thresholds = np.quantile(acts.transpose(1, 0, 2, 3).reshape(acts.shape[1], -1), 0.9, axis=1)
     space = label_space(store, None)
-    partial = reduce_in_process(
-        SignatureReduction(blocks, str(store.path), thresholds, space), range(4))
-    sc = SignatureCounts.from_partial(partial, space.n_labels)
+    (partial,) = reduce_in_process(
+        signature_pass(blocks, str(store.path), thresholds, space), range(4))
+    sc = partial.counts_table(space.n_labels)
     index = {name: [i + 1] for i, name in enumerate(space.names)}
     cases = {
         "(car OR tree) AND NOT wheel": lambda has: (has(10) | has(11)) & ~has(300),
@@ -267,9 +270,10 @@ def test_beam_search_recovers_planted_formula(tmp_path):
         astore.write_block(path, b, 4 * b, {"l": acts[4 * b : 4 * b + 4]})
     astore.mark_complete(path)
     space = label_space(store, None)
-    reduction = SignatureReduction(LayerBlocks(str(path), "l"), str(store.path),
-                                   np.array([1.0, 1.0, 0.99]), space)
-    sc = SignatureCounts.from_partial(reduce_in_process(reduction, range(4)), space.n_labels)
+    reduction = signature_pass(LayerBlocks(str(path), "l"), str(store.path),
+                               np.array([1.0, 1.0, 0.99]), space)
+    (partial,) = reduce_in_process(reduction, range(4))
+    sc = partial.counts_table(space.n_labels)
     found = beam_search(sc, list(space.names), max_length=3, beam=5)
     formula, score = found[0]
     assert format_formula(formula) == "car AND NOT wheel"

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from stages.bases.covariance import Covariance
 from stages.engine.blocks import LayerBlocks, ScoringBlocks
 from stages.engine.reduction import Checkpoint, Pass, reduce_blocks, reduce_in_process
-from stages.explain import SignatureReduction, Signatures
-from stages.iou import ScoringConfig, Tally, TallyReduction, label_space
-from stages.quantile import exact_thresholds, threshold_pass
-from stages.thresholds.statistics import Covariance, TopImagesReduction
+from stages.quantile import threshold_pass
+from stages.signatures.statistic import Signatures
+from stages.tally.labels import label_space
+from stages.tally.statistic import Tally, TallyRule
+from tests.passes import exact_thresholds, signature_pass, tally_pass, top_images_pass
 from tests.test_iou import write_activations
 from tests.test_quantile import make_store, random_values, reference
 
@@ -44,14 +46,15 @@ def test_thresholds_and_top_images_from_one_read(tmp_path, budget):
     blocks = LayerBlocks(path, "l")
     thresholds, top = threshold_pass(blocks, 0.05, None, budget, top_n=3)
     np.testing.assert_allclose(thresholds, reference(values, 0.05), rtol=1e-6)
-    alone = reduce_in_process(TopImagesReduction(blocks, 3), range(blocks.n_blocks()))
+    (alone,) = reduce_in_process(top_images_pass(blocks, 3), range(blocks.n_blocks()))
     for name in ("index", "value", "maps"):
         np.testing.assert_array_equal(getattr(top, name), getattr(alone, name))
     maxima = values.max(axis=(2, 3)).T
     order = np.argsort(-maxima, axis=1, kind="stable")[:, :3]
     np.testing.assert_array_equal(top.index, order)
     counting = CountingSource(blocks)
-    from stages.thresholds.statistics import TopImagesStat, TopValues
+    from stages.thresholds.statistics import TopValues
+    from stages.thresholds.top_images import TopImagesStat
 
     reduce_in_process(Pass(counting, (TopValues(4), TopImagesStat(3))), range(blocks.n_blocks()))
     assert sorted(counting.reads) == list(range(blocks.n_blocks()))  # each block read once
@@ -67,8 +70,9 @@ def test_top_values_narrowed_by_the_merged_floor_are_exact_and_small(tmp_path, s
     values[:, 2] = np.round(values[:, 2], 1)  # many ties
     blocks = LayerBlocks(make_store(tmp_path / "a.zarr", values, 5), "l")
     need = 20
-    tops = reduce_blocks(Pass(blocks, (TopValues(need),), single=True), blocks.n_blocks(),
-                         scheduler, progress=False)
+    (tops,) = reduce_blocks(Pass(blocks, (TopValues(need),)), blocks.n_blocks(), scheduler,
+                            progress=False)
+    tops = tops.descending()
     flat = values.transpose(1, 0, 2, 3).reshape(4, -1)
     np.testing.assert_array_equal(tops, -np.sort(-flat, axis=1)[:, :need])
     merged = TopValues(need).chunk(blocks.read(0))
@@ -96,17 +100,16 @@ def _scoring_world(tmp_path, synthetic_root):
 
 def test_signatures_of_the_compiled_loop_equal_those_of_the_torch_masks(
         tmp_path, synthetic_root, monkeypatch):
-    import stages.explain as explain
+    from tests.test_kernels import compiled_for
 
     store, blocks, thresholds, space = _scoring_world(tmp_path, synthetic_root)
-    if explain.tally_plan(torch.device("cpu"), (7, 7, store.sh, store.sw)) is None:
-        pytest.skip("no exact compiled plan for this shape on this CPU")
+    compiled_for((7, 7, store.sh, store.sw))
     n = blocks.n_blocks()
-    compiled = reduce_in_process(SignatureReduction(blocks, str(store.path), thresholds, space),
-                                 range(n))
-    monkeypatch.setattr(explain, "tally_plan", lambda *args, **kwargs: None)
-    masks = reduce_in_process(SignatureReduction(blocks, str(store.path), thresholds, space),
-                              range(n))
+    (compiled,) = reduce_in_process(
+        signature_pass(blocks, str(store.path), thresholds, space, kernel="compiled"), range(n))
+    (masks,) = reduce_in_process(
+        signature_pass(blocks, str(store.path), thresholds, space, kernel="torch"), range(n))
+    compiled, masks = compiled.state_dict(), masks.state_dict()
     for key in masks:
         np.testing.assert_array_equal(compiled[key], masks[key])
         assert compiled[key].dtype == masks[key].dtype
@@ -115,15 +118,17 @@ def test_signatures_of_the_compiled_loop_equal_those_of_the_torch_masks(
 
 def test_tally_and_signatures_in_one_pass_equal_separate_passes(tmp_path, synthetic_root):
     store, blocks, thresholds, space = _scoring_world(tmp_path, synthetic_root)
-    scoring = ScoringConfig(union="lite", planes="multiset")
+    scoring = TallyRule(union="lite", planes="multiset")
     n = blocks.n_blocks()
-    tally = reduce_in_process(TallyReduction(blocks, str(store.path), thresholds, space, scoring),
-                              range(n))
-    signatures = reduce_in_process(SignatureReduction(blocks, str(store.path), thresholds, space),
-                                   range(n))
+    (tally,) = reduce_in_process(tally_pass(blocks, str(store.path), thresholds, space, scoring),
+                                 range(n))
+    (signatures,) = reduce_in_process(signature_pass(blocks, str(store.path), thresholds, space),
+                                      range(n))
+    tally, signatures = tally.state_dict(), signatures.state_dict()
     counting = CountingSource(ScoringBlocks(blocks, str(store.path)))
     both = reduce_in_process(Pass(counting, (Tally(thresholds, space, scoring),
                                              Signatures(thresholds, space))), range(n))
+    both = [p.state_dict() for p in both]
     assert sorted(counting.reads) == list(range(n))
     for key in tally:
         np.testing.assert_array_equal(both[0][key], tally[key])
@@ -135,7 +140,8 @@ def test_tally_and_signatures_in_one_pass_equal_separate_passes(tmp_path, synthe
 def test_partials_round_trip_through_state_dict(tmp_path):
     path, _ = _store(tmp_path)
     blocks = LayerBlocks(path, "l")
-    from stages.thresholds.statistics import RadixHistogram, TopImagesStat, TopValues
+    from stages.thresholds.statistics import RadixHistogram, TopValues
+    from stages.thresholds.top_images import TopImagesStat
 
     reduction = Pass(blocks, (TopValues(7), TopImagesStat(2), Covariance(),
                               RadixHistogram(np.zeros((5, 2), np.int64), 0, 11)))
@@ -192,13 +198,13 @@ def test_a_killed_pass_resumes_from_its_saved_partial(tmp_path, scheduler):
                         progress=False, checkpoint=saved)
     assert len(counting.reads) < n  # blocks done before the kill were not read again
     assert not saved.exists()
-    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[0].descending(), expected[0].descending())
     np.testing.assert_allclose(got[1].scatter, expected[1].scatter, rtol=1e-12)
 
 
 def test_covariance_equals_numpy(tmp_path):
     path, values = _store(tmp_path, n=31, k=6, block=4, seed=5)
-    moments = reduce_in_process(Pass(LayerBlocks(path, "l"), (Covariance(),), single=True),
+    (moments,) = reduce_in_process(Pass(LayerBlocks(path, "l"), (Covariance(),)),
                                 range(8))
     x = values.transpose(0, 2, 3, 1).reshape(-1, values.shape[1]).astype(np.float64)
     assert int(moments.count) == len(x)

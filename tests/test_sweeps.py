@@ -31,6 +31,20 @@ def cli_run(*args: str, expect: int = 0) -> str:
     return proc.stdout + proc.stderr
 
 
+def dry_run(args: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """The dry run's plan of every job: (header, stage -> status), from its printed lines."""
+    out = cli_run(*args, "dry_run=true")
+    jobs: list[tuple[str, dict[str, str]]] = []
+    for line in out.splitlines():
+        if line.startswith("job "):
+            jobs.append((line.split(":")[0], {}))
+        elif line.startswith("  ") and jobs:
+            stage, status = line.split()[:2]
+            jobs[-1][1][stage] = status
+    assert "building" not in out and "dask:" not in out, out
+    return jobs
+
+
 # ---------------------------------------------------------------- identity and sweeps
 def test_checkpoint_sweep_gives_three_row_sets_and_a_rerun_does_nothing(
         synthetic_root, checkpoints, tmp_path):
@@ -38,7 +52,19 @@ def test_checkpoint_sweep_gives_three_row_sets_and_a_rerun_does_nothing(
     args = ["-m", "stage=iou", f"dataset.path={synthetic_root}", *TINY,
             "model.layers=[conv2,conv3]", "model.weights=" + ",".join(map(str, checkpoints)),
             f"workdir={wd}"]
+    fresh = dry_run(args)
+    assert not wd.exists()  # the dry run wrote nothing, not even the workdir
+    assert [job for job, _ in fresh] == [f"job {i} of 3" for i in (1, 2, 3)]
+    for _, steps in fresh:
+        assert {stage: status for stage, status in steps.items()
+                if stage in ("concepts", "extract", "quantile", "iou")} == dict.fromkeys(
+            ("concepts", "extract", "quantile", "iou"), "build")
+        assert set(steps.values()) <= {"build", "skip"}
     cli_run(*args)
+    before_plan = run_files(wd)
+    for _, steps in dry_run(args):
+        assert set(steps.values()) == {"skip"}, steps
+    assert run_files(wd) == before_plan
     for table in ("iou", "units", "layers"):
         frame = read_table(wd / "results", table)
         assert set(frame["model"]) == {"tiny_cnn"}

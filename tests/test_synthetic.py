@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 
 from stages import synthetic as syn
+from stages.scenes.labels import label_table
+from stages.scenes.render import render
 
 N = 24
 INDEX_HEADER = "image,split,ih,iw,sh,sw,scene,object,color,part,material,texture"
@@ -72,7 +74,7 @@ def test_category_csv(dataset: Path) -> None:
     rows = _rows(dataset / "category.csv")
     assert [r["name"] for r in rows] == CATEGORY_ORDER
     index = _rows(dataset / "index.csv")
-    table = syn.label_table()
+    table = label_table()
     for r in rows:
         nums = [lab["number"] for lab in table if r["name"] in lab["categories"]]
         assert (int(r["first"]), int(r["last"]), int(r["count"])) == (
@@ -89,7 +91,7 @@ def test_category_csv(dataset: Path) -> None:
 def test_files_match_render(dataset: Path) -> None:
     images = dataset / "images"
     for i, row in enumerate(_rows(dataset / "index.csv")):
-        img = syn.render(i)
+        img = render(i)
         assert row["image"] == f"synthetic/{i:06d}.png"
         assert row["split"] == img.split
         assert (row["ih"], row["iw"], row["sh"], row["sw"]) == ("112", "112", "56", "56")
@@ -135,7 +137,7 @@ def test_required_variety(dataset: Path) -> None:
     overlap = False
     big_pixel_label = False
     for i in range(N):
-        img = syn.render(i)
+        img = render(i)
         parts = img.planes["part"]
         if len(parts) == 2 and ((parts[0] > 0) & (parts[1] > 0)).any():
             overlap = True
@@ -151,7 +153,7 @@ def test_required_variety(dataset: Path) -> None:
 
 
 def test_label_tables(dataset: Path) -> None:
-    table = syn.label_table()
+    table = label_table()
     numbers = [lab["number"] for lab in table]
     assert numbers == sorted(set(numbers)) and 0 not in numbers
     assert any(n > 255 for n in numbers)
@@ -183,7 +185,7 @@ def test_frequency_and_coverage(dataset: Path) -> None:
     freq: dict[str, dict[int, int]] = {c: {} for c in CATEGORY_ORDER}
     cov: dict[str, dict[int, float]] = {c: {} for c in CATEGORY_ORDER}
     for i in range(N):
-        img = syn.render(i)
+        img = render(i)
         for cat, planes in img.planes.items():
             if not planes:
                 continue
@@ -218,17 +220,17 @@ def test_deterministic_bytes(dataset: Path, tmp_path: Path) -> None:
 def test_parallel_matches_serial(
     dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(syn, "_PARALLEL_MIN", 1)
-    monkeypatch.setattr(syn, "_CHUNK", 5)
+    monkeypatch.setattr(syn, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(syn, "CHUNK", 5)
     out = syn.generate(tmp_path / "par", n_images=N, progress=False)
     assert _tree_bytes(out) == _tree_bytes(dataset)
 
 
 def test_render_is_independent_of_other_images() -> None:
-    late = syn.render(17, seed=3)
+    late = render(17, seed=3)
     for i in range(3):
-        syn.render(i, seed=3)
-    again = syn.render(17, seed=3)
+        render(i, seed=3)
+    again = render(17, seed=3)
     assert np.array_equal(late.rgb, again.rgb)
     assert late.image_labels == again.image_labels and late.split == again.split
     for cat in late.planes:
@@ -238,12 +240,12 @@ def test_render_is_independent_of_other_images() -> None:
 
 
 def test_other_sizes() -> None:
-    img = syn.render(5, image_size=96, seg_size=40)
+    img = render(5, image_size=96, seg_size=40)
     assert img.rgb.shape == (96, 96, 3) and img.rgb.dtype == np.uint8
     for planes in img.planes.values():
         assert all(p.shape == (40, 40) for p in planes)
     with pytest.raises(ValueError):
-        syn.render(0, image_size=32, seg_size=64)
+        render(0, image_size=32, seg_size=64)
 
 
 def test_is_complete(dataset: Path, tmp_path: Path) -> None:
@@ -271,7 +273,7 @@ def test_failed_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(syn, "_write_tables", boom)
+    monkeypatch.setattr(syn.BrodenWriter, "write_tables", boom)
     with pytest.raises(RuntimeError):
         syn.generate(tmp_path / "data", n_images=3, progress=False)
     assert list(tmp_path.iterdir()) == []

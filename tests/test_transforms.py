@@ -23,12 +23,14 @@ from stages.bases.transforms import (
 from stages.concepts import ConceptsConfig, build_concept_store
 from stages.engine.blocks import LayerBlocks
 from stages.engine.reduction import reduce_in_process
-from stages.iou import ScoringConfig, TallyReduction, iou_frame, label_space, units_frame
+from stages.iou import iou_frame, units_frame
 from stages.network.perturb import Perturbation
-from stages.quantile import exact_thresholds
+from stages.tally.labels import label_space
+from stages.tally.statistic import TallyRule
 from storage.errors import UserError
 from storage.tables import read_table
 from tests.broden_factory import BrodenBuilder
+from tests.passes import exact_thresholds, tally_pass
 from tests.test_iou import write_activations
 from tests.test_quantile import make_store, random_values, reference
 
@@ -119,15 +121,15 @@ def test_linear_files(tmp_path, suffix):
 
 # ---------------------------------------------------------------- PCA
 def test_pca_axes_match_numpy_eigendecomposition(tmp_path):
+    from stages.bases.covariance import Covariance
     from stages.engine.reduction import Pass
-    from stages.thresholds.statistics import Covariance
 
     rng = np.random.default_rng(8)
     mixing = rng.standard_normal((5, 5)) * np.array([3.0, 2.0, 1.0, 0.5, 0.2])
     values = np.einsum("ok,nkhw->nohw", mixing,
                        rng.standard_normal((40, 5, 3, 3))).astype(np.float32) + 2.0
     path = make_store(tmp_path / "a.zarr", values, 6)
-    moments = reduce_in_process(Pass(LayerBlocks(path, "l"), (Covariance(),), single=True),
+    (moments,) = reduce_in_process(Pass(LayerBlocks(path, "l"), (Covariance(),)),
                                 range(7))
     x = values.transpose(0, 2, 3, 1).reshape(-1, 5).astype(np.float64)
     cov = np.cov(x, rowvar=False)
@@ -229,17 +231,17 @@ def test_planted_sae_latent_is_found_as_its_labels_detector(tmp_path, synthetic_
     blocks = LayerBlocks(str(path), "l", LinearMap(_basis_file(tmp_path, sae), "relu"))
     q = float(mask.mean()) * 0.9  # the top fraction of values inside the mask
     thresholds = exact_thresholds(blocks, q)
-    counts = reduce_in_process(TallyReduction(blocks, str(store.path), thresholds, space,
-                                              ScoringConfig(union="global")),
-                               range(blocks.n_blocks()))
+    (counts,) = reduce_in_process(tally_pass(blocks, str(store.path), thresholds, space,
+                                             TallyRule(union="global")),
+                                  range(blocks.n_blocks()))
     units = units_frame(iou_frame(counts, space, {}), thresholds, 0.04)
     latent = units.set_index("unit").loc[2]
     assert latent["label"] == target and latent["iou"] > 0.85 and latent["is_detector"]
-    plain = TallyReduction(LayerBlocks(str(path), "l"), str(store.path),
-                           exact_thresholds(LayerBlocks(str(path), "l"), q), space,
-                           ScoringConfig(union="global"))
-    best_unit = units_frame(iou_frame(reduce_in_process(plain, range(blocks.n_blocks())), space,
-                                      {}), thresholds, 0.04)["iou"].max()
+    plain = tally_pass(LayerBlocks(str(path), "l"), str(store.path),
+                       exact_thresholds(LayerBlocks(str(path), "l"), q), space,
+                       TallyRule(union="global"))
+    (plain_counts,) = reduce_in_process(plain, range(blocks.n_blocks()))
+    best_unit = units_frame(iou_frame(plain_counts, space, {}), thresholds, 0.04)["iou"].max()
     assert best_unit < latent["iou"] - 0.2
 
 

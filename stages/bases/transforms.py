@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from storage.errors import UserError, first_line
 from storage.arrays import load_arrays
+from storage.errors import UserError, first_line
 
 
 def random_rotation(k: int, seed: int) -> np.ndarray:

@@ -3,15 +3,13 @@
 :class:`LayerBlocks` reads a layer's activations (transformed when a basis transform is given,
 on the device the kernels run on); :class:`ScoringBlocks` adds the labels of the same images
 from a concept store, matched by row.  Stores are opened once per process and path (and
-re-opened when rebuilt), not once per block.
+re-opened when rebuilt, :meth:`storage.blocks.BlockStore.open`), not once per block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,33 +19,6 @@ from storage.activations import ActivationStore
 from storage.blocks import read_rows
 from storage.concepts import ConceptBlock, ConceptStore
 from storage.errors import UserError, first_line
-
-
-def _mtime(path: str) -> int:
-    """When the store was last rewritten; 0 for none, so opening it says it is missing."""
-    try:
-        return (Path(path) / "zarr.json").stat().st_mtime_ns
-    except FileNotFoundError:
-        return 0
-
-
-@lru_cache(maxsize=8)
-def _activation_store(path: str, _mtime_ns: int) -> ActivationStore:
-    return ActivationStore(path)
-
-
-@lru_cache(maxsize=8)
-def _concept_store(path: str, _mtime_ns: int) -> ConceptStore:
-    return ConceptStore(path)
-
-
-def open_activations(path: str) -> ActivationStore:
-    """The store at ``path``, opened once per process (again after it was rewritten)."""
-    return _activation_store(str(path), _mtime(path))
-
-
-def open_concepts(path: str) -> ConceptStore:
-    return _concept_store(str(path), _mtime(path))
 
 
 def damaged(path: str, what: str, start: int, stop: int, exc: Exception) -> UserError:
@@ -103,7 +74,7 @@ class LayerBlocks:
         return self.device
 
     def store(self) -> ActivationStore:
-        return open_activations(self.store_path)
+        return ActivationStore.open(self.store_path)
 
     def n_blocks(self) -> int:
         return self.store().n_blocks()
@@ -154,7 +125,7 @@ class ScoringBlocks:
         return self.layer.n_blocks()
 
     def concepts(self) -> ConceptStore:
-        return open_concepts(self.concept_path)
+        return ConceptStore.open(self.concept_path)
 
     def read(self, block: int) -> Block:
         acts, start, stop = self.layer.load_rows(block)

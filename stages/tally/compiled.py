@@ -200,9 +200,10 @@ def _mask_classes(a, t, bound, rows, cols, form, cls, counts, touched, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def _unit_class_counts(acts, t32, bound, cls, first, rows, cols, form):
+def _unit_class_counts(acts, t32, bound, classes, rows, cols, form):
     """(unit, class, pixels) for every class a unit's mask meets (see :meth:`CompiledMasks.mask_classes`)."""
     n_images, n_units = acts.shape[:2]
+    cls, first = classes.pixel_class, classes.first
     active = np.zeros((n_images, n_units), np.bool_)
     capacity = 0
     for b in range(n_images):
@@ -262,8 +263,7 @@ class CompiledMasks:
         :func:`~stages.tally.masks.skip_bound`."""
         return MaskClasses(*_unit_class_counts(
             np.ascontiguousarray(acts, np.float32), t32.astype(np.float32),
-            bound.astype(np.float32), classes.pixel_class, classes.first, self.rows, self.cols,
-            self.form))
+            bound.astype(np.float32), classes, self.rows, self.cols, self.form))
 
 
 @lru_cache(maxsize=64)

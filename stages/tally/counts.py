@@ -37,8 +37,10 @@ class BlockCounts(NamedTuple):
 
 
 @njit(nogil=True, cache=True)
-def _counts(unit, klass, pixels, first, size, labels, occurrences, category, n_units,
-            n_labels, n_categories, multiset, union):
+def _counts(found, classes, category, n_units, n_labels, n_categories, multiset, union):
+    unit, klass, pixels = found.unit, found.klass, found.pixels
+    first, size, labels = classes.first, classes.size, classes.labels
+    occurrences = classes.occurrences
     n_images = first.shape[0] - 1
     n_classes, width = labels.shape
     image = np.empty(n_classes, np.int64)
@@ -93,6 +95,5 @@ def block_counts(found: MaskClasses, classes: PixelClasses, n_units: int,
     if planes not in ("set", "multiset"):
         raise ValueError(f"unknown planes mode {planes!r}")
     return BlockCounts(*_counts(
-        found.unit, found.klass, found.pixels, classes.first, classes.size, classes.labels,
-        classes.occurrences, np.asarray(label_category, np.int64) + 1, n_units,
+        found, classes, np.asarray(label_category, np.int64) + 1, n_units,
         len(label_category) - 1, n_categories, planes == "multiset", UNIONS.index(union)))

@@ -1,0 +1,75 @@
+"""The files under a Broden dataset's ``images/``: label planes as PNGs (label = R + 256·G)
+read and written, RGB images read, and every path kept inside ``images/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from storage.errors import BrodenFormatError, MissingFileError, SizeMismatchError, UnsafePathError
+
+
+def dataset_file(images_dir: Path, rel: str, line: int | None = None) -> Path:
+    """``images_dir / rel``, refused when a symbolic link takes it outside ``images/`` (the
+    relative path itself was already checked for ``..`` and absolute parts)."""
+    path = Path(images_dir) / rel
+    real = path.resolve()
+    if not real.is_relative_to(Path(images_dir).resolve()):
+        where = f" (index.csv line {line})" if line is not None else ""
+        raise UnsafePathError(f"{path}: a link to {real}, outside the dataset's images/ "
+                              f"folder{where}; copy the file into the dataset instead")
+    return path
+
+
+def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:
+    """Decode a label PNG to int32 label numbers (R + 256·G) and check its size."""
+    where = f" (index.csv line {line})" if line is not None else ""
+    if not path.is_file():
+        raise MissingFileError(f"{path}: label image not found{where}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise BrodenFormatError(f"{path}: not a readable image{where} ({exc})") from None
+    if rgb.shape[:2] != tuple(shape):
+        raise SizeMismatchError(
+            f"{path}: size {rgb.shape[1]}x{rgb.shape[0]} (w x h) differs from index.csv "
+            f"sw x sh = {shape[1]}x{shape[0]}{where}"
+        )
+    return rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
+
+
+def load_image(path: Path, line: int | None = None) -> np.ndarray:
+    """Decode an RGB image to uint8 (H, W, 3)."""
+    where = f" (index.csv line {line})" if line is not None else ""
+    if not path.is_file():
+        raise MissingFileError(f"{path}: image not found{where}")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        raise BrodenFormatError(f"{path}: not a readable image{where} ({exc})") from None
+
+
+def encode_plane(labels: np.ndarray) -> np.ndarray:
+    """(H, W) label numbers -> (H, W, 3) uint8 with R + 256·G = number, B = 0."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 2:
+        raise ValueError(f"a label plane must be 2-D, got shape {labels.shape}")
+    if labels.min(initial=0) < 0 or labels.max(initial=0) > 65535:
+        raise ValueError("label numbers must lie in 0..65535")
+    out = np.zeros((*labels.shape, 3), dtype=np.uint8)
+    out[..., 0] = labels & 0xFF
+    out[..., 1] = (labels >> 8) & 0xFF
+    return out
+
+
+def save_plane(path: Path, labels: np.ndarray, compress_level: int = 6) -> Path:
+    """Write a label plane PNG (creating parent folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(encode_plane(labels)).save(path, format="PNG", compress_level=compress_level)
+    return path
