@@ -104,8 +104,7 @@ def perturbation(cfg: Config) -> Perturbation:
 
 def moved_labels(cfg: Config) -> str:
     """The perturbation label planes go through: a geometric one, else none."""
-    p = perturbation(cfg)
-    return str(p) if p.geometric else "none"
+    return perturbation(cfg).moved_labels
 
 
 def is_demo(m: ModelOptions) -> bool:

@@ -169,7 +169,9 @@ def guarded(action: Callable[[], object]) -> None:
         fail(f"{exc.filename or 'a file'}: no space left to write it ({exc.strerror}); free "
              "some space (or choose another workdir=) and run the same command again")
     except Exception as exc:  # noqa: BLE001 - the last resort: say where the full story is
-        if type(exc).__name__ == "KilledWorker":
+        from distributed.scheduler import KilledWorker
+
+        if isinstance(exc, KilledWorker):
             task = exc.args[0] if exc.args else "a task"
             fail(f"Dask workers died running {task!r} more often than Dask retries a task "
                  "(out of memory? raise cluster.memory_limit or lower "

@@ -50,7 +50,7 @@ def build_concept_store(cfg: ConceptsConfig, scheduler: Any = "threads",
     damaged, is rebuilt.  ``dataset``: the directory already read, if the caller has it.
     """
     dataset = dataset or read_broden(cfg.dataset_path)
-    moved = str(cfg.perturbation) if cfg.perturbation.geometric else "none"
+    moved = cfg.perturbation.moved_labels
     artifact = cstore.store_artifact(cfg.store_path, dataset.fingerprint(), moved)
     state = artifact.state()
     if state in ("complete", "partial") and not _readable(cfg.store_path):

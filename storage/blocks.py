@@ -32,9 +32,9 @@ def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
 
     A read of exactly one chunk of a local array in the layout these stores are written in
     (one chunk across the other axes, bytes then Zstd) is decoded in the calling thread.
-    Zarr's own read copies every decoded chunk on its one event-loop thread: two threads
-    reading resnet18-sized blocks of activations and labels side by side were 1.3x one thread
-    through zarr, 2.0x this way.  Any other read goes through zarr.
+    Zarr's own read copies every decoded chunk on its one event-loop thread, so reader
+    threads barely add up through it (measured by the Broden-scale benchmark's commit
+    95e7ebf).  Any other read goes through zarr.
     """
     chunk = array.chunks[0]
     whole = start % chunk == 0 and stop == min(start + chunk, array.shape[0])

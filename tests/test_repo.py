@@ -92,3 +92,35 @@ def test_no_module_over_about_400_lines():
             name = str(path.relative_to(REPO))
             if name not in COMPILED_LOOPS:
                 assert len(path.read_text().splitlines()) <= 425, name
+
+
+def test_no_import_circle():
+    """No module reaches itself through imports, function-level ones included."""
+    modules = {}
+    for folder in ("pipeline", "stages", "storage"):
+        for path in (REPO / folder).rglob("*.py"):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                found = {a.name for a in node.names}
+            else:
+                continue
+            graph[name] |= found & modules.keys()
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            assert state.get(target) != 1, " -> ".join([*path[path.index(target):], target])
+            if target not in state:
+                visit(target, [*path, target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])

@@ -59,6 +59,11 @@ class Perturbation:
         return self.kind in ("rotate", "shuffle")
 
     @property
+    def moved_labels(self) -> str:
+        """What the label planes go through: this perturbation if geometric, else none."""
+        return str(self) if self.geometric else "none"
+
+    @property
     def random(self) -> bool:
         return self.kind in ("noise", "shuffle")
 
