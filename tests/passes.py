@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from stages.engine.blocks import LayerBlocks, ScoringBlocks
 from stages.engine.reduction import Pass
 from stages.quantile import DEFAULT_CANDIDATE_BUDGET, threshold_pass
 from stages.signatures.statistic import Signatures
-from stages.tally.labels import LabelSpace
-from stages.tally.statistic import Tally, TallyRule
+from stages.tally.classes import pixel_classes
+from stages.tally.counts import BlockCounts, block_counts
+from stages.tally.labels import BlockLabels, LabelSpace
+from stages.tally.statistic import Tally, TallyRule, mask_classes
 from stages.thresholds.top_images import TopImagesStat
 
 
@@ -35,3 +38,15 @@ def signature_pass(blocks: LayerBlocks, concept_path: str, thresholds: np.ndarra
 
 def top_images_pass(blocks: LayerBlocks, top_n: int) -> Pass:
     return Pass(blocks, [TopImagesStat(top_n)])
+
+
+def count_block(acts: torch.Tensor, thresholds: np.ndarray, labels: BlockLabels,
+                lut: np.ndarray, label_category: np.ndarray, n_categories: int,
+                seg_size: tuple[int, int], rule: TallyRule, kernel: str = "auto",
+                pair_chunk: int = 1024) -> BlockCounts:
+    """The §4 counts of one block of images for every unit and label (lut: stored number ->
+    dense label; label_category: dense label -> primary category index, -1 for 0)."""
+    classes = pixel_classes(labels, lut)
+    found = mask_classes(acts, thresholds, classes, seg_size, kernel, pair_chunk)
+    return block_counts(found, classes, acts.shape[1], label_category, n_categories,
+                        rule.planes, rule.union)

@@ -46,11 +46,12 @@ from stages.tally.reference import (
     reference_mask,
     reference_units,
 )
-from stages.tally.statistic import Tally, TallyCounts, TallyRule, count_block
+from stages.tally.statistic import Tally, TallyCounts, TallyRule
 from storage import activations as astore
 from storage.activations import ActivationStore
 from storage.broden_writer import BrodenWriter
 from storage.concepts import ConceptStore
+from tests.passes import count_block
 
 N = 14  # images; block size 4 does not divide it
 H, W = 4, 5  # activation maps (non-square on purpose)

@@ -14,7 +14,8 @@ from stages.tally.classes import pixel_classes
 from stages.tally.compiled import compiled_masks
 from stages.tally.labels import BlockLabels
 from stages.tally.masks import float32_below, masked_pixels, row_bands_exact, skip_bound
-from stages.tally.statistic import TallyRule, count_block
+from stages.tally.statistic import TallyRule
+from tests.passes import count_block
 
 PINNED_TORCH = "2.14.1"  # pyproject.toml's pin, whose CPU arithmetic the compiled loop knows
 

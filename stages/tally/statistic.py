@@ -22,8 +22,8 @@ from stages.engine.blocks import Block
 from stages.engine.reduction import Partial, Statistic, summed
 from stages.tally.classes import PixelClasses, pixel_classes
 from stages.tally.compiled import CompiledMasks, compiled_masks
-from stages.tally.counts import BlockCounts, block_counts
-from stages.tally.labels import BlockLabels, LabelSpace, block_labels
+from stages.tally.counts import block_counts
+from stages.tally.labels import LabelSpace, block_labels
 from stages.tally.masks import MaskClasses, float32_below, skip_bound, torch_mask_classes
 
 log = logging.getLogger("netdissect")
@@ -64,18 +64,6 @@ def mask_classes(acts: torch.Tensor, thresholds: np.ndarray, classes: PixelClass
         return compiled.mask_classes(acts.numpy(), t32, skip_bound(t32), classes)
     return torch_mask_classes(acts, t32, classes.pixel_class, classes.n_classes, seg_size,
                               pair_chunk)
-
-
-def count_block(acts: torch.Tensor, thresholds: np.ndarray, labels: BlockLabels,
-                lut: np.ndarray, label_category: np.ndarray, n_categories: int,
-                seg_size: tuple[int, int], rule: TallyRule, kernel: str = "auto",
-                pair_chunk: int = 1024) -> BlockCounts:
-    """The §4 counts of one block of images for every unit and label (lut: stored number ->
-    dense label; label_category: dense label -> primary category index, -1 for 0)."""
-    classes = pixel_classes(labels, lut)
-    found = mask_classes(acts, thresholds, classes, seg_size, kernel, pair_chunk)
-    return block_counts(found, classes, acts.shape[1], label_category, n_categories,
-                        rule.planes, rule.union)
 
 
 class ScoredBlock(NamedTuple):
