@@ -27,6 +27,7 @@ Preprocess = StrEnum("Preprocess", ["imagenet", "netdissect"])
 ClusterKind = StrEnum("ClusterKind", ["local", "threads", "none", "cuda"])
 TransformKind = StrEnum("TransformKind", ["none", "rotate", "pca", "linear"])
 DEMO_WEIGHTS = "train"  # model.weights value: train (or reuse) the demo model on the probe set
+BRODEN_FILES = ("index.csv", "category.csv", "label.csv", "images")  # what every Broden dir has
 
 
 @dataclass
@@ -218,6 +219,13 @@ def validate(cfg: Config) -> None:
     for key, value in (("dataset.path", cfg.dataset.path), ("concepts.path", cfg.concepts.path)):
         if value and not Path(value).expanduser().is_dir():
             raise UserError(f"{key}={value}: directory not found")
+        missing = [name for name in BRODEN_FILES
+                   if value and not (Path(value).expanduser() / name).exists()]
+        if missing:
+            raise UserError(
+                f"{key}={value}: not a Broden-format directory (no {', '.join(missing)}); one "
+                "holds index.csv, category.csv, label.csv, c_<category>.csv and images/ — "
+                "docs/REAL_DATA.md ('Your own images') shows how to make one")
     if cfg.concepts.formulas and not Path(cfg.concepts.formulas).expanduser().is_file():
         raise UserError(f"concepts.formulas={cfg.concepts.formulas}: file not found")
     m = cfg.model

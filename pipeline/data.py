@@ -132,8 +132,15 @@ def concept_store_target(run: Run, what: str, dataset: BrodenDataset, path: Path
                   lambda _missing: build_concept_store(cfg, run.scheduler(), dataset))
 
 
+def check_perturbation(run: Run, ds: DatasetInfo) -> None:
+    """The input perturbation fits the dataset's sizes (before labels or images move)."""
+    first = ds.broden.images[0]
+    perturbation(run.cfg).check_sizes(first.ih, first.iw, first.sh, first.sw)
+
+
 def concepts_targets(run: Run) -> list[Target]:
     ds = run.value("dataset")
+    check_perturbation(run, ds)
     return [concept_store_target(run, "concept store", ds.broden, concepts_value(run))]
 
 
@@ -237,9 +244,8 @@ def _activations(run: Run) -> Activations:
 def extract_targets(run: Run) -> list[Target]:
     acts = extract_value(run)
     ds, e = acts.dataset, run.cfg.extract
-    first = ds.broden.images[0]
+    check_perturbation(run, ds)
     perturb = perturbation(run.cfg)
-    perturb.check_sizes(first.ih, first.iw, first.sh, first.sw)
     cfg = ExtractConfig(
         images_dir=ds.root / "images", store_path=acts.path, model=acts.model.spec,
         fingerprint=acts.fingerprint, dtype=str(e.dtype), block_size=run.cfg.dataset.block_size,

@@ -23,7 +23,7 @@ from storage.tables import safe_name
 class ModelIdentity:
     name: str  # the readable `model` column
     model_id: str  # name-<hash>: keys stores and rows
-    weights: str  # readable weights: checkpoint file name, torchvision name, random(seed=N)
+    weights: str  # readable weights: file name#content hash, torchvision name, random(seed=N)
     fingerprint: dict  # what the hash covers
     perturbation: str = "none"  # the input perturbation the activations were made under
 
@@ -67,7 +67,8 @@ def model_identity(spec: ModelSpec, perturbation: str = "none") -> ModelIdentity
     if w is None or str(w).lower() == "none":
         readable = f"random(seed={spec.seed})"
     elif fingerprint["weights"].startswith("sha256:"):
-        readable = Path(str(w)).name
+        # two checkpoints can share a file name (run1/A.pt, run2/A.pt): the content tells
+        readable = f"{Path(str(w)).name}#{fingerprint['weights'].removeprefix('sha256:')[:8]}"
     else:
         readable = str(w)
     name = safe_name(spec.name)

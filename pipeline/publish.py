@@ -21,7 +21,7 @@ from storage.arrays import load_arrays, save_arrays
 from storage.artifacts import Artifact, recorded, scratch_path
 from storage.broden import index_fingerprint
 from storage.errors import UserError
-from storage.tables import read_table
+from storage.tables import read_table, records_dir
 
 log = logging.getLogger("netdissect")
 REPORT_FORMAT = 2  # bump when the pages change, so a current-looking report is rebuilt
@@ -45,7 +45,8 @@ def report_rows(run: Run) -> pd.DataFrame:
 def _units_keys(run: Run) -> list[str]:
     """The manifest keys of every units file: the report is current while they are."""
     return [f"{path.parent.name}/{made['key']}"
-            for path, made in recorded(run.layout.results / "units", ".parquet", recursive=True)]
+            for path, made in recorded(records_dir(run.layout.results, "units"), ".parquet",
+                                       recursive=True)]
 
 
 def _store(run: Run, dataset: str, model_id: str) -> Path | None:
@@ -97,8 +98,8 @@ def _basis_map(run: Run, dataset: str, model_id: str, layer: str, layer_key: str
 
 def report_targets(run: Run) -> list[Target]:
     frame = report_rows(run)
-    keys = sorted({(str(r.dataset), str(r.model_id), str(r.layer), str(r.transform)) for r in
-                   frame[["dataset", "model_id", "layer", "transform"]].drop_duplicates()
+    keys = sorted({(str(r.dataset), str(r.model_id), str(r.layer), str(r.basis)) for r in
+                   frame[["dataset", "model_id", "layer", "basis"]].drop_duplicates()
                    .itertuples(index=False)})
     sources = {key: _page_source(run, key) for key in keys}
     r = run.cfg.report
@@ -148,7 +149,7 @@ def print_summary(run: Run, summaries: dict[str, pd.DataFrame]) -> None:
     concept_set = next(iter(summaries.values()))["concept_set"].iloc[0] if summaries else ""
     ident = acts.model.identity
     first = next(iter(summaries.values())) if summaries else None
-    extras = [f"{k} {first[k].iloc[0]}" for k in ("perturbation", "transform")
+    extras = [f"{k} {first[k].iloc[0]}" for k in ("perturbation", "basis")
               if first is not None and k in first and str(first[k].iloc[0]) != "none"]
     lines = [f"Network dissection of {ident.name} ({ident.model_id}, weights {ident.weights}) "
              f"on {acts.dataset.id} (concepts: {concept_set}"

@@ -113,7 +113,7 @@ class LayerContext:
         ident = self.acts.model.identity
         return {"model_id": ident.model_id, "weights": ident.weights,
                 "perturbation": ident.perturbation, "dataset": self.acts.dataset.id,
-                "concept_set": self.concepts.name, "transform": self.basis.text}
+                "concept_set": self.concepts.name, "basis": self.basis.text}
 
     def made_from(self, with_categories: bool = False) -> dict:
         """What the layer's scores are made from (and the categories scored)."""
@@ -164,7 +164,7 @@ def layer_contexts(run: Run) -> dict[str, LayerContext]:
 # ---------------------------------------------------------------- iou
 def iou_artifacts(run: Run, ctx: LayerContext) -> dict[str, Artifact]:
     s = run.cfg.scoring
-    params = {**ctx.row_keys(), "quantile": s.quantile, "union_mode": str(s.union),
+    params = {**ctx.row_keys(), "threshold_quantile": s.quantile, "union_mode": str(s.union),
               "planes": str(s.planes), "categories": ",".join(ctx.space.categories)}
     with_threshold = {**params, "iou_threshold": s.iou_threshold}
     return {"iou": ctx.result(run, "iou", params),

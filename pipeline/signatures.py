@@ -40,7 +40,8 @@ def formula_targets(run: Run) -> list[Target]:
 
     def target(ctx: LayerContext) -> Target:
         formulas = _formulas(run, ctx)
-        keys = {**ctx.row_keys(), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
+        keys = {**ctx.row_keys(), "threshold_quantile": run.cfg.scoring.quantile,
+                "union_mode": "global",
                 "planes": "set", "categories": "formula"}
         params = {**keys, "formulas": {k: format_formula(v) for k, v in sorted(formulas.items())}}
         artifact = ctx.result(run, "iou", params, with_categories=True)
@@ -61,7 +62,8 @@ def formula_targets(run: Run) -> list[Target]:
 
 def _explanations(run: Run, ctx: LayerContext) -> tuple[Artifact, dict]:
     e = run.cfg.explain
-    keys = {**ctx.row_keys(), "quantile": run.cfg.scoring.quantile, "union_mode": "global",
+    keys = {**ctx.row_keys(), "threshold_quantile": run.cfg.scoring.quantile,
+            "union_mode": "global",
             "planes": "set", "categories": ",".join(ctx.space.categories), "beam": e.beam,
             "max_length": e.max_length}
     return ctx.result(run, "explanations", keys, with_categories=True), keys

@@ -21,7 +21,9 @@ def _iou_targets(run: Run) -> list[Target]:
     return scoring.iou_targets(run) + signatures.formula_targets(run)
 
 
-SCORED = ("extract", "basis", "quantile", "concept_set")  # what every scoring stage reads
+# what every scoring stage reads, the concept set first: the labels are decoded before the
+# model runs, so a broken label file stops a run before its forward pass
+SCORED = ("concept_set", "extract", "basis", "quantile")
 GRAPH: dict[str, StageDef] = {s.name: s for s in (
     StageDef("dataset", (), ("dataset",), data.dataset_targets, data.dataset_value),
     StageDef("concepts", ("dataset",), ("dataset.block_size", "extract.perturb"),
@@ -33,7 +35,7 @@ GRAPH: dict[str, StageDef] = {s.name: s for s in (
     StageDef("basis", ("extract",), ("transform",), basis.basis_targets, basis.basis_value),
     StageDef("quantile", ("extract", "basis"), ("scoring.quantile", "report.top_n"),
              scoring.quantile_targets, scoring.quantile_value),
-    StageDef("concept_set", ("extract", "concepts"), ("concepts.path", "concepts.name"),
+    StageDef("concept_set", ("concepts", "extract"), ("concepts.path", "concepts.name"),
              concept_set.concept_set_targets, concept_set.concept_set_value),
     StageDef("iou", SCORED, ("scoring", "concepts.formulas"), _iou_targets, scoring.iou_value),
     StageDef("rescore", ("cache", "iou"), (), value=lambda run: run.value("iou")),

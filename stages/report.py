@@ -10,8 +10,8 @@ From the ``units`` rows it is given (and, per page, the top images of each unit)
   top-N images with the unit's mask (the image dimmed outside the mask, the mask outlined);
 - ``<model-id>/<layer>[~<variant>]/unit_<k>.jpg``: the strips, referenced by relative paths.
 
-One page per (model identity, layer, parameter set): another concept set, transform,
-quantile or union mode gets its own page, labelled with what differs.  Pages are rendered
+One page per (model identity, layer, parameter set): another concept set, basis,
+threshold quantile or union mode gets its own page, labelled with what differs.  Pages are rendered
 from jinja2 templates with autoescaping, so every label name and path is shown as text.
 Masks follow SEMANTICS.md §2 at the image's size: ``interpolate(bilinear) > threshold``.
 The whole report is written into a temporary directory and swapped in at the end
@@ -46,9 +46,9 @@ from storage.tables import safe_name
 log = logging.getLogger("netdissect")
 
 # Parameter columns that distinguish one scoring of a layer from another (one page each).
-VARIANT_COLUMNS = ("model_id", "weights", "perturbation", "dataset", "concept_set", "transform",
-                   "quantile", "union_mode", "planes", "categories", "iou_threshold")
-SHOWN_PARAMS = ("weights", "perturbation", "dataset", "concept_set", "transform", "quantile",
+VARIANT_COLUMNS = ("model_id", "weights", "perturbation", "dataset", "concept_set", "basis",
+                   "threshold_quantile", "union_mode", "planes", "categories", "iou_threshold")
+SHOWN_PARAMS = ("weights", "perturbation", "dataset", "concept_set", "basis", "threshold_quantile",
                 "union_mode", "planes", "iou_threshold")
 # Colours per category: the Broden categories get fixed ones, others the rest in turn.
 PALETTE = ("#4e79a7", "#59a14f", "#f28e2b", "#b07aa1", "#edc948", "#e15759", "#76b7b2",
@@ -155,10 +155,10 @@ class Page:
 
     @property
     def key(self) -> tuple[str, str, str, str]:
-        """(dataset, model id, layer, transform): which activations the page shows."""
+        """(dataset, model id, layer, basis): which activations the page shows."""
         p = self.params
         return (str(p.get("dataset")), str(p.get("model_id", self.model)), self.layer,
-                str(p.get("transform", "none")))
+                str(p.get("basis", "none")))
 
     @property
     def categories(self) -> list[str]:
@@ -197,13 +197,13 @@ def plan_pages(frame: pd.DataFrame) -> list[Page]:
         ]
         # the probe dataset's own labels, untransformed, first: it gets the plain <layer>.html
         groups.sort(key=lambda g: (g[0].get("concept_set") != g[0].get("dataset"),
-                                   str(g[0].get("transform", "none")) != "none"))
+                                   str(g[0].get("basis", "none")) != "none"))
         first = groups[0][0]
         for params, rows in groups:
-            differs = [f"{k} {text(params[k])}" for k in ("concept_set", "quantile",
+            differs = [f"{k} {text(params[k])}" for k in ("concept_set", "threshold_quantile",
                                                           "union_mode", "planes", "categories")
                        if k in params and params[k] != first.get(k)]
-            differs += [f"{k} {text(params[k])}" for k in ("perturbation", "transform")
+            differs += [f"{k} {text(params[k])}" for k in ("perturbation", "basis")
                         if str(params.get(k, "none")) != "none"]
             stem = f"{safe_name(str(model_id))}/{safe_name(str(layer))}"
             if differs:

@@ -68,6 +68,7 @@ class Artifact:
     path: Path
     fingerprint: Mapping[str, Any] = field(hash=False)
     member: str | None = None
+    records: Path | None = None  # folder of the manifest and lock; default: beside the path
 
     @property
     def key(self) -> str:
@@ -78,12 +79,16 @@ class Artifact:
         return f".{self.path.name}" + (f"[{self.member}]" if self.member else "")
 
     @property
+    def _records(self) -> Path:
+        return self.path.parent if self.records is None else self.records
+
+    @property
     def manifest_path(self) -> Path:
-        return self.path.parent / f"{self._stem}.artifact.json"
+        return self._records / f"{self._stem}.artifact.json"
 
     @property
     def lock_path(self) -> Path:
-        return self.path.parent / f"{self._stem}.lock"
+        return self._records / f"{self._stem}.lock"
 
     @property
     def target(self) -> Path:
@@ -157,6 +162,7 @@ class Artifact:
     def locked(self, on_wait: Callable[[Artifact], None] | None = None) -> Iterator[None]:
         """Hold this artifact's lock; ``on_wait`` is told when another run holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.lock_path))
         try:
             lock.acquire(timeout=0)
@@ -171,8 +177,9 @@ class Artifact:
 
 
 def recorded(folder: Path, suffix: str, recursive: bool = False) -> list[tuple[Path, dict]]:
-    """Every artifact with a manifest in ``folder`` whose name ends in ``suffix`` (a whole
-    artifact, not a store member): its path and its manifest, sorted by path."""
+    """Every artifact with a manifest in ``folder`` (its records folder) whose name ends in
+    ``suffix`` (a whole artifact, not a store member): the artifact's name in that folder and
+    its manifest, sorted."""
     pattern = f".*{suffix}.artifact.json"
     found = []
     for manifest in sorted(folder.rglob(pattern) if recursive else folder.glob(pattern)):
@@ -188,7 +195,7 @@ def scratch_path(artifacts: list[Artifact], suffix: str = "partial.npz") -> Path
     """A hidden working file beside the first artifact, named by the keys of all of them
     (e.g. the saved partial of the pass that builds them, so a killed pass resumes)."""
     first = artifacts[0]
-    return first.path.parent / f"{first._stem}.{digest([a.key for a in artifacts], 12)}.{suffix}"
+    return first._records / f"{first._stem}.{digest([a.key for a in artifacts], 12)}.{suffix}"
 
 
 @contextmanager

@@ -1,18 +1,20 @@
 """Result tables: hive-partitioned Parquet datasets with atomic, keyed replacement.
 
-Layout ``<workdir>/results/<table>/model=<model>/layer=<layer>/<run-key>.parquet``.  The
+Layout ``<workdir>/results/<table>/model=<model>/layer=<layer>/<run-key>.parquet``, with each
+file's manifest and lock under ``<workdir>/results/.artifacts/`` (the same sub-path).  The
 partition columns ``model`` and ``layer`` live in the directory names only (pandas, duckdb,
 polars and pyarrow add them back with hive partitioning).  ``run-key`` is a hash of every
-parameter column that distinguishes a run (model identity, concept set, quantile, union mode,
-planes, categories, transform), so re-running with other options adds a file and re-running
+parameter column that distinguishes a run (model identity, concept set, threshold quantile,
+union mode, planes, categories, basis), so re-running with other options adds a file and re-running
 with the same options replaces exactly that file.  Each file is an artifact
 (``storage.artifacts``): written under a hidden name and renamed into place, so a reader sees
 the old table or the new one, never half, with a hidden manifest saying what made it.
 
 Column contract (SEMANTICS.md): keys ``model, model_id, weights, layer, unit, concept_set,
-label, concept, category``; parameters ``quantile, union_mode, planes, transform``; counts ``intersection,
+label, concept, category``; parameters ``threshold_quantile, union_mode, planes, basis``; counts ``intersection,
 label_area, unit_area, union_area`` (int64); ``iou``; units also ``threshold, is_detector``.
-No column is named ``union`` (it is an SQL keyword).
+No column is named ``union`` (an SQL keyword) or like a ``pandas.DataFrame`` attribute
+(``frame.quantile`` is a method, not a column).
 """
 
 from __future__ import annotations
@@ -51,12 +53,26 @@ def write_parquet(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
+def records_dir(root: Path, table: str) -> Path:
+    """Where the manifests and locks of a table's files live: outside the table's folder, so
+    every Parquet reader (polars too) opens the folder as a dataset."""
+    return root / ".artifacts" / table
+
+
 def partition_artifact(
     root: Path, table: str, model: str, layer: str, params: dict, fingerprint: dict
 ) -> Artifact:
     """The file holding one (model, layer, parameter set)'s rows of ``table``."""
     path = partition_dir(root, table, model, layer) / f"{digest(params)}.parquet"
-    return Artifact(path, {"table": table, "params": params, **fingerprint})
+    return Artifact(path, {"table": table, "params": params, **fingerprint},
+                    records=partition_dir(records_dir(root, table).parent, table, model, layer))
+
+
+def recorded_file(root: Path, path: Path) -> Artifact:
+    """The artifact of a table file already on disk (its fingerprint unread)."""
+    relative = Path(path).relative_to(root)
+    return Artifact(Path(path), {}, records=records_dir(root, relative.parts[0]).parent
+                    / relative.parent)
 
 
 def write_partition(artifact: Artifact, frame: pd.DataFrame) -> Path:

@@ -553,3 +553,20 @@ def test_line_numbers_count_blank_lines_and_crlf(tmp_path: Path) -> None:
     (root / "index.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(BrodenFormatError, match=r"index\.csv line 5"):
         read_broden(root)
+
+
+def test_the_own_images_recipe_of_the_real_data_guide_writes_a_readable_directory(
+        tmp_path, monkeypatch):
+    """docs/REAL_DATA.md's 'Your own images' snippet, run as written."""
+    import re
+
+    from tests.conftest import REPO
+
+    guide = (REPO / "docs" / "REAL_DATA.md").read_text().split("## Your own images")[1]
+    (code,) = re.findall(r"```python\n(.*?)```", guide.split("\n## ")[0], re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(code, {})
+    dataset = read_broden(tmp_path / "my_broden")
+    assert [r.image for r in dataset.images] == ["street/0001.jpg"]
+    assert dataset.labels[1].coverage == {"object": pytest.approx(40 * 50 / 112**2, abs=1e-6)}
+    assert dataset.primary_category(3) == "scene"

@@ -66,7 +66,7 @@ def test_committed_notebook_is_clean_and_documents_the_workdir():
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), "clear outputs"
-    assert 'os.environ.get("NETDISSECT_WORKDIR", "workdir")' in code[0].source
+    assert 'os.environ.get("NETDISSECT_WORKDIR")' in code[0].source
     assert "NETDISSECT_WORKDIR" in nb.cells[0].source  # the first cell says how to point it
     headings = " ".join(c.source for c in nb.cells if c.cell_type == "markdown").lower()
     for section in ("unique detectors per category", "iou distributions", "top concepts",
@@ -84,6 +84,24 @@ def test_notebook_runs_on_a_real_run(tiny_run, tmp_path, monkeypatch):
                   "No other bases"):
         assert empty in stdout(nb), empty
     assert not list(tmp_path.iterdir()), "the notebook wrote files into its directory"
+
+
+@pytest.mark.parametrize("start", ["repo root", "notebooks"])
+def test_notebook_finds_the_readme_workdir_without_the_variable(tiny_run, tmp_path, monkeypatch,
+                                                                start):
+    """Started where people start Jupyter - the repo root or notebooks/ - it finds
+    ./workdir (the README's) with no NETDISSECT_WORKDIR set."""
+    root = tmp_path / "checkout"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "workdir").symlink_to(tiny_run, target_is_directory=True)
+    monkeypatch.delenv("NETDISSECT_WORKDIR", raising=False)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells = nb.cells[:2]  # the setup cell is the one that looks for the workdir
+    cwd = root if start == "repo root" else root / "notebooks"
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(cwd)}}).execute()
+    assert not outputs(nb, "error")
+    assert "unit rows" in stdout(nb)
 
 
 def test_notebook_draws_detectors_across_checkpoints(synthetic_root, checkpoints, tmp_path,

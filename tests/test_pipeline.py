@@ -89,8 +89,8 @@ def test_external_scheduler_same_tables(extracted, in_process, tmp_path):
 
 def test_tables_contract(in_process):
     cols = set(in_process.columns)
-    assert {"model", "layer", "unit", "concept_set", "label", "concept", "category", "quantile",
-            "union_mode", "planes", "transform", "intersection", "label_area", "unit_area",
+    assert {"model", "layer", "unit", "concept_set", "label", "concept", "category", "threshold_quantile",
+            "union_mode", "planes", "basis", "intersection", "label_area", "unit_area",
             "union_area", "iou"} <= cols
     assert "union" not in cols
     for c in ("intersection", "label_area", "unit_area", "union_area"):

@@ -21,15 +21,14 @@ import pytest
 
 from pipeline.run import compose_config, run
 from stages.synthetic import generate
-from storage.artifacts import Artifact
-from storage.tables import read_table
+from storage.tables import read_table, recorded_file
 from tests.conftest import REPO, cli, cli_env
 
 RUN = ["cluster=none", "progress=false"]
 MODEL = ["dataset.block_size=4", "model=custom", "model.factory=tests.tiny_models:tiny_cnn",
          "model.weights=none", "model.layers=[conv2,conv3]"]
 FAST = [*RUN, *MODEL, "scoring.quantile=0.02"]
-KEYS = ["model_id", "layer", "unit", "label", "concept_set", "transform"]
+KEYS = ["model_id", "layer", "unit", "label", "concept_set", "basis"]
 
 
 def env() -> dict[str, str]:
@@ -128,7 +127,7 @@ def half_written(workdir: Path) -> list[Path]:
     leftovers = [p for p in workdir.rglob("*") if ".tmp-" in p.name or p.name.endswith(".tmp")]
     results = workdir / "results"
     orphans = [p for p in results.rglob("*.parquet")
-               if not Artifact(p, {}).manifest_path.is_file()] if results.exists() else []
+               if not recorded_file(results, p).manifest_path.is_file()] if results.exists() else []
     return leftovers + orphans
 
 
@@ -388,6 +387,31 @@ def test_formula_and_layer_errors_come_before_any_work(tmp_path, data):
                      expect=2)
         assert err.strip().startswith("error:") and needle in err and err.count("\n") == 1
         assert not wd.exists() or not [p for p in wd.rglob("*") if "logs" not in p.parts]
+
+
+def test_a_truncated_label_png_stops_the_default_run_before_any_model(data, tmp_path):
+    """A broken file in one's own Broden copy is found while the labels are decoded, which
+    comes before the demo model is trained and before any forward pass."""
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    plane = copy / "images" / "synthetic" / "000005_object.png"
+    plane.write_bytes(plane.read_bytes()[:60])  # truncated mid-file
+    wd = tmp_path / "wd"
+    err = finish("stage=all", f"dataset.path={copy}", f"workdir={wd}", "progress=false",
+                 "cluster=none", expect=2)
+    assert err.strip().startswith("error:") and err.count("\n") == 1, err
+    assert "000005_object.png" in err and "index.csv line 7" in err, err
+    assert not (wd / "models").exists() and not (wd / "activations").exists()
+
+
+def test_a_folder_of_plain_images_says_what_a_broden_directory_is(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"\xff\xd8")
+    err = finish("stage=iou", f"dataset.path={folder}", f"workdir={tmp_path / 'wd'}",
+                 expect=2)
+    assert err.count("\n") == 1 and "not a Broden-format directory" in err, err
+    assert "index.csv, category.csv, label.csv" in err and "docs/REAL_DATA.md" in err
 
 
 # ---------------------------------------------------------------- bad-input catalogue

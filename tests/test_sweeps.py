@@ -68,18 +68,21 @@ def test_checkpoint_sweep_gives_three_row_sets_and_a_rerun_does_nothing(
     for table in ("iou", "units", "layers"):
         frame = read_table(wd / "results", table)
         assert set(frame["model"]) == {"tiny_cnn"}
-        assert set(frame["weights"]) == {"ep1.pt", "ep5.pt", "ep20.pt"}
+        assert {w.split("#")[0] for w in frame["weights"]} == {"ep1.pt", "ep5.pt", "ep20.pt"}
+        assert frame["weights"].nunique() == 3
         assert frame["model_id"].nunique() == 3
         sizes = frame.groupby(["model_id", "layer"]).size()
         assert len(sizes) == 6 and sizes.nunique() == 1, sizes
     units = read_table(wd / "results", "units")
-    thresholds = units.pivot_table(index=["layer", "unit"], columns="weights", values="threshold")
+    units["file"] = units["weights"].str.split("#").str[0]
+    thresholds = units.pivot_table(index=["layer", "unit"], columns="file", values="threshold")
     assert not np.allclose(thresholds["ep1.pt"], thresholds["ep5.pt"])
     per_weights = duckdb.sql(
         f"SELECT weights, count(*) AS n FROM read_parquet('{wd}/results/layers/**/*.parquet', "
         "hive_partitioning=true) WHERE category = 'all' GROUP BY weights ORDER BY weights"
     ).fetchall()
-    assert per_weights == [("ep1.pt", 2), ("ep20.pt", 2), ("ep5.pt", 2)]
+    assert sorted((w.split("#")[0], n) for w, n in per_weights) == [
+        ("ep1.pt", 2), ("ep20.pt", 2), ("ep5.pt", 2)]
     before = run_files(wd)
     out = cli_run(*args)
     assert "building" not in out, out
@@ -94,8 +97,9 @@ def readme_queries(results: Path, model: str) -> dict:
     section = (REPO / "README.md").read_text().split("### Sweeps")[1].split("\n### ")[0]
     found: dict = {}
     for code in re.findall(r"```python\n(.*?)```", section, re.S):
-        assert "workdir/results" in code and "resnet18" in code, code
-        exec(code.replace("workdir/results", str(results)).replace("resnet18", model), found)
+        assert "workdir/results" in code and ("'demo'" in code or '"demo"' in code), code
+        code = code.replace("'demo'", f"'{model}'").replace('"demo"', f'"{model}"')
+        exec(code.replace("workdir/results", str(results)), found)
     return found
 
 
@@ -112,9 +116,9 @@ def test_readme_queries_count_each_row_once_beside_other_row_sets(
         run(compose_config([*base, weights, extra]))
     found = readme_queries(wd / "results", "tiny_cnn")
     layers, unique = found["layers"], found["unique"]
-    keys = ["weights", "layer", "category"]
+    keys = ["model_id", "weights", "layer", "category"]
     assert not layers.duplicated(keys).any()
-    assert set(layers["weights"]) == {"ep1.pt", "ep5.pt"}
+    assert {w.split("#")[0] for w in layers["weights"]} == {"ep1.pt", "ep5.pt"}
     assert len(layers) == 2 * 2 * 6  # weights x layers x categories
     assert unique.sum() > 0
     expected = layers.set_index(keys)["unique_concepts"]

@@ -150,7 +150,7 @@ def test_pca_axes_match_numpy_eigendecomposition(tmp_path):
 # ---------------------------------------------------------------- through the pipeline
 def _tables(workdir: Path, transform: str) -> pd.DataFrame:
     frame = read_table(workdir / "results", "iou")
-    frame = frame[frame["transform"] == transform]
+    frame = frame[frame["basis"] == transform]
     return frame[COUNTS].sort_values(COUNTS[:3]).reset_index(drop=True)
 
 
@@ -172,7 +172,7 @@ def test_alpha_zero_reproduces_the_untransformed_tables_exactly(scored, syntheti
     assert len(base) and base["intersection"].sum() > 0
     pd.testing.assert_frame_equal(_tables(scored, "rotate(alpha=0,seed=0)"), base)
     units = read_table(scored / "results", "units")
-    a, b = (units[units["transform"] == t].sort_values(["layer", "unit"])["threshold"].to_numpy()
+    a, b = (units[units["basis"] == t].sort_values(["layer", "unit"])["threshold"].to_numpy()
             for t in ("none", "rotate(alpha=0,seed=0)"))
     np.testing.assert_array_equal(a, b)
 
@@ -182,10 +182,10 @@ def test_identity_linear_map_reproduces_the_unit_tables_exactly(scored, syntheti
     np.save(eye, np.eye(16))
     _run(scored, synthetic_root, "transform=linear", f"transform.path={eye}")
     units = read_table(scored / "results", "units")
-    (name,) = {t for t in units["transform"] if t.startswith("linear(")}
+    (name,) = {t for t in units["basis"] if t.startswith("linear(")}
     assert name.startswith("linear(file=identity.npy,sha=") and name.endswith(",activation=none)")
     cols = ["layer", "unit", "label", "concept", "iou", "threshold", "is_detector"]
-    a, b = (units[units["transform"] == t][cols].sort_values(["layer", "unit"])
+    a, b = (units[units["basis"] == t][cols].sort_values(["layer", "unit"])
             .reset_index(drop=True) for t in ("none", name))
     pd.testing.assert_frame_equal(a, b)
 
@@ -196,15 +196,15 @@ def test_rotation_sweep_and_pca_rows_are_keyed_by_transform(scored, synthetic_ro
     _run(scored, synthetic_root, "transform=pca", "transform.whiten=true")
     layers = read_table(scored / "results", "layers")
     assert {"rotate(alpha=0.5,seed=0)", "rotate(alpha=1,seed=0)", "pca(whiten=true)"} <= set(
-        layers["transform"])
+        layers["basis"])
     rotated = _tables(scored, "rotate(alpha=1,seed=0)")
     assert not rotated["intersection"].equals(_tables(scored, "none")["intersection"])
     # the report shows them as their own labelled pages, with strips
     run(compose_config([f"workdir={scored}", "stage=report", "cluster=none", "progress=false"]))
     index = (scored / "report" / "index.html").read_text()
     for name in ("rotate(alpha=1,seed=0)", "pca(whiten=true)"):
-        assert f"transform {name}" in index, name
-    pages = list((scored / "report").rglob("*~*transform*pca*.html"))
+        assert f"basis {name}" in index, name
+    pages = list((scored / "report").rglob("*~*basis*pca*.html"))
     assert pages and "<img" in pages[0].read_text()
 
 
@@ -290,7 +290,7 @@ def test_geometric_perturbation_moves_labels_with_the_image(tmp_path, perturb):
 def test_zero_noise_reproduces_the_unperturbed_tables(scored, synthetic_root):
     _run(scored, synthetic_root, "extract.perturb=noise:0")
     iou = read_table(scored / "results", "iou")
-    a, b = (iou[(iou["perturbation"] == p) & (iou["transform"] == "none")][COUNTS]
+    a, b = (iou[(iou["perturbation"] == p) & (iou["basis"] == "none")][COUNTS]
             .sort_values(COUNTS[:3]).reset_index(drop=True)
             for p in ("none", "noise:0,seed=0"))
     pd.testing.assert_frame_equal(a, b)
