@@ -20,11 +20,12 @@ from storage import activations as astore
 from storage.arrays import load_arrays, save_arrays
 from storage.artifacts import Artifact, recorded, scratch_path
 from storage.broden import index_fingerprint
+from storage.concepts import ConceptStore
 from storage.errors import UserError
 from storage.tables import read_table, records_dir
 
 log = logging.getLogger("netdissect")
-REPORT_FORMAT = 2  # bump when the pages change, so a current-looking report is rebuilt
+REPORT_FORMAT = 3  # bump when the pages change, so a current-looking report is rebuilt
 
 
 def report_rows(run: Run) -> pd.DataFrame:
@@ -132,11 +133,35 @@ def report_targets(run: Run) -> list[Target]:
                    "concept_set": r.concept_set, "thumb_size": r.thumb_size,
                    "tops": sorted(a.key for a, _ in sources.values() if a is not None)}
     cfg = ReportConfig(run.layout.report, r.top_n, run.cfg.progress, r.thumb_size,
-                       title_note=f"workdir {run.layout.workdir}")
+                       title_note=f"workdir {run.layout.workdir}",
+                       datasets=tuple(dataset_summaries(run, sorted(set(frame["dataset"])))))
     targets.append(Target(f"report {run.layout.report}", (Artifact(run.layout.report, fingerprint),),
                           lambda missing: (build_report(cfg, frame, images, order),
                                            missing[0].commit(pages=len(keys)))))
     return targets
+
+
+def dataset_summaries(run: Run, datasets: list[str]) -> list[dict]:
+    """Images, sizes and labels per category of each dataset whose concept store is here."""
+    found = []
+    for name in datasets:
+        path = run.layout.concept_store(name)
+        if not (path / "zarr.json").is_file():
+            continue
+        store = ConceptStore.open(path)
+        per_category = {c: sum(c in lab.coverage for lab in store.labels.values())
+                        for c in store.categories}
+        found.append({"name": name, "images": store.n_images,
+                      "image_size": f"{store.ih}×{store.iw}", "label_size": f"{store.sh}×{store.sw}",
+                      "labels": len(store.labels), "per_category": per_category})
+    return found
+
+
+def report_is_stale(run: Run) -> bool:
+    """Is there a report that the result tables have moved past?"""
+    if not (run.layout.report / "index.html").is_file():
+        return False
+    return not all(a.is_current() for t in report_targets(run) for a in t.artifacts)
 
 
 def report_value(run: Run) -> Path:

@@ -215,10 +215,44 @@ def jobs(argv: list[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+HELP = """usage: python -m pipeline.run [-m] [key=value ...]
+
+Network Dissection: every unit of a layer scored against every labelled concept (exact
+thresholds, IoU), cached in Zarr, tables in Parquet under workdir/results.  With no dataset
+or model given it runs on the built-in synthetic dataset and a small demo model.
+
+stages (stage=...):
+  iou       the dissection, running whatever is missing upstream (the default)
+  all       iou, then the HTML report           report    the report alone
+  rescore   score the cached activations against concepts.path= / concepts.formulas=
+  explain   compositional explanations (beam search over formulas of labels)
+  dataset, concepts, model, extract, quantile   one part of the way
+  fetch     download a Broden release or Places365 weights; check   validate a dataset
+
+main keys (all of them, with their defaults: pipeline/config.py):
+  workdir=./workdir              dataset.path=DIR (Broden format) or dataset=broden1_224
+  model=resnet18 | alexnet | ... model.weights=FILE|NAME|none   model.layers=[layer3,layer4]
+  scoring.quantile=0.005         scoring.union=restricted|global|lite   scoring=lite
+  transform=rotate|pca|linear    extract.perturb=noise:S|rotate:D|shuffle:N
+  cluster=threads|local|none|cuda  cluster.address=tcp://HOST:8786
+  dry_run=true                   what every stage of every job would do; builds nothing
+
+examples:
+  python -m pipeline.run stage=all
+  python -m pipeline.run model=resnet18 dataset.path=/data/broden1_224 model.layers=[layer4]
+  python -m pipeline.run -m model.weights=ep1.pt,ep5.pt,ep20.pt dry_run=true
+
+README.md has the workflows; --hydra-help shows Hydra's own options.
+"""
+
+
 def check_command_line(argv: list[str]) -> bool:
     """Compose and check every job before Hydra starts the first (fail before work).  With
     ``dry_run=true`` print what each job would do instead; returns whether jobs remain to
-    run."""
+    run.  ``--help`` is the project's own."""
+    if any(arg in ("--help", "-h") for arg in argv):
+        print(HELP, end="")
+        return False
     if any(arg.split("=")[0] in HYDRA_FLAGS for arg in argv):
         return True
     checked: list[tuple[list[str], Config]] = []

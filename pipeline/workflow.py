@@ -113,6 +113,9 @@ def execute(cfg: Config) -> Any:
         value = run.get(stage)
         if stage in (Stage.iou, Stage.rescore, Stage.all):
             publish.print_summary(run, run.value("iou"))
+        if stage in (Stage.iou, Stage.rescore) and publish.report_is_stale(run):
+            print(f"Report: {run.layout.report / 'index.html'} is older than the tables; "
+                  "refresh it with stage=report (stage=all does both)")
         if stage == Stage.explain:
             publish.print_explanations(run, value)
         if stage in (Stage.report, Stage.all):

@@ -1,19 +1,38 @@
-"""The built-in default (synthetic dataset + demo model) finds real detectors, and a second
-``stage=all`` finds everything current: every stage says so and no file is rewritten."""
+"""The built-in default (synthetic dataset + demo model) finds real detectors, a second
+``stage=all`` finds everything current (every stage says so and no file is rewritten), and
+every query of the README returns rows on it as written."""
 
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import polars as pl
+import pyarrow.dataset as ds
+import pytest
 
 from pipeline.run import compose_config, run
 from storage.tables import read_table
 from tests.broden_factory import run_files
+from tests.conftest import REPO
+
+TABLES = ("iou", "units", "layers", "explanations")
 
 
-def test_default_run_finds_detectors_and_a_second_run_does_nothing(tmp_path, caplog):
-    # exactly the README's main job, without progress bars
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    """The README's main job (without progress bars), then stage=explain for its table."""
+    workdir = tmp_path_factory.mktemp("default") / "workdir"
+    run(compose_config([f"workdir={workdir}", "stage=all", "progress=false"]))
+    return workdir
+
+
+def test_default_run_finds_detectors_and_a_second_run_does_nothing(default_run, caplog):
+    tmp_path = default_run
     args = [f"workdir={tmp_path}", "stage=all", "progress=false"]
-    run(compose_config(args))
     units = read_table(tmp_path / "results", "units", model="demo", layer="block4")
     detectors = units[units["is_detector"]]
     assert len(units) == 128
@@ -34,3 +53,47 @@ def test_default_run_finds_detectors_and_a_second_run_does_nothing(tmp_path, cap
         assert any(m.startswith(f"{stage}: skipped") for m in said), (stage, said)
     assert not [m for m in said if ": building" in m or "dask:" in m], said
     assert run_files(tmp_path) == before
+
+
+def test_every_readme_snippet_returns_rows_on_the_default_run(default_run, tmp_path,
+                                                              monkeypatch):
+    """Each ``python`` block of the README that reads the results, run verbatim from a
+    checkout whose ./workdir is the default run: every frame it makes has rows."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "workdir").symlink_to(default_run, target_is_directory=True)
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+              if "workdir" in b]
+    assert len(blocks) >= 4
+    for code in blocks:
+        found: dict = {}
+        exec(code, found)
+        frames = {k: v for k, v in found.items()
+                  if isinstance(v, pd.DataFrame | pd.Series | pl.DataFrame)}
+        assert frames, code
+        for name, frame in frames.items():
+            assert len(frame) > 0, (name, code)
+
+
+def test_every_table_folder_opens_in_pandas_pyarrow_duckdb_and_polars(default_run):
+    run(compose_config([f"workdir={default_run}", "stage=explain", "progress=false"]))
+    for table in TABLES:
+        folder = default_run / "results" / table
+        expected = len(read_table(default_run / "results", table))
+        assert expected > 0, table
+        frames = {
+            "pandas": pd.read_parquet(folder),
+            "pyarrow": ds.dataset(folder, partitioning="hive").to_table().to_pandas(),
+            "duckdb": duckdb.sql(f"SELECT * FROM read_parquet('{folder}/**/*.parquet', "
+                                 "hive_partitioning=true)").df(),
+            "polars": pl.read_parquet(folder, hive_partitioning=True).to_pandas(),
+        }
+        for reader, frame in frames.items():
+            assert len(frame) == expected, (table, reader)
+            assert {"model", "layer"} <= set(frame.columns), (table, reader)
+
+
+def test_no_table_column_is_named_like_a_dataframe_attribute(default_run):
+    taken = set(dir(pd.DataFrame))
+    for table in TABLES:
+        columns = set(read_table(default_run / "results", table).columns)
+        assert not columns & taken, (table, sorted(columns & taken))

@@ -126,6 +126,40 @@ def test_notebook_draws_detectors_across_checkpoints(synthetic_root, checkpoints
     assert tables, "the checkpoint section shows its table"
 
 
+def test_checkpoints_of_one_file_name_stay_apart_in_tables_report_and_notebook(
+        synthetic_root, checkpoints, tmp_path, monkeypatch):
+    """run1/A.pt and run2/A.pt: two weights in the tables, two rows in the report, two
+    identities in the notebook's figures - never one model made of both."""
+    import shutil
+
+    from storage.tables import read_table
+
+    paths = [tmp_path / "run1" / "A.pt", tmp_path / "run2" / "A.pt"]
+    for source, path in zip(checkpoints[:2], paths, strict=True):
+        path.parent.mkdir()
+        shutil.copy(source, path)
+    wd = tmp_path / "wd"
+    proc = subprocess.run(cli("-m", "stage=all", f"workdir={wd}", f"dataset.path={synthetic_root}",
+                              "model=custom", "model.factory=tests.tiny_models:tiny_cnn",
+                              "model.layers=[conv3]", "cluster=none", "progress=false",
+                              "scoring.quantile=0.05", "model.weights=" + ",".join(map(str, paths))),
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = sorted(read_table(wd / "results", "units")["weights"].unique())
+    assert len(weights) == 2 and all(w.startswith("A.pt#") for w in weights), weights
+    index = (wd / "report" / "index.html").read_text()
+    for w in weights:
+        assert f"tiny_cnn [{w}]" in index, w
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    nb = execute(wd, run_dir, monkeypatch)
+    assert not outputs(nb, "error")
+    shown = " ".join(o["data"].get("text/plain", "") for o in outputs(nb, "display_data")
+                     + outputs(nb, "execute_result"))
+    for w in weights:
+        assert f"tiny_cnn[{w}]/conv3" in shown, w
+
+
 def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path, monkeypatch):
     """Rotation sweep, perturbations, PCA and an SAE-like linear map, all run for real on a
     tiny CNN: the rotation, perturbation and bases sections each draw their figure."""

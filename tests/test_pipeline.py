@@ -183,3 +183,20 @@ def test_bad_config_key_is_one_line(tmp_path, override, expected):
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]
     assert res.stderr.startswith("error: ") and expected in res.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_help_is_the_projects_own_and_names_real_stages_and_keys():
+    import re
+
+    from pipeline.config import Stage
+    from pipeline.run import _known_keys
+
+    proc = subprocess.run(cli("--help"), cwd=REPO, env=cli_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("usage: python -m pipeline.run")
+    for stage in Stage:
+        assert re.search(rf"\b{stage.value}\b", out), stage
+    keys = set(re.findall(r"\b([a-z_]+(?:\.[a-z_]+)+)=", out))
+    assert keys and keys <= set(_known_keys()), keys - set(_known_keys())

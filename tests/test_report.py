@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -485,5 +486,170 @@ def test_label_names_and_paths_are_escaped_in_the_report(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-    assert result["scripts"] == 1  # only the check script: the label's never ran
+    assert result["scripts"] == 2  # the report's own and the check script: the label's never ran
     assert hostile in result["text"]
+
+
+# ---------------------------------------------------------------- exploring, in a real browser
+EXPLORE_JS = """<script>
+window.addEventListener('load', () => {
+  const out = {clipped: []};
+  document.querySelectorAll('svg').forEach(svg => {
+    const width = svg.viewBox.baseVal.width;
+    svg.querySelectorAll('text').forEach(t => {
+      const b = t.getBBox();
+      if (b.x < 0 || b.x + b.width > width + 0.5) out.clipped.push(t.textContent);
+    });
+  });
+  const rows = id => Array.from(document.getElementById(id).tBodies[0].rows);
+  const shown = id => rows(id).filter(r => !r.hidden && !r.classList.contains('sep'));
+  const type = (id, words) => {
+    const input = document.querySelector(`[data-filter="${id}"]`);
+    input.value = words; input.dispatchEvent(new Event('input'));
+  };
+  if (document.getElementById('units')) {
+    const iou = document.getElementById('units').tHead.rows[0].cells[3];
+    iou.click();
+    out.ascending = rows('units').map(r => +r.cells[3].dataset.sort);
+    iou.click();
+    out.descending = rows('units').map(r => +r.cells[3].dataset.sort);
+    type('units', WORD);
+    out.filtered = shown('units').map(r => r.dataset.search);
+    out.count = +document.querySelector('[data-count="units"]').textContent;
+    type('units', '');
+    const only = document.querySelector('[data-detectors-only="units"]');
+    only.checked = true; only.dispatchEvent(new Event('change'));
+    out.detectors = shown('units').map(r => r.dataset.detector);
+  }
+  if (document.getElementById('concepts')) {
+    out.concepts = rows('concepts').map(r => ({concept: r.dataset.concept,
+      links: Array.from(r.querySelectorAll('a')).map(a => a.getAttribute('href'))}));
+    type('concepts', WORD);
+    out.concepts_filtered = shown('concepts').map(r => r.dataset.concept);
+  }
+  const pre = document.createElement('pre');
+  pre.id = 'check';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_the_report_sorts_filters_indexes_concepts_and_clips_no_label(built, units, model_id,
+                                                                      tmp_path):
+    """Clicking a column sorts the units, typing filters them, "detectors only" keeps the
+    detectors, the concept index links every detector to its unit's row, and no chart
+    label is cut off - checked on the pages as a browser lays them out."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not found on PATH (.ci/run installs Debian's chromium package)")
+    wd, index = built
+    site = tmp_path / "site"
+    shutil.copytree(index.parent, site)
+    layer3 = units[(units["layer"] == "block3")]
+    word = str(layer3.loc[layer3["is_detector"], "concept"].value_counts().index[0])
+    pages = ["index.html", "concepts.html", f"{model_id}/block3.html", f"{model_id}/block4.html"]
+    for rel in pages:
+        path = site / rel
+        script = EXPLORE_JS.replace("WORD", json.dumps(word))
+        path.with_suffix(".check.html").write_text(
+            path.read_text(encoding="utf-8").replace("</body>", script + "</body>"),
+            encoding="utf-8")
+    handler = functools.partial(QuietHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/"
+        found = {rel: browser_check(chromium, base + rel.replace(".html", ".check.html"),
+                                    tmp_path / "profile") for rel in pages}
+    finally:
+        server.shutdown()
+        server.server_close()
+    for rel, result in found.items():
+        assert result["clipped"] == [], (rel, result["clipped"])
+    layer = found[f"{model_id}/block3.html"]
+    assert layer["ascending"] == sorted(layer["ascending"]) and len(layer["ascending"]) == 128
+    assert layer["descending"] == sorted(layer["descending"], reverse=True)
+    assert layer["filtered"] and all(word.lower() in s.lower() for s in layer["filtered"])
+    assert layer["count"] == len(layer["filtered"])
+    assert layer["detectors"] == ["1"] * int(layer3["is_detector"].sum())
+    concepts = found["concepts.html"]
+    detected = units[units["is_detector"]]
+    assert {c["concept"] for c in concepts["concepts"]} == set(detected["concept"])
+    for row in concepts["concepts"]:
+        assert len(row["links"]) == int((detected["concept"] == row["concept"]).sum())
+        for link in row["links"]:
+            href, anchor = link.split("#")
+            unit = int(anchor.removeprefix("unit-"))
+            page_rows = {r["attrs"]["id"]: r for r in Page(site / href).rows}
+            assert unescape(page_rows[anchor]["cells"][1]) == row["concept"], link
+            assert int(page_rows[anchor]["attrs"]["data-unit"]) == unit
+    assert word in concepts["concepts_filtered"]
+
+
+def _units_rows(layer: str, basis: str, model_id: str = "m-1", weights: str = "A.pt#11111111"
+                ) -> pd.DataFrame:
+    return pd.DataFrame({
+        "model": "resnet18", "model_id": model_id, "weights": weights, "layer": layer,
+        "perturbation": "none", "dataset": "d", "concept_set": "d", "basis": basis,
+        "threshold_quantile": 0.005, "union_mode": "restricted", "planes": "set",
+        "categories": "object", "iou_threshold": 0.04, "unit": [0, 1], "label": [1, 2],
+        "concept": ["car", "tree"], "category": "object", "iou": [0.2, 0.01],
+        "threshold": [1.5, 0.00025], "is_detector": [True, False]})
+
+
+def test_pages_in_natural_order_named_by_identity_without_clipped_labels(tmp_path):
+    """Layers in natural order (block2 before block10), alpha numerically, two checkpoints
+    of one file name told apart, and long labels not cut off (in a browser, when there)."""
+    from stages.report import PageImages, ReportConfig, build_report
+
+    frame = pd.concat([
+        _units_rows(layer, basis) for layer in ("block10", "block2")
+        for basis in ("none", "rotate(alpha=1,seed=0)", "rotate(alpha=0.5,seed=0)",
+                      "rotate(alpha=0,seed=0)")] + [
+        _units_rows("block2", "none", "m-2", "A.pt#22222222")], ignore_index=True)
+    index = build_report(ReportConfig(tmp_path / "report", progress=False), frame,
+                         lambda page: PageImages(note="no strips here"))
+    html = index.read_text()
+    labels = re.findall(r'<tr class="layer"[^>]*><td[^>]*>([^<]*)</td><td><a href="([^"]+)"', html)
+    hrefs = [h for _, h in labels]
+    assert [name for name, _ in labels].count("resnet18 [A.pt#11111111]") == 8
+    assert "resnet18 [A.pt#22222222]" in {name for name, _ in labels}
+    first = [h for h in hrefs if h.startswith("m-1/")]
+    assert first[:4] == ["m-1/block2.html"] + [f"m-1/block2~basis_rotate_alpha_{a}_seed_0.html"
+                                                for a in ("0", "0.5", "1")], first
+    assert first[4].startswith("m-1/block10")
+    layer_page = (tmp_path / "report" / "m-1" / "block2.html").read_text()
+    assert ">1.5000000<" in layer_page and ">0.0002500<" in layer_page  # one precision a column
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not found on PATH (.ci/run installs Debian's chromium package)")
+    index.with_suffix(".check.html").write_text(
+        html.replace("</body>", EXPLORE_JS.replace("WORD", '"car"') + "</body>"))
+    handler = functools.partial(QuietHandler, directory=str(index.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = browser_check(chromium, f"http://127.0.0.1:{server.server_address[1]}/"
+                               "index.check.html", tmp_path / "profile")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["clipped"] == []
+
+
+def test_stage_iou_says_when_the_report_is_older_than_the_tables(synthetic_root, tmp_path,
+                                                                 capsys):
+    base = [f"workdir={tmp_path / 'wd'}", f"dataset.path={synthetic_root}", "cluster=none",
+            "progress=false", "model=custom", "model.factory=tests.tiny_models:tiny_cnn",
+            "model.weights=none", "model.layers=[conv3]", "scoring.quantile=0.05"]
+    run(compose_config([*base, "stage=all"]))
+    run(compose_config([*base, "stage=iou"]))  # nothing new: the report is current
+    assert "older than the tables" not in capsys.readouterr().out
+    run(compose_config([*base, "stage=iou", "scoring.union=lite"]))  # new rows
+    out = capsys.readouterr().out
+    assert "is older than the tables; refresh it with stage=report" in out
+    run(compose_config([f"workdir={tmp_path / 'wd'}", "cluster=none", "progress=false",
+                        "stage=report"]))
+    run(compose_config([*base, "stage=iou", "scoring.union=lite"]))
+    assert "older than the tables" not in capsys.readouterr().out
