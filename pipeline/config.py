@@ -223,9 +223,10 @@ def validate(cfg: Config) -> None:
                    if value and not (Path(value).expanduser() / name).exists()]
         if missing:
             raise UserError(
-                f"{key}={value}: not a Broden-format directory (no {', '.join(missing)}); one "
-                "holds index.csv, category.csv, label.csv, c_<category>.csv and images/ — "
-                "docs/REAL_DATA.md ('Your own images') shows how to make one")
+                f"{key}={value}: not a Broden-format directory "
+                f"({Path(value).expanduser() / missing[0]} not found); one holds index.csv, "
+                "category.csv, label.csv, c_<category>.csv and images/ — docs/REAL_DATA.md "
+                "('Your own images') shows how to make one")
     if cfg.concepts.formulas and not Path(cfg.concepts.formulas).expanduser().is_file():
         raise UserError(f"concepts.formulas={cfg.concepts.formulas}: file not found")
     m = cfg.model
