@@ -3,6 +3,7 @@ pages in a real headless browser (Debian chromium; skipped with a reason when ab
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -396,6 +397,19 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def served(directory: Path):
+    """A static HTTP server on 127.0.0.1 for ``directory``; yields its base URL."""
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def browser_check(chromium: str, url: str, profile: Path) -> dict:
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -423,12 +437,7 @@ def test_pages_render_in_a_real_browser(built, units, model_id, tmp_path):
         path.with_suffix(".check.html").write_text(
             path.read_text(encoding="utf-8").replace("</body>", CHECK_JS + "</body>"),
             encoding="utf-8")
-    handler = functools.partial(QuietHandler, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}/"
+    with served(site) as base:
         for rel, layer in pages.items():
             url = base + rel.replace(".html", ".check.html")
             result = browser_check(chromium, url, tmp_path / "profile")
@@ -439,9 +448,6 @@ def test_pages_render_in_a_real_browser(built, units, model_id, tmp_path):
             if layer is not None:
                 n_units = int(((units["layer"] == layer) & (units["model"] == "demo")).sum())
                 assert result["rows"] == result["images"] == n_units
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_label_names_and_paths_are_escaped_in_the_report(tmp_path):
@@ -476,16 +482,9 @@ def test_label_names_and_paths_are_escaped_in_the_report(tmp_path):
     (page,) = [p for p in pages if p.name == "conv1.html"]
     page.with_suffix(".check.html").write_text(page.read_text().replace("</body>",
                                                                         CHECK_JS + "</body>"))
-    handler = functools.partial(QuietHandler, directory=str(wd / "report"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = (f"http://127.0.0.1:{server.server_address[1]}/"
-               f"{page.relative_to(wd / 'report').with_suffix('.check.html')}")
+    with served(wd / "report") as base:
+        url = base + str(page.relative_to(wd / "report").with_suffix(".check.html"))
         result = browser_check(chromium, url, tmp_path / "profile")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert result["scripts"] == 2  # the report's own and the check script: the label's never ran
     assert hostile in result["text"]
 
@@ -555,16 +554,9 @@ def test_the_report_sorts_filters_indexes_concepts_and_clips_no_label(built, uni
         path.with_suffix(".check.html").write_text(
             path.read_text(encoding="utf-8").replace("</body>", script + "</body>"),
             encoding="utf-8")
-    handler = functools.partial(QuietHandler, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}/"
+    with served(site) as base:
         found = {rel: browser_check(chromium, base + rel.replace(".html", ".check.html"),
                                     tmp_path / "profile") for rel in pages}
-    finally:
-        server.shutdown()
-        server.server_close()
     for rel, result in found.items():
         assert result["clipped"] == [], (rel, result["clipped"])
     layer = found[f"{model_id}/block3.html"]
@@ -626,15 +618,8 @@ def test_pages_in_natural_order_named_by_identity_without_clipped_labels(tmp_pat
         pytest.skip("chromium not found on PATH (.ci/run installs Debian's chromium package)")
     index.with_suffix(".check.html").write_text(
         html.replace("</body>", EXPLORE_JS.replace("WORD", '"car"') + "</body>"))
-    handler = functools.partial(QuietHandler, directory=str(index.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        result = browser_check(chromium, f"http://127.0.0.1:{server.server_address[1]}/"
-                               "index.check.html", tmp_path / "profile")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with served(index.parent) as base:
+        result = browser_check(chromium, base + "index.check.html", tmp_path / "profile")
     assert result["clipped"] == []
 
 
