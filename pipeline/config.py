@@ -26,6 +26,7 @@ DType = StrEnum("DType", ["float32", "float16"])
 Preprocess = StrEnum("Preprocess", ["imagenet", "netdissect"])
 ClusterKind = StrEnum("ClusterKind", ["local", "threads", "none", "cuda"])
 TransformKind = StrEnum("TransformKind", ["none", "rotate", "pca", "linear"])
+NullKind = StrEnum("NullKind", ["none", "permute"])
 DEMO_WEIGHTS = "train"  # model.weights value: train (or reuse) the demo model on the probe set
 BRODEN_FILES = ("index.csv", "category.csv", "label.csv", "images")  # what every Broden dir has
 
@@ -88,6 +89,14 @@ class ScoringOptions:
     planes: Planes = Planes.set
     categories: list[str] | None = None  # null = every category
     iou_threshold: float = 0.04  # detector: best IoU > this
+    # the evidence of SEMANTICS.md §8 (both off by default: the tables stay as they were)
+    bootstrap: int = 0  # replicates of the bootstrap over probe images; 0 = off
+    ci: float = 0.95  # level of the bootstrap intervals
+    candidates: int = 20  # per unit, its best labels (point IoU) searched in every replicate
+    null: NullKind = NullKind.none  # permute: each image's masks against another's labels
+    null_draws: int = 100  # permutations of the null
+    null_level: float = 0.05  # a detector beats the null when its p-value is at most this
+    seed: int = 0  # of the bootstrap weights and the null's permutations
 
 
 @dataclass
@@ -189,6 +198,14 @@ def validate(cfg: Config) -> None:
         raise UserError(f"scoring.quantile={cfg.scoring.quantile}: must lie in (0, 1)")
     if not 0.0 <= cfg.scoring.iou_threshold < 1.0:
         raise UserError(f"scoring.iou_threshold={cfg.scoring.iou_threshold}: must lie in [0, 1)")
+    if cfg.scoring.bootstrap < 0:
+        raise UserError(f"scoring.bootstrap={cfg.scoring.bootstrap}: give 0 (off) or a number "
+                        "of replicates")
+    for key in ("ci", "null_level"):
+        if not 0.0 < getattr(cfg.scoring, key) < 1.0:
+            raise UserError(f"scoring.{key}={getattr(cfg.scoring, key)}: must lie in (0, 1)")
+    _positive("scoring.candidates", cfg.scoring.candidates)
+    _positive("scoring.null_draws", cfg.scoring.null_draws)
     _positive("fetch.timeout", cfg.fetch.timeout)
     _positive("fetch.attempts", cfg.fetch.attempts)
     _positive("cluster.no_worker_timeout", cfg.cluster.no_worker_timeout)

@@ -12,13 +12,23 @@ import pandas as pd
 
 from pipeline.basis import Basis
 from pipeline.concept_set import ConceptSet
+from pipeline.config import NullKind
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
 from stages.engine.blocks import LayerBlocks, ScoringBlocks
-from stages.iou import score_tables, scoring_pass
+from stages.evidence.bootstrap import candidate_labels
+from stages.evidence.null import permuted_rows
+from stages.iou import (
+    bootstrap_pass,
+    null_best_iou,
+    score_tables,
+    scoring_pass,
+    with_bootstrap,
+    with_null,
+)
 from stages.quantile import threshold_pass
 from stages.tally.labels import LabelSpace
-from stages.tally.statistic import TallyRule, describe_kernel
+from stages.tally.statistic import TallyCounts, TallyRule, describe_kernel
 from stages.thresholds.top_images import top_images
 from storage.arrays import load_thresholds, save_arrays, save_thresholds
 from storage.artifacts import Artifact, digest, scratch_path
@@ -125,9 +135,12 @@ class LayerContext:
         """(h, w) of the layer's maps and (sh, sw) of the concept set's masks."""
         return (*self.acts.store.shape(self.layer)[2:], *self.concepts.dataset.uniform_sizes()[2:])
 
-    def source(self, device: str) -> ScoringBlocks:
+    def source(self, device: str, rows: np.ndarray | None = None) -> ScoringBlocks:
+        """The layer's blocks with their labels (those of concept rows ``rows``: default, the
+        concept set's match)."""
         return ScoringBlocks(LayerBlocks(str(self.acts.path), self.layer, self.basis.map(),
-                                         device), str(self.concepts.path), self.concepts.rows)
+                                         device), str(self.concepts.path),
+                             self.concepts.rows if rows is None else rows)
 
     def result(self, run: Run, table: str, params: dict, with_categories: bool = False
                ) -> Artifact:
@@ -162,11 +175,50 @@ def layer_contexts(run: Run) -> dict[str, LayerContext]:
 
 
 # ---------------------------------------------------------------- iou
+def evidence_params(run: Run) -> dict:
+    """The columns that say which evidence (SEMANTICS.md §8) units and layers rows carry;
+    none when it is off, so those rows stay exactly as without it."""
+    s = run.cfg.scoring
+    found = {}
+    if s.bootstrap:
+        found |= {"bootstrap_replicates": s.bootstrap, "bootstrap_ci": s.ci,
+                  "bootstrap_candidates": s.candidates}
+    if s.null != NullKind.none:
+        found |= {"null_model": str(s.null), "null_draws": s.null_draws,
+                  "null_level": s.null_level}
+    return found | ({"evidence_seed": s.seed} if found else {})
+
+
+def evidence(run: Run, ctx: LayerContext, rule: TallyRule, counts: TallyCounts, frames: dict,
+             missing: list[Artifact]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The units and layers rows with the bootstrap's and the null's evidence, as asked."""
+    s, units, layers = run.cfg.scoring, frames["units"], frames["layers"]
+    if s.bootstrap:
+        labels_of = candidate_labels(counts.iou(ctx.space), s.candidates)
+        log.info("iou: %s: bootstrap, %d replicates", ctx.layer, s.bootstrap)
+        found = bootstrap_pass(ctx.source(run.cfg.extract.device), ctx.threshold_values,
+                               ctx.space, rule, labels_of, s.bootstrap, s.seed, run.scheduler(),
+                               f"bootstrap {ctx.layer}", run.cfg.progress,
+                               scratch_path(missing, "bootstrap.npz"))
+        units, layers = with_bootstrap(units, layers, found, ctx.space, labels_of, s.ci)
+    if s.null != NullKind.none:
+        log.info("iou: %s: null model, %d permutations", ctx.layer, s.null_draws)
+        n_rows = ctx.acts.store.n_images
+        sources = [ctx.source(run.cfg.extract.device,
+                              permuted_rows(ctx.concepts.rows, n_rows, s.seed, draw))
+                   for draw in range(s.null_draws)]
+        null = null_best_iou(sources, ctx.threshold_values, ctx.space, rule, run.scheduler(),
+                             f"null {ctx.layer}", run.cfg.progress)
+        units, layers = with_null(units, layers, null, s.null_level)
+    extra = evidence_params(run)
+    return units.assign(**extra), layers.assign(**extra)
+
+
 def iou_artifacts(run: Run, ctx: LayerContext) -> dict[str, Artifact]:
     s = run.cfg.scoring
     params = {**ctx.row_keys(), "threshold_quantile": s.quantile, "union_mode": str(s.union),
               "planes": str(s.planes), "categories": ",".join(ctx.space.categories)}
-    with_threshold = {**params, "iou_threshold": s.iou_threshold}
+    with_threshold = {**params, "iou_threshold": s.iou_threshold, **evidence_params(run)}
     return {"iou": ctx.result(run, "iou", params),
             "units": ctx.result(run, "units", with_threshold),
             "layers": ctx.result(run, "layers", with_threshold)}
@@ -194,6 +246,7 @@ def iou_targets(run: Run) -> list[Target]:
                 return
             frames = score_tables(counts, ctx.space, ctx.threshold_values, s.iou_threshold,
                                   tables["iou"].fingerprint["params"])
+            frames["units"], frames["layers"] = evidence(run, ctx, rule, counts, frames, missing)
             for name, frame in frames.items():
                 write_partition(tables[name], frame)
 

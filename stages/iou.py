@@ -4,11 +4,13 @@ One pass reads every block of activations and labels (:class:`ScoringBlocks`) an
 tally (:class:`~stages.tally.statistic.Tally`) and, when formula concepts are scored, the
 signature counts (:class:`~stages.signatures.statistic.Signatures`) — both read out of the
 same per-block product.  The counts become the ``iou``, ``units`` and ``layers`` tables (§4,
-§5), formula concepts rows of the ``iou`` table (§6).
+§5), formula concepts rows of the ``iou`` table (§6); when asked, a bootstrap over the images
+and a null model give every unit and layer its uncertainty (§8).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ import pandas as pd
 
 from stages.engine.blocks import ScoringBlocks
 from stages.engine.reduction import Pass, reduce_blocks
+from stages.evidence.bootstrap import Bootstrap, BootstrapCounts, BootstrapSummary
+from stages.evidence.null import p_values
 from stages.signatures.formulas import Formula
 from stages.signatures.statistic import SignatureCounts, SignaturePartial, Signatures
 from stages.tally.labels import LabelSpace
@@ -111,3 +115,51 @@ def label_index(space: LabelSpace) -> dict[str, list[int]]:
     for i, name in enumerate(space.names):
         index.setdefault(name, []).append(i + 1)
     return index
+
+
+# ---------------------------------------------------------------- evidence (SEMANTICS.md §8)
+def bootstrap_pass(source: ScoringBlocks, thresholds: np.ndarray, space: LabelSpace,
+                   rule: TallyRule, labels_of: np.ndarray, replicates: int, seed: int,
+                   scheduler: Any = None, desc: str = "bootstrap", progress: bool = False,
+                   checkpoint: Path | None = None) -> BootstrapCounts:
+    """One more read of every block: the candidates' counts under every replicate."""
+    statistic = Bootstrap(thresholds, space, labels_of, replicates, seed, rule)
+    (found,) = reduce_blocks(Pass(source, [statistic]), source.n_blocks(), scheduler, desc,
+                             progress, checkpoint=checkpoint)
+    return found
+
+
+def null_best_iou(sources: Sequence[ScoringBlocks], thresholds: np.ndarray, space: LabelSpace,
+                  rule: TallyRule, scheduler: Any = None, desc: str = "null",
+                  progress: bool = False) -> np.ndarray:
+    """(D, K) each unit's best IoU over all labels when scored against the labels of other
+    images: one tally per draw, ``sources`` reading each draw's pairing."""
+    best = []
+    for draw, source in enumerate(sources):
+        counts, _ = scoring_pass(source, thresholds, space, rule, False, scheduler,
+                                 f"{desc} {draw + 1}/{len(sources)}", progress)
+        best.append(counts.iou(space).max(axis=1, initial=0.0))
+    return np.array(best)
+
+
+def with_bootstrap(units: pd.DataFrame, layers: pd.DataFrame, counts: BootstrapCounts,
+                   space: LabelSpace, labels_of: np.ndarray, level: float
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The units and layers rows with the bootstrap's intervals and probabilities."""
+    point = space.lut[units["label"].to_numpy(np.int64)]
+    summary = BootstrapSummary.of(counts, space, labels_of, point)
+    threshold = float(units["iou_threshold"].iloc[0])
+    units = pd.concat([units, summary.units(threshold, level)], axis=1)
+    per_category = summary.layer(threshold, level, space.categories)
+    return units, layers.merge(per_category, on="category", how="left", validate="1:1")
+
+
+def with_null(units: pd.DataFrame, layers: pd.DataFrame, null_best: np.ndarray, level: float
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The units rows with each unit's p-value, the layers rows with the detectors that beat
+    the null at ``level``."""
+    units = units.assign(p_value=p_values(units["iou"].to_numpy(np.float64), null_best))
+    beats = units[units["is_detector"] & (units["p_value"] <= level)]
+    counted = {"all": len(beats), **beats["category"].value_counts().to_dict()}
+    return units, layers.assign(
+        null_detectors=[int(counted.get(c, 0)) for c in layers["category"]])

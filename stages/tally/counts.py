@@ -36,24 +36,41 @@ class BlockCounts(NamedTuple):
     label_area: np.ndarray  # (L + 1,)
 
 
+class Replicates(NamedTuple):
+    """The counts of a block under R weightings of its images (the bootstrap of
+    :mod:`stages.evidence.bootstrap`): each image counts ``weights[image, r]`` times in
+    replicate r, and only the (unit, label) pairs ``columns`` names are kept."""
+
+    intersection: np.ndarray  # (R, K, M): column m of unit k is label labels_of[k, m]
+    unit_area: np.ndarray  # (R, K, C)
+    label_area: np.ndarray  # (R, L + 1)
+
+
 @njit(nogil=True, cache=True)
-def _counts(found, classes, category, n_units, n_labels, n_categories, multiset, union):
+def _counts(found, classes, category, n_units, n_labels, n_categories, multiset, union,
+            columns, n_columns, weights):
+    """The counts of §4, each image weighted by ``weights`` (images, R) per replicate;
+    ``columns`` (K, L + 1) gives each (unit, label) its output column (-1: not kept), or is
+    empty for every label in its own column."""
     unit, klass, pixels = found.unit, found.klass, found.pixels
     first, size, labels = classes.first, classes.size, classes.labels
     occurrences = classes.occurrences
     n_images = first.shape[0] - 1
     n_classes, width = labels.shape
+    n_rep = weights.shape[1]
+    every = columns.shape[0] == 0
     image = np.empty(n_classes, np.int64)
     for b in range(n_images):
         image[first[b] : first[b + 1]] = b
-    intersection = np.zeros((n_units, n_labels + 1), np.int64)
-    label_area = np.zeros(n_labels + 1, np.int64)
+    intersection = np.zeros((n_rep, n_units, n_columns), np.int64)
+    label_area = np.zeros((n_rep, n_labels + 1), np.int64)
     carries = np.zeros((n_images, n_categories + 1), np.bool_)  # column 0: no label
     for c in range(n_classes):
         for j in range(width):
             label = labels[c, j]
-            weight = occurrences[c, j] if multiset else 1
-            label_area[label] += size[c] * weight
+            area = size[c] * (occurrences[c, j] if multiset else 1)
+            for r in range(n_rep):
+                label_area[r, label] += weights[image[c], r] * area
             carries[image[c], category[label]] = True
     lite = union == 2
     area = np.zeros((n_images, n_units), np.int64)
@@ -63,12 +80,18 @@ def _counts(found, classes, category, n_units, n_labels, n_categories, multiset,
         area[image[c], k] += n
         for j in range(width):
             label = labels[c, j]
-            intersection[k, label] += n * (occurrences[c, j] if multiset else 1)
             if lite:
                 meets[image[c], k, category[label]] = True
-    intersection[:, 0] = 0
-    label_area[0] = 0
-    unit_area = np.zeros((n_units, n_categories), np.int64)
+            column = label if every else columns[k, label]
+            if column < 0:
+                continue
+            count = n * (occurrences[c, j] if multiset else 1)
+            for r in range(n_rep):
+                intersection[r, k, column] += weights[image[c], r] * count
+    if every:
+        intersection[:, :, 0] = 0
+    label_area[:, 0] = 0
+    unit_area = np.zeros((n_rep, n_units, n_categories), np.int64)
     for b in range(n_images):
         for k in range(n_units):
             if area[b, k] == 0:
@@ -81,8 +104,16 @@ def _counts(found, classes, category, n_units, n_labels, n_categories, multiset,
                 else:
                     counted = meets[b, k, cat + 1]
                 if counted:
-                    unit_area[k, cat] += area[b, k]
+                    for r in range(n_rep):
+                        unit_area[r, k, cat] += weights[b, r] * area[b, k]
     return intersection, unit_area, label_area
+
+
+def _check_rules(planes: str, union: str) -> None:
+    if union not in UNIONS:
+        raise ValueError(f"unknown union mode {union!r}")
+    if planes not in ("set", "multiset"):
+        raise ValueError(f"unknown planes mode {planes!r}")
 
 
 def block_counts(found: MaskClasses, classes: PixelClasses, n_units: int,
@@ -90,10 +121,26 @@ def block_counts(found: MaskClasses, classes: PixelClasses, n_units: int,
                  ) -> BlockCounts:
     """The counts of one block: ``found`` the units' mask pixels per class of ``classes``,
     ``label_category`` (L + 1,) the primary category index of each dense label (-1 for 0)."""
-    if union not in UNIONS:
-        raise ValueError(f"unknown union mode {union!r}")
-    if planes not in ("set", "multiset"):
-        raise ValueError(f"unknown planes mode {planes!r}")
-    return BlockCounts(*_counts(
-        found, classes, np.asarray(label_category, np.int64) + 1, n_units,
-        len(label_category) - 1, n_categories, planes == "multiset", UNIONS.index(union)))
+    _check_rules(planes, union)
+    n_labels = len(label_category) - 1
+    once = np.ones((len(classes.first) - 1, 1), np.int64)
+    inter, unit_area, label_area = _counts(
+        found, classes, np.asarray(label_category, np.int64) + 1, n_units, n_labels,
+        n_categories, planes == "multiset", UNIONS.index(union), np.zeros((0, 0), np.int64),
+        n_labels + 1, once)
+    return BlockCounts(inter[0], unit_area[0], label_area[0])
+
+
+def replicate_counts(found: MaskClasses, classes: PixelClasses, n_units: int,
+                     label_category: np.ndarray, n_categories: int, planes: str, union: str,
+                     labels_of: np.ndarray, weights: np.ndarray) -> Replicates:
+    """The counts of one block under each weighting of its images (``weights`` (images, R)
+    int64), for each unit's labels ``labels_of`` (K, M) only."""
+    _check_rules(planes, union)
+    n_labels = len(label_category) - 1
+    columns = np.full((n_units, n_labels + 1), -1, np.int64)
+    columns[np.arange(n_units)[:, None], labels_of] = np.arange(labels_of.shape[1])[None, :]
+    return Replicates(*_counts(
+        found, classes, np.asarray(label_category, np.int64) + 1, n_units, n_labels,
+        n_categories, planes == "multiset", UNIONS.index(union), columns, labels_of.shape[1],
+        np.ascontiguousarray(weights, np.int64)))

@@ -1,0 +1,176 @@
+"""The evidence of SEMANTICS.md §8: the bootstrap over probe images and the permutation null.
+
+A tiny Broden-format set (48 images, 16 x 16 label planes of a few objects) and a layer of
+42 units: units 0-39 fire on seeded noise that has nothing to do with the images, unit 40 on
+exactly the pixels of one label (a planted detector), unit 41 on that label plus noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from pipeline.run import compose_config, run
+from stages.concepts import ConceptsConfig, build_concept_store
+from stages.engine.blocks import LayerBlocks, ScoringBlocks
+from stages.evidence.bootstrap import BootstrapSummary, candidate_labels, image_weights
+from stages.evidence.null import p_values, permuted_rows
+from stages.iou import bootstrap_pass, null_best_iou, scoring_pass
+from stages.quantile import threshold_pass
+from stages.tally.labels import label_space
+from stages.tally.statistic import TallyRule
+from storage.tables import read_table
+from tests.broden_factory import BrodenBuilder
+from tests.test_iou import write_activations
+
+N, S, K = 48, 16, 42
+NOISE = 40  # units 0..39
+PLANTED = 3  # the label number unit 40 detects
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evidence")
+    rng = np.random.default_rng(0)
+    b = BrodenBuilder(root / "data", ["object"], ih=32, iw=32, sh=S, sw=S)
+    for n in range(1, 6):
+        b.label(n, f"thing{n}", object=0.1 * n)
+    planes = []
+    for _ in range(N):
+        plane = np.zeros((S, S), np.int64)
+        for _ in range(3):
+            y, x = rng.integers(0, S - 4, 2)
+            h, w = rng.integers(3, 8, 2)
+            plane[y : y + h, x : x + w] = rng.integers(1, 6)
+        planes.append(plane)
+        b.image(planes={"object": [plane]})
+    data = b.write()
+    store = build_concept_store(ConceptsConfig(data, root / "c.zarr", 8, False), None)
+    acts = rng.random((N, K, S, S)).astype(np.float32)
+    masks = np.stack([(p == PLANTED).astype(np.float32) for p in planes])
+    acts[:, NOISE] = masks * 2 + 0.1 * acts[:, NOISE]
+    acts[:, NOISE + 1] = masks + acts[:, NOISE + 1]
+    paths = {block: root / f"a{block}.zarr" for block in (8, 5)}
+    for block, path in paths.items():
+        write_activations(path, store.image_paths(), {"l": acts}, block)
+    return store, paths, data
+
+
+def thresholds_of(path: Path) -> np.ndarray:
+    return threshold_pass(LayerBlocks(str(path), "l"), 0.05)[0]
+
+
+def bootstrap_units(world, block: int = 8, scheduler=None, m: int = 3, replicates: int = 60,
+                    seed: int = 1) -> pd.DataFrame:
+    store, paths, _ = world
+    space = label_space(store, None)
+    source = ScoringBlocks(LayerBlocks(str(paths[block]), "l"), str(store.path))
+    thresholds = thresholds_of(paths[block])
+    counts, _ = scoring_pass(source, thresholds, space, TallyRule(), False, scheduler)
+    iou = counts.iou(space)
+    labels_of = candidate_labels(iou, m)
+    found = bootstrap_pass(source, thresholds, space, TallyRule(), labels_of, replicates, seed,
+                           scheduler)
+    point = np.argmax(iou, axis=1) + 1
+    return BootstrapSummary.of(found, space, labels_of, point).units(0.04, 0.95)
+
+
+def test_weights_are_a_function_of_seed_replicate_and_row():
+    rows = np.array([5, 0, 17, 5])
+    weights = image_weights(rows, 40, seed=3)
+    np.testing.assert_array_equal(weights[0], weights[3])  # the same row, wherever it comes
+    np.testing.assert_array_equal(image_weights(rows[1:3], 40, 3), weights[1:3])
+    np.testing.assert_array_equal(image_weights(rows, 10, 3), weights[:, :10])  # replicate r
+    assert not np.array_equal(image_weights(rows, 40, seed=4), weights)
+    assert 0.7 < image_weights(np.arange(500), 40, 0).mean() < 1.3  # Poisson(1)
+
+
+def test_the_same_seed_gives_identical_intervals_for_any_blocking_and_scheduler(world):
+    reference = bootstrap_units(world)
+    for block, scheduler in ((5, None), (8, "threads"), (5, "threads")):
+        pd.testing.assert_frame_equal(bootstrap_units(world, block, scheduler), reference)
+    assert not bootstrap_units(world, seed=2).equals(reference)
+
+
+def test_more_candidates_do_not_change_the_result_of_a_clear_detector(world):
+    """Searching every label (M = 5) instead of the 3 best: the same intervals for every
+    unit, and every column the same for the units with a clear best concept.  A noise unit
+    (no clear concept) can win a replicate with a label outside its candidates, so with more
+    of them its detector probability can only rise and its label stability only fall."""
+    few, every = bootstrap_units(world, m=3), bootstrap_units(world, m=5)
+    pd.testing.assert_frame_equal(few[["iou_lo", "iou_hi"]], every[["iou_lo", "iou_hi"]])
+    pd.testing.assert_frame_equal(few.loc[NOISE:], every.loc[NOISE:])
+    assert (every["p_detector"] >= few["p_detector"]).all()
+    assert (every["label_stability"] <= few["label_stability"]).all()
+
+
+def test_the_planted_detector_is_certain_and_noise_is_not(world):
+    units = bootstrap_units(world, replicates=100)
+    planted = units.loc[NOISE]
+    assert planted["p_detector"] == 1.0 and planted["label_stability"] == 1.0
+    assert 0.04 < planted["iou_lo"] <= planted["iou_hi"] <= 1.0
+    assert (units["iou_lo"] <= units["iou_hi"]).all()
+    assert units.loc[: NOISE - 1, "iou_hi"].max() < planted["iou_lo"]
+
+
+def test_null_p_values_are_uniform_for_noise_and_smallest_for_the_planted_unit(world):
+    store, paths, _ = world
+    space = label_space(store, None)
+    thresholds = thresholds_of(paths[8])
+    observed, _ = scoring_pass(ScoringBlocks(LayerBlocks(str(paths[8]), "l"), str(store.path)),
+                               thresholds, space, TallyRule(), False)
+    draws = 99
+    sources = [ScoringBlocks(LayerBlocks(str(paths[8]), "l"), str(store.path),
+                             permuted_rows(None, N, seed=0, draw=d)) for d in range(draws)]
+    null = null_best_iou(sources, thresholds, space, TallyRule())
+    assert null.shape == (draws, K)
+    p = p_values(observed.iou(space).max(axis=1), null)
+    assert p[NOISE] == pytest.approx(1 / (draws + 1)) == p[NOISE + 1]
+    # units that have nothing to do with the images get p-values spread over (0, 1]
+    assert stats.kstest(p[:NOISE], "uniform").pvalue > 0.01
+    assert p[:NOISE].min() > 1 / (draws + 1)  # no noise unit looks planted
+
+
+def test_permutations_depend_on_seed_and_draw_only():
+    a = permuted_rows(None, 50, seed=1, draw=3)
+    assert sorted(a) == list(range(50)) and np.array_equal(a, permuted_rows(None, 50, 1, 3))
+    assert not np.array_equal(a, permuted_rows(None, 50, 1, 4))
+    rows = np.arange(50)[::-1]
+    np.testing.assert_array_equal(permuted_rows(rows, 50, 1, 3), rows[a])
+
+
+def test_the_pipeline_adds_evidence_only_when_asked_in_every_cluster_mode(world, tmp_path):
+    _, _, data = world
+    base = [f"dataset.path={data}", "stage=iou", "progress=false", "model=custom",
+            "model.factory=tests.tiny_models:tiny_cnn", "model.weights=none",
+            "model.layers=[conv3]", "scoring.quantile=0.05", "dataset.block_size=8"]
+    plain = tmp_path / "plain"
+    run(compose_config([*base, f"workdir={plain}", "cluster=none"]))
+    units = read_table(plain / "results", "units")
+    assert not {"iou_lo", "p_detector", "p_value"} & set(units.columns)
+    asked = ["scoring.bootstrap=30", "scoring.null=permute", "scoring.null_draws=9"]
+    found = {}
+    for cluster in ("cluster=none", "cluster=threads", "cluster=local"):
+        wd = tmp_path / cluster.split("=")[1]
+        run(compose_config([*base, f"workdir={wd}", cluster, *asked]))
+        found[cluster] = read_table(wd / "results", "units").sort_values(["layer", "unit"])
+    cols = ["iou", "iou_lo", "iou_hi", "p_detector", "label_stability", "p_value"]
+    for cluster, frame in found.items():
+        pd.testing.assert_frame_equal(frame[cols].reset_index(drop=True),
+                                      found["cluster=none"][cols].reset_index(drop=True),
+                                      obj=cluster)
+    evidence = found["cluster=none"]
+    assert (evidence["bootstrap_replicates"] == 30).all() and (evidence["null_draws"] == 9).all()
+    pd.testing.assert_frame_equal(
+        evidence[units.columns].reset_index(drop=True),
+        units.sort_values(["layer", "unit"]).reset_index(drop=True))  # the rest as without
+    layers = read_table(tmp_path / "none" / "results", "layers")
+    assert {"detectors_lo", "detectors_hi", "unique_concepts_lo", "unique_concepts_hi",
+            "null_detectors"} <= set(layers.columns)
+    overall = layers[layers["category"] == "all"].iloc[0]
+    assert overall["detectors_lo"] <= overall["detectors_hi"]
+    assert overall["null_detectors"] <= overall["detectors"]
