@@ -47,3 +47,30 @@ def rescore(
     model_id = next(iter(summaries.values()))["model_id"].iloc[0]
     return read_table(Layout.of(cfg).results, "iou", model_id=model_id,
                       concept_set=concept_set_id(cfg), dataset=dataset_id(cfg))
+
+
+ROTATION_KEYS = ("model", "model_id", "weights", "layer", "perturbation", "dataset",
+                 "concept_set", "threshold_quantile", "union_mode", "planes", "categories",
+                 "iou_threshold", "category")
+
+
+def rotation_summary(workdir: str | Path) -> pd.DataFrame:
+    """The axis-alignment experiment (§3.2 of the paper) over random bases: per layer,
+    category and rotation fraction α, the mean and standard deviation over the rotation
+    seeds of detectors and unique detectors (from a ``-m transform=rotate
+    transform.alpha=… transform.seed=0,1,…`` sweep; α = 0 is the identity).
+
+    >>> rotation_summary("workdir").query("category == 'all'")           # doctest: +SKIP
+    """
+    layers = read_table(Path(workdir).expanduser() / "results", "layers")
+    if layers.empty:
+        return pd.DataFrame()
+    rotated = layers[layers["basis"].str.startswith("rotate(")].copy()
+    found = rotated["basis"].str.extract(r"alpha=([-+0-9.eE]+),seed=(\d+)")
+    rotated["alpha"], rotated["seed"] = found[0].astype(float), found[1].astype(int)
+    keys = [k for k in ROTATION_KEYS if k in rotated.columns] + ["alpha"]
+    summary = rotated.groupby(keys, dropna=False).agg(
+        detectors_mean=("detectors", "mean"), detectors_std=("detectors", "std"),
+        unique_concepts_mean=("unique_concepts", "mean"),
+        unique_concepts_std=("unique_concepts", "std"), seeds=("seed", "nunique"))
+    return summary.reset_index()

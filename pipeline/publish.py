@@ -136,7 +136,8 @@ def report_targets(run: Run) -> list[Target]:
                        title_note=f"workdir {run.layout.workdir}",
                        datasets=tuple(dataset_summaries(run, sorted(set(frame["dataset"])))))
     targets.append(Target(f"report {run.layout.report}", (Artifact(run.layout.report, fingerprint),),
-                          lambda missing: (build_report(cfg, frame, images, order),
+                          lambda missing: (build_report(cfg, frame, images, order,
+                                                        read_table(run.layout.results, "layers")),
                                            missing[0].commit(pages=len(keys)))))
     return targets
 

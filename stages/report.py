@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from stages.network.perturb import Perturbation
 from stages.pages.contexts import category_colors, concepts_context, index_context, layer_context
-from stages.pages.model import Page, ordered, plan_pages
+from stages.pages.model import Page, attach_intervals, ordered, plan_pages
 from stages.tally.masks import unit_mask
 from stages.thresholds.top_images import TopImages
 from storage.artifacts import atomic_dir
@@ -181,13 +181,16 @@ def render_strips(pages: list[Page], images: Callable[[Page], PageImages], out: 
 
 
 def build_report(cfg: ReportConfig, units: pd.DataFrame, images: Callable[[Page], PageImages],
-                 layer_order: Callable[[Page], int] = lambda page: 0) -> Path:
+                 layer_order: Callable[[Page], int] = lambda page: 0,
+                 layers: pd.DataFrame | None = None) -> Path:
     """Write the report for ``units`` (the rows of the units table to show) into
     ``cfg.report_dir``; ``images`` gives each page its top images; ``layer_order`` ranks a
-    page's layer within its model.  Returns the path of ``index.html``."""
+    page's layer within its model; ``layers`` rows give the charts their intervals.  Returns
+    the path of ``index.html``."""
     if units.empty:
         raise UserError("report: no units rows to report on; run stage=iou first")
     pages = ordered(plan_pages(units), layer_order)
+    attach_intervals(pages, pd.DataFrame() if layers is None else layers)
     categories: list[str] = []
     for p in pages:
         categories += [c for c in p.categories if c not in categories]

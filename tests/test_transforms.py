@@ -302,3 +302,29 @@ def test_perturbation_values_are_checked_before_work(tmp_path, synthetic_root):
             _run(tmp_path, synthetic_root, f"extract.perturb={bad}")
     with pytest.raises(UserError, match="shuffle:3.*divides"):
         _run(tmp_path / "w", synthetic_root, "extract.perturb=shuffle:3")
+
+
+def test_rotation_summary_is_the_mean_and_std_over_seeds(synthetic_root, tmp_path):
+    from pipeline.api import rotation_summary
+
+    base = [f"workdir={tmp_path / 'wd'}", f"dataset.path={synthetic_root}", "stage=iou",
+            "cluster=none", "progress=false", "model=custom", "model.weights=none",
+            "model.factory=tests.tiny_models:tiny_cnn", "model.layers=[conv3]",
+            "scoring.quantile=0.05"]
+    run(compose_config(base))  # unrotated rows: left out
+    for alpha in (0.5, 1):
+        for seed in (0, 1, 2):
+            run(compose_config([*base, "transform=rotate", f"transform.alpha={alpha}",
+                                f"transform.seed={seed}"]))
+    summary = rotation_summary(tmp_path / "wd")
+    layers = read_table(tmp_path / "wd" / "results", "layers")
+    rotated = layers[layers["basis"].str.startswith("rotate(")]
+    assert len(summary) == 2 * rotated["category"].nunique()
+    for row in summary.itertuples():
+        rows = rotated[(rotated["category"] == row.category)
+                       & rotated["basis"].str.contains(f"alpha={row.alpha:g},")]
+        assert len(rows) == row.seeds == 3
+        assert row.detectors_mean == rows["detectors"].mean()
+        assert row.detectors_std == pytest.approx(np.std(rows["detectors"], ddof=1))
+        assert row.unique_concepts_mean == rows["unique_concepts"].mean()
+        assert row.unique_concepts_std == pytest.approx(np.std(rows["unique_concepts"], ddof=1))

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from stages.pages.model import Page, text
 
@@ -45,12 +46,30 @@ def category_colors(categories: Sequence[str]) -> dict[str, str]:
     return {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(ordered)}
 
 
-def bar_rows(counts: dict[str, int]) -> dict:
-    """Geometry of a horizontal bar chart, one bar per category (for the template)."""
-    vmax = max([1, *counts.values()])
+def bar_rows(counts: dict[str, int], intervals: dict[str, tuple[float, float]]) -> dict:
+    """Geometry of a horizontal bar chart, one bar per category, with the bootstrap interval
+    of each where there is one (for the template)."""
+    vmax = max([1, *counts.values(), *(hi for _, hi in intervals.values())])
     step = max(1, math.ceil(vmax / 5))
     return {"vmax": vmax, "ticks": list(range(0, vmax + 1, step)), "items": list(counts.items()),
+            "intervals": {c: intervals[c] for c in counts if c in intervals},
             "label_w": label_width(list(counts))}
+
+
+def evidence_of(row: Any, threshold: float, null_level: float | None) -> dict:
+    """A unit's interval and the flags a reader should see (SEMANTICS.md §8)."""
+    found: dict = {"ci": "", "flags": []}
+    lo, hi = getattr(row, "iou_lo", None), getattr(row, "iou_hi", None)
+    if lo is not None and pd.notna(lo):
+        found["ci"] = f"[{lo:.4f}, {hi:.4f}]"
+        if row.is_detector and lo <= threshold:
+            found["flags"].append(f"interval reaches {threshold:g}")
+    p = getattr(row, "p_value", None)
+    if p is not None and pd.notna(p):
+        found["ci"] += f" p={p:.3f}"
+        if row.is_detector and null_level is not None and p > null_level:
+            found["flags"].append("not beyond the null")
+    return found
 
 
 def now() -> str:
@@ -64,15 +83,19 @@ def layer_context(page: Page, siblings: list[Page], colors: dict[str, str], top_
         sort_iou=page.units["iou"].fillna(-1.0),
     ).sort_values(["sort_det", "sort_iou", "unit"], ascending=[False, False, True], kind="stable")
     places = decimals_for(list(units["threshold"]))
+    threshold = float(page.params.get("iou_threshold", 0.04))
+    level = page.units["null_level"].iloc[0] if "null_level" in page.units else None
     rows = [{
         "unit": int(r.unit), "detector": bool(r.sort_det), "concept": text(r.concept),
         "category": text(r.category), "color": colors.get(text(r.category), "#888"),
         "iou": fmt(r.iou), "iou_value": float(r.sort_iou),
         "threshold": fmt(r.threshold, f".{places}f"), "strip": page.strips.get(int(r.unit)),
+        **evidence_of(r, threshold, level),
     } for r in units.itertuples(index=False)]
+    evidence = any(r["ci"] for r in rows)
     return {"page": page, "stats": s, "siblings": siblings, "colors": colors, "rows": rows,
-            "top_n": top_n, "up": "../" * page.href.count("/"),
-            "bars": bar_rows(s["per_category"]), "generated": now()}
+            "top_n": top_n, "up": "../" * page.href.count("/"), "evidence": evidence,
+            "bars": bar_rows(s["per_category"], page.intervals), "generated": now()}
 
 
 def index_context(pages: list[Page], colors: dict[str, str], note: str,
@@ -81,7 +104,8 @@ def index_context(pages: list[Page], colors: dict[str, str], note: str,
     for p in pages:
         categories += [c for c in p.categories if c not in categories]
     stats = [p.stats() for p in pages]
-    vmax = max([1, *(s["unique"] for s in stats)])
+    vmax = max([1, *(s["unique"] for s in stats),
+                *(p.intervals["all"][1] for p in pages if "all" in p.intervals)])
     return {"pages": list(zip(pages, stats, strict=True)), "categories": categories,
             "colors": colors, "vmax": vmax,
             "ticks": list(range(0, vmax + 1, max(1, math.ceil(vmax / 6)))),

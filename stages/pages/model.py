@@ -46,6 +46,8 @@ class Page:
     strips: dict[int, dict] = field(default_factory=dict)
     variant: str = ""  # what sets this page apart from its layer's first page
     identity: str = ""  # the model as the page names it: with its weights when a name has several
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # unique concepts'
+    # bootstrap interval per category ('all' too), when the layers rows have one
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -115,6 +117,20 @@ def plan_pages(frame: pd.DataFrame) -> list[Page]:
             pages.append(Page(str(model), str(layer), params, units, f"{stem}.html", stem,
                               variant=", ".join(differs), identity=identity))
     return pages
+
+
+def attach_intervals(pages: Sequence[Page], layers: pd.DataFrame) -> None:
+    """Give each page the bootstrap intervals of unique detected concepts of its layers rows
+    (those with the page's parameters), when they have them (SEMANTICS.md §8)."""
+    if layers.empty or "unique_concepts_lo" not in layers.columns:
+        return
+    for page in pages:
+        rows = layers[layers["layer"].astype(str) == page.layer]
+        for key, value in page.params.items():
+            if key in rows.columns:
+                rows = rows[rows[key].isna()] if pd.isna(value) else rows[rows[key] == value]
+        page.intervals = {str(r.category): (float(r.unique_concepts_lo), float(r.unique_concepts_hi))
+                          for r in rows.itertuples() if pd.notna(r.unique_concepts_lo)}
 
 
 def ordered(pages: Sequence[Page], layer_order: Callable[[Page], int]) -> list[Page]:
