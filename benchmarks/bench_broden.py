@@ -43,7 +43,8 @@ FULL_BRODEN = 63_305  # images in Broden1 (index.csv rows)
 QUANTILE = 0.005
 TOP_IMAGES = 8  # the default report.top_n, not imported: pandas would raise the RSS floor
 SCHEDULERS = ("threads", "none", "local")
-PASS_STAGES = ("tally", "top_images", "signatures", "tally_signatures")
+PASS_STAGES = ("tally", "top_images", "signatures", "tally_signatures", "bootstrap")
+REPLICATES, CANDIDATES = 200, 20  # the bootstrap stage's B and M (SEMANTICS.md §8)
 
 
 # --------------------------------------------------------------------------- paths
@@ -156,9 +157,12 @@ def quantile_strategy(units: int, n_images: int, budget: int | None = None,
 
 def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     """One read of every block feeding the statistics of one stage (as the pipeline's
-    passes do); scoring stages use the thresholds of the top-k run."""
+    passes do); scoring stages use the thresholds of the top-k run.  ``bootstrap`` times
+    the extra pass ``scoring.bootstrap`` adds (B = 200, M = 20), after an untimed tally that
+    gives the candidates (the pipeline has it from the iou pass)."""
     from stages.engine.blocks import LayerBlocks, ScoringBlocks
     from stages.engine.reduction import Pass, reduce_blocks
+    from stages.evidence.bootstrap import Bootstrap, candidate_labels
     from stages.signatures.statistic import Signatures
     from stages.tally.labels import label_space
     from stages.tally.statistic import Tally
@@ -179,6 +183,11 @@ def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
             statistics.append(Tally(thresholds, space))
         if stage in ("signatures", "tally_signatures"):
             statistics.append(Signatures(thresholds, space))
+        if stage == "bootstrap":
+            (point,) = reduce_blocks(Pass(source, [Tally(thresholds, space)]), blocks.n_blocks(),
+                                     scheduler, "tally", progress=False)
+            labels_of = candidate_labels(point.iou(space), CANDIDATES)
+            statistics.append(Bootstrap(thresholds, space, labels_of, REPLICATES, spec["seed"]))
     with watch.running():
         results = reduce_blocks(Pass(source, statistics), blocks.n_blocks(), scheduler, stage,
                                 progress=False)
@@ -189,6 +198,10 @@ def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
         elif isinstance(statistic, Signatures):
             summary["signatures"] = len(result.counts)
             summary["unit_signature_pairs"] = len(result.unit_counts)
+        elif isinstance(statistic, Bootstrap):
+            summary.update(replicates=REPLICATES, candidates=CANDIDATES,
+                           state_mib=sum(getattr(result, f).nbytes for f in (
+                               "intersection", "unit_area", "label_area")) / 2**20)
     return summary
 
 
@@ -416,24 +429,36 @@ def run(args: argparse.Namespace) -> dict:
     data.ensure_activations(workdir, sizes, args.models, args.seed, progress=not args.quiet)
     bench.result["data"] = {"labels": asdict(census), "preparation_seconds":
                             time.perf_counter() - start, "activations": {}}
+    wanted = set(args.stages or STAGES)
+
+    def asked(stage: str, inputs_missing: bool = False) -> bool:
+        return stage in wanted or inputs_missing  # what a later stage reads is made anyway
+
     for scheduler in args.schedulers:  # each stage at every size in a row: similar load
         for n in sizes:
-            bench.measure(stage="concepts", n=n, scheduler=scheduler)
+            if asked("concepts", not concept_path(workdir, n).exists()):
+                bench.measure(stage="concepts", n=n, scheduler=scheduler)
         for model in args.models:
             for strategy in ("top-k", "radix"):
                 for n in sizes:
-                    bench.measure(stage="quantile", model=model, n=n, scheduler=scheduler,
-                                  strategy=strategy)
-            bench.measure(stage="quantile_full_lists", model=model, n=sizes[-1],
-                          scheduler=scheduler, strategy="top-k")
-            for stage in PASS_STAGES:
+                    missing = strategy == "top-k" and not thresholds_path(workdir, model,
+                                                                           n).exists()
+                    if asked("quantile", missing):
+                        bench.measure(stage="quantile", model=model, n=n, scheduler=scheduler,
+                                      strategy=strategy)
+            if asked("quantile_full_lists"):
+                bench.measure(stage="quantile_full_lists", model=model, n=sizes[-1],
+                              scheduler=scheduler, strategy="top-k")
+            for stage in filter(asked, PASS_STAGES):
                 for n in sizes:
-                    bench.measure(stage=stage, model=model, n=n, scheduler=scheduler)
+                    bench.measure(stage=stage, model=model, n=n, scheduler=scheduler,
+                                  seed=args.seed)
     for model in args.models:
         bench.result["data"]["activations"][model] = {
             str(n): activation_census(workdir, model, n) for n in sizes}
-        bench.measure(stage="baseline", model=model, n=sizes[0], scheduler="none",
-                      images=args.baseline_images)
+        if asked("baseline"):
+            bench.measure(stage="baseline", model=model, n=sizes[0], scheduler="none",
+                          images=args.baseline_images)
     bench.result["stores"] = store_sizes(workdir, sizes, args.models)
     bench.result["projections"] = projections(bench.result["measurements"],
                                               bench.result["stores"], sizes)
@@ -455,6 +480,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(data.LAYERS), default=list(data.LAYERS),
                         help="layers to measure: resnet18 layer4 (512x7x7), resnet50 layer4 (2048x7x7)")
     parser.add_argument("--baseline-images", type=int, default=300)
+    parser.add_argument("--stages", nargs="+", choices=list(STAGES),
+                        help="measure only these (default: all; inputs they need are made)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--in-process", action="store_true",
                         help="measure in this process (quick checks; peak RSS is cumulative)")

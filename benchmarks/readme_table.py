@@ -20,6 +20,7 @@ STAGE_NAMES = {
     "top_images": "top images",
     "signatures": "signatures",
     "tally_signatures": "tally + signatures, one pass",
+    "bootstrap": "bootstrap, B = 200, M = 20 (the extra pass of `scoring.bootstrap`)",
 }
 STAGE_ORDER = tuple(STAGE_NAMES)
 

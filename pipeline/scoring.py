@@ -4,7 +4,7 @@ once per run."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -20,6 +20,7 @@ from stages.evidence.bootstrap import candidate_labels
 from stages.evidence.null import permuted_rows
 from stages.iou import (
     bootstrap_pass,
+    evidence_columns,
     null_best_iou,
     score_tables,
     scoring_pass,
@@ -142,10 +143,11 @@ class LayerContext:
                                          device), str(self.concepts.path),
                              self.concepts.rows if rows is None else rows)
 
-    def result(self, run: Run, table: str, params: dict, with_categories: bool = False
-               ) -> Artifact:
+    def result(self, run: Run, table: str, params: dict, made: dict | None = None,
+               with_categories: bool = False) -> Artifact:
         return partition_artifact(run.layout.results, table, self.acts.model.identity.name,
-                                  self.layer, params, self.made_from(with_categories))
+                                  self.layer, params,
+                                  {**self.made_from(with_categories), **(made or {})})
 
     def signature_artifact(self, run: Run) -> Artifact:
         """Pixel-signature counts of the layer against the run's concept set."""
@@ -176,17 +178,15 @@ def layer_contexts(run: Run) -> dict[str, LayerContext]:
 
 # ---------------------------------------------------------------- iou
 def evidence_params(run: Run) -> dict:
-    """The columns that say which evidence (SEMANTICS.md §8) units and layers rows carry;
-    none when it is off, so those rows stay exactly as without it."""
+    """The columns that say which evidence (SEMANTICS.md §8) units and layers rows carry:
+    every one in every row set, null where a setting does not apply (one schema for all)."""
     s = run.cfg.scoring
-    found = {}
-    if s.bootstrap:
-        found |= {"bootstrap_replicates": s.bootstrap, "bootstrap_ci": s.ci,
-                  "bootstrap_candidates": s.candidates}
-    if s.null != NullKind.none:
-        found |= {"null_model": str(s.null), "null_draws": s.null_draws,
-                  "null_level": s.null_level}
-    return found | ({"evidence_seed": s.seed} if found else {})
+    boot, null = s.bootstrap > 0, s.null != NullKind.none
+    return {"bootstrap_replicates": s.bootstrap, "bootstrap_ci": s.ci if boot else None,
+            "bootstrap_candidates": s.candidates if boot else None, "null_model": str(s.null),
+            "null_draws": s.null_draws if null else None,
+            "null_level": s.null_level if null else None,
+            "evidence_seed": s.seed if boot or null else None}
 
 
 def evidence(run: Run, ctx: LayerContext, rule: TallyRule, counts: TallyCounts, frames: dict,
@@ -210,18 +210,29 @@ def evidence(run: Run, ctx: LayerContext, rule: TallyRule, counts: TallyCounts, 
         null = null_best_iou(sources, ctx.threshold_values, ctx.space, rule, run.scheduler(),
                              f"null {ctx.layer}", run.cfg.progress)
         units, layers = with_null(units, layers, null, s.null_level)
-    extra = evidence_params(run)
-    return units.assign(**extra), layers.assign(**extra)
+    return evidence_columns(units, layers, evidence_params(run))
 
 
 def iou_artifacts(run: Run, ctx: LayerContext) -> dict[str, Artifact]:
+    """The layer's iou, units and layers files.  The evidence settings are not part of a row
+    set's key but of its fingerprint: asking for evidence replaces the row set with one that
+    has it, and a run that asks for none keeps the evidence a current row set has."""
     s = run.cfg.scoring
     params = {**ctx.row_keys(), "threshold_quantile": s.quantile, "union_mode": str(s.union),
               "planes": str(s.planes), "categories": ",".join(ctx.space.categories)}
-    with_threshold = {**params, "iou_threshold": s.iou_threshold, **evidence_params(run)}
-    return {"iou": ctx.result(run, "iou", params),
-            "units": ctx.result(run, "units", with_threshold),
-            "layers": ctx.result(run, "layers", with_threshold)}
+    with_threshold = {**params, "iou_threshold": s.iou_threshold}
+    asked = evidence_params(run)
+    tables = {name: ctx.result(run, name, with_threshold, {"evidence": asked})
+              for name in ("units", "layers")}
+    if s.bootstrap == 0 and s.null == NullKind.none:
+        recorded = [(t.manifest() or {}).get("fingerprint", {}).get("evidence")
+                    for t in tables.values()]
+        kept = {name: replace(t, fingerprint={**t.fingerprint, "evidence": recorded[0]})
+                for name, t in tables.items()}
+        if recorded[0] and recorded[0] == recorded[1] and all(
+                t.is_current() for t in kept.values()):
+            tables = kept
+    return {"iou": ctx.result(run, "iou", params), **tables}
 
 
 def iou_targets(run: Run) -> list[Target]:
@@ -246,9 +257,12 @@ def iou_targets(run: Run) -> list[Target]:
                 return
             frames = score_tables(counts, ctx.space, ctx.threshold_values, s.iou_threshold,
                                   tables["iou"].fingerprint["params"])
-            frames["units"], frames["layers"] = evidence(run, ctx, rule, counts, frames, missing)
+            if tables["units"] in missing or tables["layers"] in missing:
+                frames["units"], frames["layers"] = evidence(run, ctx, rule, counts, frames,
+                                                             missing)
             for name, frame in frames.items():
-                write_partition(tables[name], frame)
+                if tables[name] in missing:
+                    write_partition(tables[name], frame)
 
         artifacts = (*tables.values(), *([signature] if signature else []))
         targets.append(Target(f"{ctx.acts.model.identity.model_id} {layer} tables", artifacts,

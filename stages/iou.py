@@ -154,6 +154,31 @@ def with_bootstrap(units: pd.DataFrame, layers: pd.DataFrame, counts: BootstrapC
     return units, layers.merge(per_category, on="category", how="left", validate="1:1")
 
 
+UNITS_EVIDENCE = {"iou_lo": "float64", "iou_hi": "float64", "p_detector": "float64",
+                  "label_stability": "float64", "p_value": "float64"}
+LAYERS_EVIDENCE = {"detectors_lo": "float64", "detectors_hi": "float64",
+                   "unique_concepts_lo": "float64", "unique_concepts_hi": "float64",
+                   "null_detectors": "Int64"}
+SETTINGS = {"bootstrap_replicates": "int64", "bootstrap_ci": "float64",
+            "bootstrap_candidates": "Int64", "null_model": "str", "null_draws": "Int64",
+            "null_level": "float64", "evidence_seed": "Int64"}
+
+
+def evidence_columns(units: pd.DataFrame, layers: pd.DataFrame, settings: dict
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The units and layers rows with every evidence column, in one order, null where not
+    computed, then the evidence ``settings``: every row set has one schema, so readers that
+    take a dataset's schema from one file (pandas, polars, duckdb) see every column."""
+    def complete(frame: pd.DataFrame, columns: dict) -> pd.DataFrame:
+        found = {c: frame[c].astype(dtype) if c in frame else
+                 pd.Series(index=frame.index, dtype=dtype) for c, dtype in columns.items()}
+        found |= {c: pd.Series([settings[c]] * len(frame), index=frame.index, dtype=dtype)
+                  for c, dtype in SETTINGS.items()}
+        return frame.drop(columns=[c for c in columns if c in frame]).assign(**found)
+
+    return complete(units, UNITS_EVIDENCE), complete(layers, LAYERS_EVIDENCE)
+
+
 def with_null(units: pd.DataFrame, layers: pd.DataFrame, null_best: np.ndarray, level: float
               ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The units rows with each unit's p-value, the layers rows with the detectors that beat

@@ -12,7 +12,9 @@ the old table or the new one, never half, with a hidden manifest saying what mad
 
 Column contract (SEMANTICS.md): keys ``model, model_id, weights, layer, unit, concept_set,
 label, concept, category``; parameters ``threshold_quantile, union_mode, planes, basis``; counts ``intersection,
-label_area, unit_area, union_area`` (int64); ``iou``; units also ``threshold, is_detector``.
+label_area, unit_area, union_area`` (int64); ``iou``; units also ``threshold, is_detector``;
+units and layers the evidence columns of §8 in every file (null where not computed), so a
+dataset's schema is the same whichever file a reader takes it from.
 No column is named ``union`` (an SQL keyword) or like a ``pandas.DataFrame`` attribute
 (``frame.quantile`` is a method, not a column).
 """

@@ -12,7 +12,8 @@ def test_broden_benchmark_runs_every_stage_and_baseline_matches(tmp_path):
     args = argparse.Namespace(n=24, scale=1, out=str(tmp_path / "broden.json"),
                               workdir=str(tmp_path / "work"), schedulers=["threads"],
                               models=["resnet18"],
-                              baseline_images=24, seed=0, in_process=True, quiet=True)
+                              baseline_images=24, seed=0, in_process=True, quiet=True,
+                              stages=None)
     result = bench_broden.run(args)
     done = {(m["stage"], m.get("model"), m.get("strategy")) for m in result["measurements"]}
     for model in args.models:
@@ -26,7 +27,10 @@ def test_broden_benchmark_runs_every_stage_and_baseline_matches(tmp_path):
     assert all(m["equals_top_k"] for m in result["measurements"] if m.get("strategy") == "radix")
     labels = result["data"]["labels"]
     assert labels["labels"] > 1000 and labels["pixel_planes_max"] <= 7
+    assert all(m["replicates"] == 200 and m["state_mib"] > 0
+               for m in result["measurements"] if m["stage"] == "bootstrap")
     assert "| tally (restricted, set) |" in readme_table.tables(result)
+    assert "| bootstrap, B = 200" in readme_table.tables(result)
 
 
 def test_a_measurement_runs_in_its_own_process(tmp_path):
@@ -48,3 +52,19 @@ def test_marginal_rate_is_the_rate_of_the_added_images():
     large = {"images": 8000, "seconds": 7.5}
     assert readme_table.marginal_rate(small, large) == 1000.0
     assert readme_table.marginal_rate(small, {"images": 8000, "seconds": 1.5}) is None
+
+
+def test_coverage_benchmark_runs_and_counts_its_draws(tmp_path):
+    """The coverage benchmark on a tiny population: every draw scored, rates in [0, 1]."""
+    from benchmarks import bench_evidence
+
+    args = argparse.Namespace(population=300, probe=[100], draws=3, replicates=20,
+                              candidates=5, seed=0, out=str(tmp_path / "evidence.json"))
+    result = bench_evidence.run(args)
+    (probe,) = result["probes"]
+    assert probe["images"] == 100 and probe["draws"] == 3
+    assert sum(probe["draws_with_planted_label_best"].values()) > 0
+    for rate in (*probe["coverage_population_iou"].values(),
+                 *probe["coverage_at_probe_thresholds"].values()):
+        assert 0.0 <= rate <= 1.0
+    assert all(0 < iou < 1 for iou in result["population_iou"])

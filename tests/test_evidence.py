@@ -19,6 +19,7 @@ from stages.concepts import ConceptsConfig, build_concept_store
 from stages.engine.blocks import LayerBlocks, ScoringBlocks
 from stages.evidence.bootstrap import BootstrapSummary, candidate_labels, image_weights
 from stages.evidence.null import p_values, permuted_rows
+from stages.iou import SETTINGS as SETTINGS_COLUMNS
 from stages.iou import bootstrap_pass, null_best_iou, scoring_pass
 from stages.quantile import threshold_pass
 from stages.tally.labels import label_space
@@ -143,7 +144,11 @@ def test_permutations_depend_on_seed_and_draw_only():
     np.testing.assert_array_equal(permuted_rows(rows, 50, 1, 3), rows[a])
 
 
-def test_the_pipeline_adds_evidence_only_when_asked_in_every_cluster_mode(world, tmp_path):
+EVIDENCE = ["iou_lo", "iou_hi", "p_detector", "label_stability", "p_value"]
+
+
+def test_the_pipeline_adds_evidence_only_when_asked_in_every_cluster_mode(world, tmp_path,
+                                                                          caplog):
     _, _, data = world
     base = [f"dataset.path={data}", "stage=iou", "progress=false", "model=custom",
             "model.factory=tests.tiny_models:tiny_cnn", "model.weights=none",
@@ -151,26 +156,69 @@ def test_the_pipeline_adds_evidence_only_when_asked_in_every_cluster_mode(world,
     plain = tmp_path / "plain"
     run(compose_config([*base, f"workdir={plain}", "cluster=none"]))
     units = read_table(plain / "results", "units")
-    assert not {"iou_lo", "p_detector", "p_value"} & set(units.columns)
+    assert units[EVIDENCE].isna().all().all()  # every column there, empty: one schema
+    assert (units["bootstrap_replicates"] == 0).all() and (units["null_model"] == "none").all()
     asked = ["scoring.bootstrap=30", "scoring.null=permute", "scoring.null_draws=9"]
     found = {}
     for cluster in ("cluster=none", "cluster=threads", "cluster=local"):
         wd = tmp_path / cluster.split("=")[1]
         run(compose_config([*base, f"workdir={wd}", cluster, *asked]))
         found[cluster] = read_table(wd / "results", "units").sort_values(["layer", "unit"])
-    cols = ["iou", "iou_lo", "iou_hi", "p_detector", "label_stability", "p_value"]
+    cols = ["iou", *EVIDENCE]
     for cluster, frame in found.items():
         pd.testing.assert_frame_equal(frame[cols].reset_index(drop=True),
                                       found["cluster=none"][cols].reset_index(drop=True),
                                       obj=cluster)
     evidence = found["cluster=none"]
+    assert evidence[EVIDENCE].notna().all().all()
     assert (evidence["bootstrap_replicates"] == 30).all() and (evidence["null_draws"] == 9).all()
-    pd.testing.assert_frame_equal(
-        evidence[units.columns].reset_index(drop=True),
-        units.sort_values(["layer", "unit"]).reset_index(drop=True))  # the rest as without
+    same = [c for c in units.columns if c not in EVIDENCE and c not in SETTINGS_COLUMNS]
+    pd.testing.assert_frame_equal(  # the rest as without
+        evidence[same].reset_index(drop=True),
+        units.sort_values(["layer", "unit"])[same].reset_index(drop=True))
     layers = read_table(tmp_path / "none" / "results", "layers")
-    assert {"detectors_lo", "detectors_hi", "unique_concepts_lo", "unique_concepts_hi",
-            "null_detectors"} <= set(layers.columns)
     overall = layers[layers["category"] == "all"].iloc[0]
     assert overall["detectors_lo"] <= overall["detectors_hi"]
     assert overall["null_detectors"] <= overall["detectors"]
+
+    # asking for evidence replaced the row set (one per parameter set); a plain run keeps it,
+    # other evidence settings replace it again
+    none = tmp_path / "none"
+    assert len(list((none / "results" / "units").rglob("*.parquet"))) == 1
+    caplog.set_level("INFO", logger="netdissect")
+    run(compose_config([*base, f"workdir={none}", "cluster=none"]))
+    assert "iou: skipped" in caplog.text and "building" not in caplog.text
+    kept = read_table(none / "results", "units").sort_values(["layer", "unit"])
+    pd.testing.assert_frame_equal(kept.reset_index(drop=True), evidence.reset_index(drop=True))
+    run(compose_config([*base, f"workdir={none}", "cluster=none", "scoring.bootstrap=10"]))
+    other = read_table(none / "results", "units")
+    assert len(other) == len(units) and (other["bootstrap_replicates"] == 10).all()
+    assert other["p_value"].isna().all()
+
+
+def test_the_report_shows_intervals_and_flags_what_the_evidence_does_not_support(world, tmp_path):
+    _, _, data = world
+    common = [f"dataset.path={data}", "progress=false", "model=custom", "cluster=none",
+              "model.factory=tests.tiny_models:tiny_cnn", "model.weights=none",
+              "model.layers=[conv3]", "scoring.quantile=0.05", "dataset.block_size=8",
+              f"workdir={tmp_path}", "scoring.bootstrap=30", "scoring.null=permute",
+              "scoring.null_draws=9", "scoring.null_level=0.15", "scoring.iou_threshold=0.02",
+              "report.top_n=2"]
+    run(compose_config([*common, "stage=all"]))
+    units = read_table(tmp_path / "results", "units")
+    layers = read_table(tmp_path / "results", "layers")
+    page = next((tmp_path / "report").rglob("conv3*.html")).read_text()
+    assert "<th>interval, p</th>" in page
+    for r in units.itertuples():
+        cell = f"[{r.iou_lo:.4f}, {r.iou_hi:.4f}] p={r.p_value:.3f}"
+        assert cell in page
+    # the tiny random CNN's detectors are weak: the flags say which
+    detectors = units[units["is_detector"]]
+    assert len(detectors) > 0
+    assert page.count("not beyond the null") == int((detectors["p_value"] > 0.15).sum()) > 0
+    assert page.count("interval reaches 0.02") == int((detectors["iou_lo"] <= 0.02).sum()) > 0
+    whiskers = page.count('<line class="whisker"')
+    rows = layers[(layers["category"] != "all") & layers["unique_concepts_lo"].notna()]
+    assert whiskers == len(rows) > 0
+    index = (tmp_path / "report" / "index.html").read_text()
+    assert index.count('<line class="whisker"') == 1

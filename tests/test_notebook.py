@@ -174,7 +174,9 @@ def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path,
     base = [f"workdir={wd}", f"dataset.path={synthetic_root}", "stage=iou", "model=custom",
             "model.factory=tests.tiny_models:tiny_cnn", "model.weights=none",
             "model.layers=[conv3]", "cluster=none", "progress=false", "scoring.quantile=0.05"]
-    for extra in ([], ["transform=rotate", "transform.alpha=0.5"],
+    evidence = ["scoring.bootstrap=20", "scoring.null=permute", "scoring.null_draws=5"]
+    for extra in (evidence, ["transform=rotate", "transform.alpha=0.5"],
+                  ["transform=rotate", "transform.alpha=0.5", "transform.seed=1"],
                   ["transform=rotate", "transform.alpha=1"], ["transform=pca"],
                   ["transform=linear", f"transform.path={sae}", "transform.activation=relu"],
                   ["extract.perturb=noise:40"], ["extract.perturb=rotate:90"]):
@@ -189,5 +191,11 @@ def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path,
     assert figures(nb) == 7  # 4 common + rotation + perturbations + bases
     shown = " ".join(o.get("data", {}).get("text/plain", "")
                      for o in outputs(nb, "execute_result") + outputs(nb, "display_data"))
-    for needle in ("alpha", "pca(whiten=false)", "linear(file=sae.npz,activation=relu)", "noise"):
+    for needle in ("alpha", "pca(whiten=false)", "linear(file=sae.npz,activation=relu)", "noise",
+                   "detectors_std", "unique_lo", "null_detectors"):
         assert needle in shown, needle
+    assert "bootstrap intervals for" in text  # the plain run's layers rows have them
+    from pipeline.api import rotation_summary
+
+    seeds = rotation_summary(wd).query("category == 'all'").set_index("alpha")["seeds"]
+    assert seeds.to_dict() == {0.5: 2, 1.0: 1}

@@ -49,7 +49,7 @@ def category_colors(categories: Sequence[str]) -> dict[str, str]:
 def bar_rows(counts: dict[str, int], intervals: dict[str, tuple[float, float]]) -> dict:
     """Geometry of a horizontal bar chart, one bar per category, with the bootstrap interval
     of each where there is one (for the template)."""
-    vmax = max([1, *counts.values(), *(hi for _, hi in intervals.values())])
+    vmax = math.ceil(max([1, *counts.values(), *(hi for _, hi in intervals.values())]))
     step = max(1, math.ceil(vmax / 5))
     return {"vmax": vmax, "ticks": list(range(0, vmax + 1, step)), "items": list(counts.items()),
             "intervals": {c: intervals[c] for c in counts if c in intervals},
@@ -67,7 +67,7 @@ def evidence_of(row: Any, threshold: float, null_level: float | None) -> dict:
     p = getattr(row, "p_value", None)
     if p is not None and pd.notna(p):
         found["ci"] += f" p={p:.3f}"
-        if row.is_detector and null_level is not None and p > null_level:
+        if row.is_detector and pd.notna(null_level) and p > null_level:
             found["flags"].append("not beyond the null")
     return found
 
@@ -104,8 +104,8 @@ def index_context(pages: list[Page], colors: dict[str, str], note: str,
     for p in pages:
         categories += [c for c in p.categories if c not in categories]
     stats = [p.stats() for p in pages]
-    vmax = max([1, *(s["unique"] for s in stats),
-                *(p.intervals["all"][1] for p in pages if "all" in p.intervals)])
+    vmax = math.ceil(max([1, *(s["unique"] for s in stats),
+                          *(p.intervals["all"][1] for p in pages if "all" in p.intervals)]))
     return {"pages": list(zip(pages, stats, strict=True)), "categories": categories,
             "colors": colors, "vmax": vmax,
             "ticks": list(range(0, vmax + 1, max(1, math.ceil(vmax / 6)))),
