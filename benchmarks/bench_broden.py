@@ -158,11 +158,17 @@ def quantile_strategy(units: int, n_images: int, budget: int | None = None,
 def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
     """One read of every block feeding the statistics of one stage (as the pipeline's
     passes do); scoring stages use the thresholds of the top-k run.  ``bootstrap`` times
-    the extra pass ``scoring.bootstrap`` adds (B = 200, M = 20), after an untimed tally that
-    gives the candidates (the pipeline has it from the iou pass)."""
+    what ``scoring.bootstrap`` makes of the tally (B = 200, M = 20): the tally pass that also
+    keeps each unit's largest entries, the replicate thresholds, and the bootstrap pass."""
     from stages.engine.blocks import LayerBlocks, ScoringBlocks
     from stages.engine.reduction import Pass, reduce_blocks
-    from stages.evidence.bootstrap import Bootstrap, candidate_labels
+    from stages.evidence.bootstrap import (
+        Bootstrap,
+        TopEntries,
+        candidate_labels,
+        entries_needed,
+        replicate_thresholds,
+    )
     from stages.signatures.statistic import Signatures
     from stages.tally.labels import label_space
     from stages.tally.statistic import Tally
@@ -183,12 +189,17 @@ def stage_pass(spec: dict, scheduler: Any, watch: Stopwatch) -> dict:
             statistics.append(Tally(thresholds, space))
         if stage in ("signatures", "tally_signatures"):
             statistics.append(Signatures(thresholds, space))
-        if stage == "bootstrap":
-            (point,) = reduce_blocks(Pass(source, [Tally(thresholds, space)]), blocks.n_blocks(),
-                                     scheduler, "tally", progress=False)
-            labels_of = candidate_labels(point.iou(space), CANDIDATES)
-            statistics.append(Bootstrap(thresholds, space, labels_of, REPLICATES, spec["seed"]))
     with watch.running():
+        if stage == "bootstrap":
+            positions = data.MAP_SIZE * data.MAP_SIZE
+            point, tops = reduce_blocks(
+                Pass(source, [Tally(thresholds, space),
+                              TopEntries(entries_needed(n, positions, QUANTILE))]),
+                blocks.n_blocks(), scheduler, "tally", progress=False)
+            labels_of = candidate_labels(point.iou(space), CANDIDATES)
+            resampled = replicate_thresholds(tops, n, positions, QUANTILE, REPLICATES,
+                                             spec["seed"])
+            statistics.append(Bootstrap(resampled, space, labels_of, spec["seed"]))
         results = reduce_blocks(Pass(source, statistics), blocks.n_blocks(), scheduler, stage,
                                 progress=False)
     summary = {}

@@ -16,9 +16,10 @@ from pipeline.config import NullKind
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
 from stages.engine.blocks import LayerBlocks, ScoringBlocks
-from stages.evidence.bootstrap import candidate_labels
+from stages.evidence.bootstrap import candidate_labels, entries_needed, replicate_thresholds
 from stages.evidence.null import permuted_rows
 from stages.iou import (
+    LayerPass,
     bootstrap_pass,
     evidence_columns,
     null_best_iou,
@@ -29,7 +30,7 @@ from stages.iou import (
 )
 from stages.quantile import threshold_pass
 from stages.tally.labels import LabelSpace
-from stages.tally.statistic import TallyCounts, TallyRule, describe_kernel
+from stages.tally.statistic import TallyRule, describe_kernel
 from stages.thresholds.top_images import top_images
 from storage.arrays import load_thresholds, save_arrays, save_thresholds
 from storage.artifacts import Artifact, digest, scratch_path
@@ -157,11 +158,16 @@ class LayerContext:
             digest(fingerprint), ".npz"), fingerprint)
 
     def scoring_pass(self, run: Run, rule: TallyRule | None, signatures: bool,
-                     missing: list[Artifact]) -> tuple:
+                     missing: list[Artifact], tops: int = 0) -> LayerPass:
         return scoring_pass(self.source(run.cfg.extract.device), self.threshold_values,
                             self.space, rule, signatures, run.scheduler(),
                             f"{run.cfg.stage} {self.layer}", run.cfg.progress,
-                            scratch_path(missing))
+                            scratch_path(missing), tops)
+
+    def positions(self) -> int:
+        """Values per image of one unit: the §1 quantile's share of an image."""
+        h, w = self.shape()[:2]
+        return h * w
 
 
 def layer_contexts(run: Run) -> dict[str, LayerContext]:
@@ -189,18 +195,20 @@ def evidence_params(run: Run) -> dict:
             "evidence_seed": s.seed if boot or null else None}
 
 
-def evidence(run: Run, ctx: LayerContext, rule: TallyRule, counts: TallyCounts, frames: dict,
+def evidence(run: Run, ctx: LayerContext, rule: TallyRule, found: LayerPass, frames: dict,
              missing: list[Artifact]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The units and layers rows with the bootstrap's and the null's evidence, as asked."""
     s, units, layers = run.cfg.scoring, frames["units"], frames["layers"]
     if s.bootstrap:
-        labels_of = candidate_labels(counts.iou(ctx.space), s.candidates)
+        labels_of = candidate_labels(found.counts.iou(ctx.space), s.candidates)
         log.info("iou: %s: bootstrap, %d replicates", ctx.layer, s.bootstrap)
-        found = bootstrap_pass(ctx.source(run.cfg.extract.device), ctx.threshold_values,
-                               ctx.space, rule, labels_of, s.bootstrap, s.seed, run.scheduler(),
-                               f"bootstrap {ctx.layer}", run.cfg.progress,
-                               scratch_path(missing, "bootstrap.npz"))
-        units, layers = with_bootstrap(units, layers, found, ctx.space, labels_of, s.ci)
+        thresholds = replicate_thresholds(found.tops, ctx.acts.store.n_images, ctx.positions(),
+                                          s.quantile, s.bootstrap, s.seed)
+        counts = bootstrap_pass(ctx.source(run.cfg.extract.device), thresholds, ctx.space,
+                                rule, labels_of, s.seed, run.scheduler(),
+                                f"bootstrap {ctx.layer}", run.cfg.progress,
+                                scratch_path(missing, "bootstrap.npz"))
+        units, layers = with_bootstrap(units, layers, counts, ctx.space, labels_of, s.ci)
     if s.null != NullKind.none:
         log.info("iou: %s: null model, %d permutations", ctx.layer, s.null_draws)
         n_rows = ctx.acts.store.n_images
@@ -249,16 +257,19 @@ def iou_targets(run: Run) -> list[Target]:
             tally = any(a in missing for a in tables.values())
             if tally:
                 log.info("iou: %s: tally by the %s", ctx.layer, describe_kernel(ctx.shape()))
-            counts, found = ctx.scoring_pass(run, rule if tally else None, signature in missing,
-                                             missing)
-            if found is not None:
-                save_arrays(signature, found.state_dict())
-            if counts is None:
+            rows = tables["units"] in missing or tables["layers"] in missing
+            tops = entries_needed(ctx.acts.store.n_images, ctx.positions(), s.quantile) if (
+                rows and s.bootstrap) else 0
+            found = ctx.scoring_pass(run, rule if tally else None, signature in missing,
+                                     missing, tops)
+            if found.signatures is not None:
+                save_arrays(signature, found.signatures.state_dict())
+            if found.counts is None:
                 return
-            frames = score_tables(counts, ctx.space, ctx.threshold_values, s.iou_threshold,
-                                  tables["iou"].fingerprint["params"])
-            if tables["units"] in missing or tables["layers"] in missing:
-                frames["units"], frames["layers"] = evidence(run, ctx, rule, counts, frames,
+            frames = score_tables(found.counts, ctx.space, ctx.threshold_values,
+                                  s.iou_threshold, tables["iou"].fingerprint["params"])
+            if rows:
+                frames["units"], frames["layers"] = evidence(run, ctx, rule, found, frames,
                                                              missing)
             for name, frame in frames.items():
                 if tables[name] in missing:
@@ -287,7 +298,7 @@ def signatures_targets(run: Run) -> list[Target]:
     them alongside the tally)."""
     def target(ctx: LayerContext, artifact: Artifact) -> Target:
         def build(missing: list[Artifact]) -> None:
-            _, found = ctx.scoring_pass(run, None, True, missing)
+            found = ctx.scoring_pass(run, None, True, missing).signatures
             save_arrays(artifact, found.state_dict())
 
         return Target(f"{ctx.acts.model.identity.model_id} {ctx.layer} signatures", (artifact,),

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from stages.engine.blocks import ScoringBlocks
 from stages.engine.reduction import Pass, reduce_blocks
-from stages.evidence.bootstrap import Bootstrap, BootstrapCounts, BootstrapSummary
+from stages.evidence.bootstrap import (
+    Bootstrap,
+    BootstrapCounts,
+    BootstrapSummary,
+    TopEntries,
+    TopEntryList,
+)
 from stages.evidence.null import p_values
 from stages.signatures.formulas import Formula
 from stages.signatures.statistic import SignatureCounts, SignaturePartial, Signatures
@@ -28,17 +34,28 @@ from stages.tally.statistic import Tally, TallyCounts, TallyRule
 from storage.tables import with_row_keys
 
 
+class LayerPass(NamedTuple):
+    """What one read of a layer's blocks gave: the tally, the signature counts, and each
+    unit's largest entries for the bootstrap's thresholds (each None unless asked)."""
+
+    counts: TallyCounts | None
+    signatures: SignaturePartial | None
+    tops: TopEntryList | None = None
+
+
 def scoring_pass(source: ScoringBlocks, thresholds: np.ndarray, space: LabelSpace,
                  rule: TallyRule | None, signatures: bool, scheduler: Any = None,
-                 desc: str = "iou", progress: bool = False, checkpoint: Path | None = None
-                 ) -> tuple[TallyCounts | None, SignaturePartial | None]:
-    """One read of every block of a layer: the tally (when ``rule`` is given) and/or the
-    signature counts (when ``signatures``)."""
+                 desc: str = "iou", progress: bool = False, checkpoint: Path | None = None,
+                 tops: int = 0) -> LayerPass:
+    """One read of every block of a layer: the tally (when ``rule`` is given), the signature
+    counts (when ``signatures``) and each unit's ``tops`` largest (value, row) entries."""
     statistics = ([Tally(thresholds, space, rule)] if rule is not None else []) + (
-        [Signatures(thresholds, space)] if signatures else [])
+        [Signatures(thresholds, space)] if signatures else []) + (
+        [TopEntries(tops)] if tops else [])
     found = list(reduce_blocks(Pass(source, statistics), source.n_blocks(), scheduler, desc,
                                progress, checkpoint=checkpoint))
-    return (found.pop(0) if rule is not None else None), (found.pop() if signatures else None)
+    return LayerPass(found.pop(0) if rule is not None else None,
+                     found.pop(0) if signatures else None, found.pop(0) if tops else None)
 
 
 def iou_frame(counts: TallyCounts, space: LabelSpace, keys: dict) -> pd.DataFrame:
@@ -119,11 +136,12 @@ def label_index(space: LabelSpace) -> dict[str, list[int]]:
 
 # ---------------------------------------------------------------- evidence (SEMANTICS.md §8)
 def bootstrap_pass(source: ScoringBlocks, thresholds: np.ndarray, space: LabelSpace,
-                   rule: TallyRule, labels_of: np.ndarray, replicates: int, seed: int,
-                   scheduler: Any = None, desc: str = "bootstrap", progress: bool = False,
+                   rule: TallyRule, labels_of: np.ndarray, seed: int, scheduler: Any = None,
+                   desc: str = "bootstrap", progress: bool = False,
                    checkpoint: Path | None = None) -> BootstrapCounts:
-    """One more read of every block: the candidates' counts under every replicate."""
-    statistic = Bootstrap(thresholds, space, labels_of, replicates, seed, rule)
+    """One more read of every block: the candidates' counts under every replicate, at the
+    replicate thresholds ``thresholds`` (K, R) of :func:`replicate_thresholds`."""
+    statistic = Bootstrap(thresholds, space, labels_of, seed, rule)
     (found,) = reduce_blocks(Pass(source, [statistic]), source.n_blocks(), scheduler, desc,
                              progress, checkpoint=checkpoint)
     return found
@@ -136,8 +154,8 @@ def null_best_iou(sources: Sequence[ScoringBlocks], thresholds: np.ndarray, spac
     images: one tally per draw, ``sources`` reading each draw's pairing."""
     best = []
     for draw, source in enumerate(sources):
-        counts, _ = scoring_pass(source, thresholds, space, rule, False, scheduler,
-                                 f"{desc} {draw + 1}/{len(sources)}", progress)
+        counts = scoring_pass(source, thresholds, space, rule, False, scheduler,
+                              f"{desc} {draw + 1}/{len(sources)}", progress).counts
         best.append(counts.iou(space).max(axis=1, initial=0.0))
     return np.array(best)
 

@@ -17,7 +17,13 @@ from scipy import stats
 from pipeline.run import compose_config, run
 from stages.concepts import ConceptsConfig, build_concept_store
 from stages.engine.blocks import LayerBlocks, ScoringBlocks
-from stages.evidence.bootstrap import BootstrapSummary, candidate_labels, image_weights
+from stages.evidence.bootstrap import (
+    BootstrapSummary,
+    candidate_labels,
+    entries_needed,
+    image_weights,
+    replicate_thresholds,
+)
 from stages.evidence.null import p_values, permuted_rows
 from stages.iou import SETTINGS as SETTINGS_COLUMNS
 from stages.iou import bootstrap_pass, null_best_iou, scoring_pass
@@ -31,6 +37,7 @@ from tests.test_iou import write_activations
 N, S, K = 48, 16, 42
 NOISE = 40  # units 0..39
 PLANTED = 3  # the label number unit 40 detects
+Q = 0.05  # the top quantile of §1
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,7 @@ def world(tmp_path_factory):
 
 
 def thresholds_of(path: Path) -> np.ndarray:
-    return threshold_pass(LayerBlocks(str(path), "l"), 0.05)[0]
+    return threshold_pass(LayerBlocks(str(path), "l"), Q)[0]
 
 
 def bootstrap_units(world, block: int = 8, scheduler=None, m: int = 3, replicates: int = 60,
@@ -71,13 +78,56 @@ def bootstrap_units(world, block: int = 8, scheduler=None, m: int = 3, replicate
     space = label_space(store, None)
     source = ScoringBlocks(LayerBlocks(str(paths[block]), "l"), str(store.path))
     thresholds = thresholds_of(paths[block])
-    counts, _ = scoring_pass(source, thresholds, space, TallyRule(), False, scheduler)
-    iou = counts.iou(space)
+    found = scoring_pass(source, thresholds, space, TallyRule(), False, scheduler,
+                         tops=entries_needed(N, S * S, Q))
+    iou = found.counts.iou(space)
     labels_of = candidate_labels(iou, m)
-    found = bootstrap_pass(source, thresholds, space, TallyRule(), labels_of, replicates, seed,
-                           scheduler)
+    resampled = replicate_thresholds(found.tops, N, S * S, Q, replicates, seed)
+    found = bootstrap_pass(source, resampled, space, TallyRule(), labels_of, seed, scheduler)
     point = np.argmax(iou, axis=1) + 1
     return BootstrapSummary.of(found, space, labels_of, point).units(0.04, 0.95)
+
+
+def test_a_replicate_is_the_dissection_of_the_resampled_probe_set(world, tmp_path):
+    """Replicate r equals dissecting the probe set with image x taken w(r, x) times,
+    written out as its own activation cache: its thresholds are numpy.quantile of that
+    multiset (§1) and its counts of every candidate the tally of it (§4), exactly."""
+    store, paths, _ = world
+    space = label_space(store, None)
+    layer = LayerBlocks(str(paths[5]), "l")
+    acts = np.concatenate([layer.load(b).numpy() for b in range(layer.n_blocks())])
+    source = ScoringBlocks(layer, str(store.path))
+    found = scoring_pass(source, thresholds_of(paths[5]), space, TallyRule(), False,
+                         tops=entries_needed(N, S * S, Q))
+    labels_of = candidate_labels(found.counts.iou(space), 4)
+    resampled = replicate_thresholds(found.tops, N, S * S, Q, 6, seed=5)
+    replicates = bootstrap_pass(source, resampled, space, TallyRule(), labels_of, 5)
+    weights = image_weights(np.arange(N), 6, seed=5)
+    for r in range(6):
+        rows = np.repeat(np.arange(N), weights[:, r])
+        values = acts[rows].transpose(1, 0, 2, 3).reshape(K, -1).astype(np.float64)
+        numpy_thresholds = np.quantile(values, 1 - Q, axis=1, method="linear")
+        np.testing.assert_array_equal(resampled[:, r], numpy_thresholds)
+        path = tmp_path / f"replicate{r}.zarr"
+        write_activations(path, [store.image_paths()[i] for i in rows], {"l": acts[rows]}, 7)
+        explicit = scoring_pass(ScoringBlocks(LayerBlocks(str(path), "l"), str(store.path),
+                                              rows), numpy_thresholds, space, TallyRule(),
+                                False).counts
+        np.testing.assert_array_equal(
+            replicates.intersection[r],
+            np.take_along_axis(explicit.intersection, labels_of, axis=1))
+        np.testing.assert_array_equal(replicates.unit_area[r], explicit.unit_area)
+        np.testing.assert_array_equal(replicates.label_area[r][1:], explicit.label_area[1:])
+    assert len({tuple(resampled[:, r]) for r in range(6)}) == 6  # the thresholds do move
+
+
+def test_too_few_top_entries_are_refused(world):
+    store, paths, _ = world
+    found = scoring_pass(ScoringBlocks(LayerBlocks(str(paths[8]), "l"), str(store.path)),
+                         thresholds_of(paths[8]), label_space(store, None), TallyRule(), False,
+                         tops=8)
+    with pytest.raises(RuntimeError, match="entries_needed"):
+        replicate_thresholds(found.tops, N, S * S, Q, 4, seed=0)
 
 
 def test_weights_are_a_function_of_seed_replicate_and_row():
@@ -122,8 +172,8 @@ def test_null_p_values_are_uniform_for_noise_and_smallest_for_the_planted_unit(w
     store, paths, _ = world
     space = label_space(store, None)
     thresholds = thresholds_of(paths[8])
-    observed, _ = scoring_pass(ScoringBlocks(LayerBlocks(str(paths[8]), "l"), str(store.path)),
-                               thresholds, space, TallyRule(), False)
+    observed = scoring_pass(ScoringBlocks(LayerBlocks(str(paths[8]), "l"), str(store.path)),
+                            thresholds, space, TallyRule(), False).counts
     draws = 99
     sources = [ScoringBlocks(LayerBlocks(str(paths[8]), "l"), str(store.path),
                              permuted_rows(None, N, seed=0, draw=d)) for d in range(draws)]

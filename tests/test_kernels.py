@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from stages.tally.classes import pixel_classes
 from stages.tally.compiled import compiled_masks
+from stages.tally.counts import block_counts, replicate_counts
 from stages.tally.labels import BlockLabels
 from stages.tally.masks import float32_below, masked_pixels, row_bands_exact, skip_bound
-from stages.tally.statistic import TallyRule
+from stages.tally.statistic import TallyRule, band_needed, mask_classes
 from tests.passes import count_block
 
 PINNED_TORCH = "2.14.1"  # pyproject.toml's pin, whose CPU arithmetic the compiled loop knows
@@ -454,3 +455,39 @@ def test_class_signatures_are_every_pixels_label_set():
             assert rows[cls[b, s]].tolist() == expected, (b, s)
             counts = classes.occurrences[cls[b, s]]
             assert counts[width - len(labels):].tolist() == [entries.count(n) for n in labels]
+
+
+@pytest.mark.parametrize("shape", [(7, 7, 112, 112), (4, 5, 12, 14), (5, 4, 37, 29)])
+@pytest.mark.parametrize("kernel", ["torch", "compiled"])
+def test_banded_masks_count_as_each_threshold_alone(shape, kernel):
+    """Several thresholds per unit in one read (the bootstrap's replicates, SEMANTICS.md §8):
+    the counts of replicate r, all weights 1, equal the counts at its thresholds alone, in
+    every union x planes mode - ties, repeats and unordered replicates included."""
+    h, w, sh, sw = shape
+    if kernel == "compiled":
+        compiled_for(shape)
+    rng = np.random.default_rng(sum(shape) + 3)
+    _, pixel, image, lut, category, _ = kernel_block(rng, 5, sh, sw)
+    acts, base = corner_maps(rng, 5, h, w)
+    spread = np.abs(base) * 0.2 + 0.05
+    columns = [base, base - spread, base, base + spread, base - 2 * spread]
+    thresholds = np.stack(columns, axis=1)
+    thresholds[1, 3] = 1.0  # a replicate exactly at a plateau
+    classes = pixel_classes(BlockLabels(pixel, image), lut)
+    banded = mask_classes(torch.from_numpy(acts), thresholds, classes, (sh, sw), kernel, 7)
+    need = band_needed(thresholds)
+    n_labels, n_units = len(category) - 1, acts.shape[1]
+    every = np.tile(np.arange(1, n_labels + 1), (n_units, 1))
+    weights = np.ones((len(acts), len(columns)), np.int64)
+    for union in ("restricted", "global", "lite"):
+        for planes in ("set", "multiset"):
+            got = replicate_counts(banded, classes, n_units, category, len(KERNEL_CATEGORIES),
+                                   planes, union, every, weights, need)
+            for r in range(len(columns)):
+                alone = mask_classes(torch.from_numpy(acts), thresholds[:, r], classes,
+                                     (sh, sw), kernel, 7)
+                want = block_counts(alone, classes, n_units, category, len(KERNEL_CATEGORIES),
+                                    planes, union)
+                np.testing.assert_array_equal(got.intersection[r], want.intersection[:, 1:])
+                np.testing.assert_array_equal(got.unit_area[r], want.unit_area)
+                np.testing.assert_array_equal(got.label_area[r][1:], want.label_area[1:])

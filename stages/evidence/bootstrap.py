@@ -4,25 +4,43 @@ detector and a layer's (unique) detector counts depend on which images were prob
 Replicate r weights image x by w(r, x) ~ Poisson(1), drawn by a counter-based generator
 (Philox keyed by the seed, counter = the image's row in the activation cache), so every
 weight is a function of (seed, replicate, row) alone: the same seed gives the same intervals
-for any blocking, worker count or cluster.  Thresholds stay those of the whole probe set;
-what is resampled is the sum over images of the §4 counts.  The per-replicate search for a
-unit's best label runs over its ``M`` best labels by the point IoU (its *candidates*), so
-the replicates cost K × M counts each, not K × L.
+for any blocking, worker count or cluster.  A replicate is the dissection of the resampled
+probe set, image x taken w(r, x) times: its thresholds are the §1 quantiles of that multiset
+(:func:`replicate_thresholds`, from each unit's largest values with their image rows,
+:class:`TopEntries`, gathered in the tally's pass), its counts the §4 sums of each image's
+counts at those thresholds times w(r, x) (:class:`Bootstrap`, one more pass).  The
+per-replicate search for a unit's best label runs over its ``M`` best labels by the point
+IoU (its *candidates*), so the replicates cost K × M counts each, not K × L.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
+import torch
+from numba import njit
 
 from stages.engine.blocks import Block
 from stages.engine.reduction import Partial, Statistic, summed
 from stages.tally.counts import replicate_counts
 from stages.tally.labels import LabelSpace
-from stages.tally.statistic import TallyRule, scored_block
+from stages.tally.statistic import TallyRule, band_needed, scored_block
+from stages.thresholds.kernels import (
+    float_keys,
+    keys_to_floats,
+    lerp,
+    merge_top,
+    quantile_position,
+    top_values,
+    unit_values,
+)
+
+ROW_BITS = 31  # an entry key: the value's order-preserving key above the image row's bits
 
 
 def image_weights(rows: np.ndarray, replicates: int, seed: int) -> np.ndarray:
@@ -31,6 +49,102 @@ def image_weights(rows: np.ndarray, replicates: int, seed: int) -> np.ndarray:
     for i, row in enumerate(np.asarray(rows, np.int64)):
         generator = np.random.Generator(np.random.Philox(key=seed, counter=[int(row), 0, 0, 0]))
         out[i] = generator.poisson(1.0, replicates)
+    return out
+
+
+def entries_needed(n_images: int, positions: int, q: float) -> int:
+    """How many of a unit's largest values a replicate threshold may need: twice the
+    quantile's rank from the top, plus eight standard deviations of a replicate's weight on
+    them were they all from whole images (the rank a replicate reaches is checked)."""
+    rank = q * n_images * positions
+    return min(n_images * positions,
+               math.ceil(2 * rank + 8 * math.sqrt(2 * rank * positions) + positions))
+
+
+@dataclass(frozen=True)
+class TopEntryList(Partial):
+    keys: np.ndarray  # (K, m) int64: float_keys(value) << ROW_BITS | (2^31 - 1 - row), unordered
+
+    def descending(self) -> tuple[np.ndarray, np.ndarray]:
+        """(K, m) float64 values from the largest, and the image row of each (ties: lower
+        row first)."""
+        keys = -np.sort(-self.keys, axis=1)
+        row_mask = (1 << ROW_BITS) - 1
+        return (keys_to_floats(keys >> ROW_BITS).astype(np.float64),
+                row_mask - (keys & row_mask))
+
+
+@dataclass(frozen=True)
+class TopEntries(Statistic):
+    """Per unit, its ``need`` largest values with their image rows: one key per (value,
+    row), so the merge keeps the same entries however the blocks are split."""
+
+    need: int
+    floor: np.ndarray | None = None  # (K,) the need-th largest key seen so far
+    partial_type = TopEntryList
+
+    def chunk(self, block: Block) -> TopEntryList:
+        values = unit_values(block.acts)  # (K, B·h·w), image by image
+        rows = torch.from_numpy(np.asarray(block.rows, np.int64)).to(values.device)
+        rows = rows.repeat_interleave(values.shape[1] // max(len(block.rows), 1))
+        keys = (float_keys(values) << ROW_BITS) | (((1 << ROW_BITS) - 1) - rows)[None, :]
+        keep = self.need
+        if self.floor is not None:
+            floor = torch.from_numpy(self.floor).to(keys.device)
+            keep = min(keep, int((keys > floor[:, None]).sum(dim=1).max()))
+        return TopEntryList(top_values(keys, keep).cpu().numpy())
+
+    def refine(self, partial: TopEntryList) -> TopEntries:
+        if partial.keys.shape[1] < self.need:
+            return self
+        return replace(self, floor=partial.keys.min(axis=1))
+
+    def combine(self, partials: Sequence[TopEntryList]) -> TopEntryList:
+        return TopEntryList(merge_top([torch.from_numpy(p.keys) for p in partials],
+                                      self.need).numpy())
+
+
+@njit(nogil=True, cache=True)
+def _weighted_ranks(rows, weights, below):
+    """For each unit and replicate, the first entry (of ``rows``, from the largest value)
+    where the replicate's running weight exceeds each rank in ``below`` (R, 2); -1 where the
+    entries run out first."""
+    n_units, n_entries = rows.shape
+    n_rep = weights.shape[1]
+    found = np.full((n_units, n_rep, 2), -1, np.int64)
+    for k in range(n_units):
+        for r in range(n_rep):
+            total, side = 0, 0
+            for e in range(n_entries):
+                total += weights[rows[k, e], r]
+                while side < 2 and total > below[r, side]:
+                    found[k, r, side] = e
+                    side += 1
+                if side == 2:
+                    break
+    return found
+
+
+def replicate_thresholds(top: TopEntryList, n_images: int, positions: int, q: float,
+                         replicates: int, seed: int) -> np.ndarray:
+    """(K, R) float64: each unit's §1 threshold in every replicate — numpy's 'linear'
+    quantile 1 - q of the multiset where image x's ``positions`` values appear w(r, x) times,
+    read from the unit's largest entries."""
+    values, rows = top.descending()
+    weights = image_weights(np.arange(n_images), replicates, seed)
+    size = positions * weights.sum(axis=0)
+    ranks = [quantile_position(int(n), q) for n in size]  # ascending (lo, hi, gamma)
+    below = np.array([[n - 1 - hi, n - 1 - lo] for n, (lo, hi, _) in zip(size, ranks,
+                                                                         strict=True)])
+    found = _weighted_ranks(rows, weights, below)
+    if (found < 0).any():
+        raise RuntimeError("bootstrap: a replicate's threshold lies below the largest values "
+                           "kept; raise stages.evidence.bootstrap.entries_needed")
+    out = np.empty((len(values), replicates))
+    for r, (_, _, gamma) in enumerate(ranks):
+        hi = np.take_along_axis(values, found[:, r, :1], axis=1)[:, 0]
+        lo = np.take_along_axis(values, found[:, r, 1:], axis=1)[:, 0]
+        out[:, r] = lerp(lo, hi, gamma)
     return out
 
 
@@ -58,16 +172,24 @@ class BootstrapCounts(Partial):
 
 @dataclass(frozen=True)
 class Bootstrap(Statistic):
-    """The §4 counts of each unit's candidate labels under every replicate's weights."""
+    """The §4 counts of each unit's candidate labels under every replicate: image x weighted
+    w(r, x), masks at the replicate's thresholds."""
 
-    thresholds: np.ndarray  # (K,) float64
+    thresholds: np.ndarray  # (K, R) float64 each unit's threshold in every replicate
     space: LabelSpace
     labels_of: np.ndarray  # (K, M) candidate dense labels
-    replicates: int
     seed: int
     rule: TallyRule = TallyRule()
     kernel: str = "auto"
     partial_type = BootstrapCounts
+
+    @property
+    def replicates(self) -> int:
+        return self.thresholds.shape[1]
+
+    @cached_property
+    def need(self) -> np.ndarray:
+        return band_needed(self.thresholds)
 
     def chunk(self, block: Block) -> BootstrapCounts:
         k, (r, m) = block.acts.shape[1], (self.replicates, self.labels_of.shape[1])
@@ -78,7 +200,8 @@ class Bootstrap(Statistic):
         scored = scored_block(block, self.thresholds, self.space, self.kernel)
         found = replicate_counts(scored.masks, scored.classes, k, self.space.dense_category(),
                                  len(self.space.categories), self.rule.planes, self.rule.union,
-                                 self.labels_of, image_weights(block.rows, r, self.seed))
+                                 self.labels_of, image_weights(block.rows, r, self.seed),
+                                 self.need)
         return BootstrapCounts(*found)
 
     def combine(self, partials: Sequence[BootstrapCounts]) -> BootstrapCounts:

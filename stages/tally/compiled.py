@@ -146,14 +146,29 @@ def _can_reach(a, bound):
     return peak > bound
 
 
+@njit(inline="always")
+def _band(bands, value):
+    """How many of the ascending ``bands`` lie below ``value`` (binary search)."""
+    lo, hi = 0, bands.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bands[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 @njit(nogil=True, cache=True)
-def _mask_classes(a, t, bound, rows, cols, form, cls, counts, touched, r0, r1):
-    """Count the mask pixels of map ``a`` (h, w) per class into ``counts``, listing the classes
-    touched in ``touched``; returns how many.  Only quads with a corner cell above ``bound``
-    are computed.  (The counting is written out in both branches: an inlined helper that
-    returned the counter measured 2.7x slower.)"""
+def _mask_classes(a, t, bound, rows, cols, form, cls, counts, touched, r0, r1, bands):
+    """Count the mask pixels of map ``a`` (h, w) per class into ``counts``, listing the keys
+    touched in ``touched``; returns how many.  The key is the class, or with ``bands``
+    (ascending thresholds, ``t`` the first) class·(len + 1) + the pixel's band.  Only quads
+    with a corner cell above ``bound`` are computed.  (The counting is written out in both
+    branches: an inlined helper that returned the counter measured 2.7x slower.)"""
     sw = cols.first.shape[0]
     corner, fused = form.corner, form.fused
+    stride = bands.shape[0] + 1
     n_touched = 0
     for ry in range(rows.run_start.shape[0]):
         ya, yb = rows.run_start[ry], rows.run_stop[ry]
@@ -174,9 +189,12 @@ def _mask_classes(a, t, bound, rows, cols, form, cls, counts, touched, r0, r1):
                 a00, a01, a10, a11 = a[ca, da], a[ca, db], a[cb, da], a[cb, db]
                 for y in range(ya, yb):
                     for x in range(xa, xb):
-                        if _four_terms(corner[0, y, x], corner[1, y, x], corner[2, y, x],
-                                       corner[3, y, x], a00, a01, a10, a11, fused) > t:
+                        v = _four_terms(corner[0, y, x], corner[1, y, x], corner[2, y, x],
+                                        corner[3, y, x], a00, a01, a10, a11, fused)
+                        if v > t:
                             c = cls[y * sw + x]
+                            if stride > 1:
+                                c = c * stride + _band(bands, v)
                             if counts[c] == 0:
                                 touched[n_touched] = c
                                 n_touched += 1
@@ -190,8 +208,11 @@ def _mask_classes(a, t, bound, rows, cols, form, cls, counts, touched, r0, r1):
             for y in range(ya, yb):
                 h0, h1, row = rows.w_first[y], rows.w_second[y], y * sw
                 for x in range(xa, xb):
-                    if _lerp(h0, r0[x], h1, r1[x], fused) > t:
+                    v = _lerp(h0, r0[x], h1, r1[x], fused)
+                    if v > t:
                         c = cls[row + x]
+                        if stride > 1:
+                            c = c * stride + _band(bands, v)
                         if counts[c] == 0:
                             touched[n_touched] = c
                             n_touched += 1
@@ -200,10 +221,12 @@ def _mask_classes(a, t, bound, rows, cols, form, cls, counts, touched, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def _unit_class_counts(acts, t32, bound, classes, rows, cols, form):
-    """(unit, class, pixels) for every class a unit's mask meets (see :meth:`CompiledMasks.mask_classes`)."""
+def _unit_class_counts(acts, t32, bound, classes, rows, cols, form, bands):
+    """(unit, class, pixels, band) for every class (and band) a unit's mask meets (see
+    :meth:`CompiledMasks.mask_classes`); the entries of one (image, unit) are contiguous."""
     n_images, n_units = acts.shape[:2]
     cls, first = classes.pixel_class, classes.first
+    stride = bands.shape[1] + 1
     active = np.zeros((n_images, n_units), np.bool_)
     capacity = 0
     for b in range(n_images):
@@ -214,8 +237,9 @@ def _unit_class_counts(acts, t32, bound, classes, rows, cols, form):
     unit = np.empty(capacity, np.int64)
     klass = np.empty(capacity, np.int64)
     pixels = np.empty(capacity, np.int64)
-    counts = np.zeros(first[n_images], np.int64)
-    touched = np.empty(first[n_images], np.int64)
+    band = np.zeros(capacity, np.int64)
+    counts = np.zeros(first[n_images] * stride, np.int64)
+    touched = np.empty(first[n_images] * stride, np.int64)
     r0 = np.empty(cols.first.shape[0], np.float32)
     r1 = np.empty(cols.first.shape[0], np.float32)
     n = 0
@@ -224,13 +248,24 @@ def _unit_class_counts(acts, t32, bound, classes, rows, cols, form):
             if not active[b, k]:
                 continue
             n_touched = _mask_classes(acts[b, k], t32[k], bound[k], rows, cols, form, cls[b],
-                                      counts, touched, r0, r1)
+                                      counts, touched, r0, r1, bands[k])
+            if n + n_touched > unit.shape[0]:  # bands: an entry per (class, band) met
+                grow = max(2 * unit.shape[0], n + n_touched)
+                unit, klass = _grown(unit, grow), _grown(klass, grow)
+                pixels, band = _grown(pixels, grow), _grown(band, grow)
             for i in range(n_touched):
-                c = touched[i]
-                unit[n], klass[n], pixels[n] = k, c, counts[c]
-                counts[c] = 0
+                key = touched[i]
+                unit[n], klass[n], band[n], pixels[n] = k, key // stride, key % stride, counts[key]
+                counts[key] = 0
                 n += 1
-    return unit[:n], klass[:n], pixels[:n]
+    return unit[:n], klass[:n], pixels[:n], band[:n]
+
+
+@njit(inline="always")
+def _grown(array, size):
+    out = np.zeros(size, array.dtype)
+    out[: array.shape[0]] = array
+    return out
 
 
 @dataclass(frozen=True)
@@ -257,13 +292,17 @@ class CompiledMasks:
         return _upsample(np.ascontiguousarray(maps, np.float32), self.rows, self.cols, self.form)
 
     def mask_classes(self, acts: np.ndarray, t32: np.ndarray, bound: np.ndarray,
-                     classes: PixelClasses) -> MaskClasses:
+                     classes: PixelClasses, bands: np.ndarray | None = None) -> MaskClasses:
         """Every unit's mask pixels per class over the images acts (B, K, h, w): t32 (K,) the
         thresholds of :func:`~stages.tally.masks.float32_below`, bound (K,) their
-        :func:`~stages.tally.masks.skip_bound`."""
+        :func:`~stages.tally.masks.skip_bound`; with ``bands`` (K, R) ascending float32
+        thresholds (t32 their first column), per class and band (:class:`MaskClasses`)."""
+        k = acts.shape[1]
+        bands = np.zeros((k, 0), np.float32) if bands is None else bands
         return MaskClasses(*_unit_class_counts(
             np.ascontiguousarray(acts, np.float32), t32.astype(np.float32),
-            bound.astype(np.float32), classes, self.rows, self.cols, self.form))
+            bound.astype(np.float32), classes, self.rows, self.cols, self.form,
+            np.ascontiguousarray(bands, np.float32)))
 
 
 @lru_cache(maxsize=64)

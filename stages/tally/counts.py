@@ -48,11 +48,12 @@ class Replicates(NamedTuple):
 
 @njit(nogil=True, cache=True)
 def _counts(found, classes, category, n_units, n_labels, n_categories, multiset, union,
-            columns, n_columns, weights):
-    """The counts of §4, each image weighted by ``weights`` (images, R) per replicate;
+            columns, n_columns, weights, need):
+    """The counts of §4, each image weighted by ``weights`` (images, R) per replicate, a mask
+    entry counted in replicate r iff its band >= ``need[r, unit]`` (:class:`MaskClasses`);
     ``columns`` (K, L + 1) gives each (unit, label) its output column (-1: not kept), or is
     empty for every label in its own column."""
-    unit, klass, pixels = found.unit, found.klass, found.pixels
+    unit, klass, pixels, band = found.unit, found.klass, found.pixels, found.band
     first, size, labels = classes.first, classes.size, classes.labels
     occurrences = classes.occurrences
     n_images = first.shape[0] - 1
@@ -73,28 +74,39 @@ def _counts(found, classes, category, n_units, n_labels, n_categories, multiset,
                 label_area[r, label] += weights[image[c], r] * area
             carries[image[c], category[label]] = True
     lite = union == 2
-    area = np.zeros((n_images, n_units), np.int64)
-    meets = np.zeros((n_images if lite else 0, n_units, n_categories + 1), np.bool_)
-    for m in range(unit.shape[0]):
-        k, c, n = unit[m], klass[m], pixels[m]
-        area[image[c], k] += n
-        for j in range(width):
-            label = labels[c, j]
-            if lite:
-                meets[image[c], k, category[label]] = True
-            column = label if every else columns[k, label]
-            if column < 0:
-                continue
-            count = n * (occurrences[c, j] if multiset else 1)
-            for r in range(n_rep):
-                intersection[r, k, column] += weights[image[c], r] * count
-    if every:
-        intersection[:, :, 0] = 0
-    label_area[:, 0] = 0
     unit_area = np.zeros((n_rep, n_units, n_categories), np.int64)
-    for b in range(n_images):
-        for k in range(n_units):
-            if area[b, k] == 0:
+    area = np.zeros(n_rep, np.int64)  # |M_k(x)| of the (image, unit) being read
+    meets = np.zeros((n_rep, n_categories + 1), np.bool_)
+    seen = np.zeros((n_images, n_units), np.bool_)
+    m = 0
+    while m < unit.shape[0]:  # one (image, unit) at a time: its entries are contiguous
+        k, b = unit[m], image[klass[m]]
+        if seen[b, k]:
+            raise ValueError("mask entries of one (image, unit) are not contiguous")
+        seen[b, k] = True
+        area[:] = 0
+        meets[:] = False
+        while m < unit.shape[0] and unit[m] == k and image[klass[m]] == b:
+            c, n = klass[m], pixels[m]
+            for r in range(n_rep):
+                if band[m] >= need[r, k]:
+                    area[r] += n
+            for j in range(width):
+                label = labels[c, j]
+                if lite:
+                    for r in range(n_rep):
+                        if band[m] >= need[r, k]:
+                            meets[r, category[label]] = True
+                column = label if every else columns[k, label]
+                if column < 0:
+                    continue
+                count = n * (occurrences[c, j] if multiset else 1)
+                for r in range(n_rep):
+                    if band[m] >= need[r, k]:
+                        intersection[r, k, column] += weights[b, r] * count
+            m += 1
+        for r in range(n_rep):
+            if area[r] == 0:
                 continue
             for cat in range(n_categories):
                 if union == 0:
@@ -102,10 +114,12 @@ def _counts(found, classes, category, n_units, n_labels, n_categories, multiset,
                 elif union == 1:
                     counted = True
                 else:
-                    counted = meets[b, k, cat + 1]
+                    counted = meets[r, cat + 1]
                 if counted:
-                    for r in range(n_rep):
-                        unit_area[r, k, cat] += weights[b, r] * area[b, k]
+                    unit_area[r, k, cat] += weights[b, r] * area[r]
+    if every:
+        intersection[:, :, 0] = 0
+    label_area[:, 0] = 0
     return intersection, unit_area, label_area
 
 
@@ -127,20 +141,23 @@ def block_counts(found: MaskClasses, classes: PixelClasses, n_units: int,
     inter, unit_area, label_area = _counts(
         found, classes, np.asarray(label_category, np.int64) + 1, n_units, n_labels,
         n_categories, planes == "multiset", UNIONS.index(union), np.zeros((0, 0), np.int64),
-        n_labels + 1, once)
+        n_labels + 1, once, np.zeros((1, n_units), np.int64))
     return BlockCounts(inter[0], unit_area[0], label_area[0])
 
 
 def replicate_counts(found: MaskClasses, classes: PixelClasses, n_units: int,
                      label_category: np.ndarray, n_categories: int, planes: str, union: str,
-                     labels_of: np.ndarray, weights: np.ndarray) -> Replicates:
+                     labels_of: np.ndarray, weights: np.ndarray, need: np.ndarray | None = None
+                     ) -> Replicates:
     """The counts of one block under each weighting of its images (``weights`` (images, R)
-    int64), for each unit's labels ``labels_of`` (K, M) only."""
+    int64), for each unit's labels ``labels_of`` (K, M) only; with banded ``found``, replicate
+    r's masks are the entries whose band is >= ``need[r, unit]`` (R, K)."""
     _check_rules(planes, union)
     n_labels = len(label_category) - 1
     columns = np.full((n_units, n_labels + 1), -1, np.int64)
     columns[np.arange(n_units)[:, None], labels_of] = np.arange(labels_of.shape[1])[None, :]
+    need = np.zeros((weights.shape[1], n_units), np.int64) if need is None else need
     return Replicates(*_counts(
         found, classes, np.asarray(label_category, np.int64) + 1, n_units, n_labels,
         n_categories, planes == "multiset", UNIONS.index(union), columns, labels_of.shape[1],
-        np.ascontiguousarray(weights, np.int64)))
+        np.ascontiguousarray(weights, np.int64), np.ascontiguousarray(need, np.int64)))

@@ -23,11 +23,18 @@ Thresholds = TypeVar("Thresholds", np.ndarray, torch.Tensor)
 
 class MaskClasses(NamedTuple):
     """How many pixels of each pixel class every unit's masks cover in a block: one entry per
-    (unit, class) pair the unit's mask meets (classes numbered across the block)."""
+    (unit, class) pair the unit's mask meets (classes numbered across the block), the
+    entries of one (image, unit) contiguous.
+
+    With several thresholds per unit (the bootstrap's replicate thresholds, ascending), one
+    entry per (unit, class, band): ``band`` is how many of the unit's thresholds lie below
+    the pixels' values, so a pixel is in the mask at the unit's j-th threshold iff its band
+    is > j.  With one threshold every band is 0."""
 
     unit: np.ndarray  # (M,) int64
     klass: np.ndarray  # (M,) int64
     pixels: np.ndarray  # (M,) int64
+    band: np.ndarray  # (M,) int64
 
 
 def float32_below(thresholds: Thresholds) -> Thresholds:
@@ -129,10 +136,10 @@ def row_bands(maps: torch.Tensor, t32: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def masked_pixels(
-    maps: torch.Tensor, t32: torch.Tensor, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+    maps: torch.Tensor, t32: torch.Tensor, size: tuple[int, int], values: bool = False
+) -> tuple[torch.Tensor, ...]:
     """(pair, pixel) of every output pixel with bilinear(map) > t32, exactly as a full
-    :func:`upsample_masks` would give.
+    :func:`upsample_masks` would give; with ``values``, (pair, pixel, bilinear value).
 
     Where :func:`row_bands_exact` holds, each map is upsampled only over its
     :func:`row_bands`: rows outside the band interpolate cells that cannot produce a mask
@@ -142,20 +149,22 @@ def masked_pixels(
     sh, sw = size
     if p == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=maps.device)
-        return empty, empty
+        return (empty, empty, empty.float()) if values else (empty, empty)
+    pairs, pixels, found = [], [], []
     if not row_bands_exact(h, w, sh, sw, maps.device.type):
-        pairs, pixels = [], []
         for start in range(0, p, FULL_MAP_CHUNK):  # bounded memory: chunk x sh x sw floats
-            masks = upsample_masks(maps[start : start + FULL_MAP_CHUNK], size,
-                                   t32[start : start + FULL_MAP_CHUNK]).reshape(-1, sh * sw)
-            q, pix = torch.nonzero(masks, as_tuple=True)
+            chunk = maps[start : start + FULL_MAP_CHUNK]
+            up = F.interpolate(chunk[:, None].float(), size=size, mode="bilinear",
+                               align_corners=False)[:, 0].reshape(len(chunk), sh * sw)
+            q, pix = torch.nonzero(up > t32[start : start + FULL_MAP_CHUNK][:, None],
+                                   as_tuple=True)
             pairs.append(q + start)
             pixels.append(pix)
-        return torch.cat(pairs), torch.cat(pixels)
+            found.append(up[q, pix])
+        return (torch.cat(pairs), torch.cat(pixels)) + ((torch.cat(found),) if values else ())
     s = sh // h
     lo, hi = row_bands(maps, t32)
     y0 = _source_rows(h, sh).to(maps.device)
-    pairs, pixels = [], []
     keys = lo * h + hi
     for key in torch.unique(keys).tolist():
         band_lo, band_hi = divmod(int(key), h)
@@ -168,28 +177,45 @@ def masked_pixels(
         q, r, x = torch.nonzero(mask, as_tuple=True)
         pairs.append(sel[q])
         pixels.append((band_lo * s + r) * sw + x)
-    return torch.cat(pairs), torch.cat(pixels)
+        found.append(band[q, r, x])
+    return (torch.cat(pairs), torch.cat(pixels)) + ((torch.cat(found),) if values else ())
 
 
 def torch_mask_classes(acts: torch.Tensor, t32: np.ndarray, pixel_class: np.ndarray,
-                       n_classes: int, seg_size: tuple[int, int], pair_chunk: int = 1024
-                       ) -> MaskClasses:
+                       n_classes: int, seg_size: tuple[int, int], pair_chunk: int = 1024,
+                       bands: np.ndarray | None = None) -> MaskClasses:
     """:class:`MaskClasses` of a block on the device of ``acts`` (B, K, h, w): the pixels of
     every active pair's mask (:func:`masked_pixels`, ``pair_chunk`` pairs at a time) keyed by
-    (unit, class of the pixel) and counted."""
+    (unit, class of the pixel) and counted; with ``bands`` (K, R) ascending float32
+    thresholds (``t32`` their first column), by band too."""
     device = acts.device
-    b, k = acts.shape[:2]
+    k = acts.shape[1]
     t = torch.from_numpy(np.asarray(t32, np.float32)).to(device)
+    stride = 1 if bands is None else bands.shape[1] + 1
+    ascending = None if bands is None else torch.from_numpy(
+        np.ascontiguousarray(bands, np.float32)).to(device)
     active = acts.amax(dim=(2, 3)) > torch.from_numpy(skip_bound(t32)).to(device)[None, :]
     image, unit = torch.nonzero(active, as_tuple=True)
     classes = torch.from_numpy(np.ascontiguousarray(pixel_class)).to(device)
-    counts = torch.zeros(k * max(n_classes, 1), dtype=torch.int64, device=device)
+    width = k * max(n_classes, 1)
+    counts = torch.zeros(width if ascending is None else 0, dtype=torch.int64, device=device)
+    keys = []
     for start in range(0, len(image), max(pair_chunk, 1)):
         bi, ki = image[start : start + pair_chunk], unit[start : start + pair_chunk]
-        pair, pixel = masked_pixels(acts[bi, ki], t[ki], seg_size)
-        keys = ki[pair] * n_classes + classes[bi[pair], pixel]
-        counts += torch.bincount(keys, minlength=len(counts))
-    found = torch.nonzero(counts)[:, 0]
-    pixels = counts[found].cpu().numpy()
-    found = found.cpu().numpy()
-    return MaskClasses(found // max(n_classes, 1), found % max(n_classes, 1), pixels)
+        pair, pixel, *value = masked_pixels(acts[bi, ki], t[ki], seg_size, ascending is not None)
+        key = ki[pair] * n_classes + classes[bi[pair], pixel]
+        if ascending is None:
+            counts += torch.bincount(key, minlength=width)
+        else:  # a pixel's band: how many of its unit's thresholds lie below its value
+            band = torch.zeros_like(key)
+            for column in ascending.T:  # one column at a time: memory of one value per pixel
+                band += value[0] > column[ki[pair]]
+            keys.append(key * stride + band)
+    if ascending is None:
+        found = torch.nonzero(counts)[:, 0]
+        pixels = counts[found]
+    else:
+        found, pixels = torch.unique(torch.cat(keys) if keys else counts, return_counts=True)
+    found, pixels = found.cpu().numpy(), pixels.cpu().numpy().astype(np.int64)
+    band, found = found % stride, found // stride
+    return MaskClasses(found // max(n_classes, 1), found % max(n_classes, 1), pixels, band)

@@ -57,13 +57,30 @@ def mask_classes(acts: torch.Tensor, thresholds: np.ndarray, classes: PixelClass
                  seg_size: tuple[int, int], kernel: str = "auto", pair_chunk: int = 1024
                  ) -> MaskClasses:
     """Every unit's mask pixels per pixel class of a block: acts (B, K, h, w) on any device,
-    thresholds (K,) float64."""
-    t32 = float32_below(np.asarray(thresholds, np.float64))
+    thresholds (K,) float64, or (K, R) for R thresholds per unit: then per class and band of
+    :func:`ascending_thresholds` (:class:`MaskClasses`)."""
+    thresholds = np.asarray(thresholds, np.float64)
+    bands = ascending_thresholds(thresholds) if thresholds.ndim == 2 else None
+    t32 = float32_below(thresholds) if bands is None else bands[:, 0]
     compiled = mask_kernel(acts.device, (*acts.shape[2:], *seg_size), kernel)
     if compiled is not None:
-        return compiled.mask_classes(acts.numpy(), t32, skip_bound(t32), classes)
+        return compiled.mask_classes(acts.numpy(), t32, skip_bound(t32), classes, bands)
     return torch_mask_classes(acts, t32, classes.pixel_class, classes.n_classes, seg_size,
-                              pair_chunk)
+                              pair_chunk, bands)
+
+
+def ascending_thresholds(thresholds: np.ndarray) -> np.ndarray:
+    """(K, R) float64 -> (K, R) float32: each unit's :func:`float32_below` thresholds in
+    ascending order, the bands of a banded :class:`MaskClasses`."""
+    return np.sort(float32_below(thresholds), axis=1)
+
+
+def band_needed(thresholds: np.ndarray) -> np.ndarray:
+    """(K, R) float64 -> (R, K) int64: the band a pixel needs to be in the mask at each of its
+    unit's thresholds (how many of the unit's thresholds are <= that one, in float32)."""
+    t32, bands = float32_below(thresholds), ascending_thresholds(thresholds)
+    return np.stack([np.searchsorted(bands[k], t32[k], side="right")
+                     for k in range(len(bands))], axis=1).astype(np.int64)
 
 
 class ScoredBlock(NamedTuple):
@@ -78,7 +95,7 @@ def scored_block(block: Block, thresholds: np.ndarray, space: LabelSpace,
     """The block's :class:`ScoredBlock`, made once per block for every statistic of the pass
     that counts against the same thresholds and labels."""
     thresholds = np.asarray(thresholds, np.float64)
-    key = ("scored", kernel, thresholds.tobytes(), space.lut.tobytes(), space.categories)
+    key = ("scored", kernel, thresholds.shape, thresholds.tobytes(), space.lut.tobytes(), space.categories)
 
     def make() -> ScoredBlock:
         classes = pixel_classes(block_labels(block.labels, space), space.lut)
