@@ -19,7 +19,8 @@ from storage.errors import UserError
 
 # Choices are enums, so OmegaConf refuses anything else while composing the config.
 Stage = StrEnum("Stage", ["dataset", "concepts", "model", "extract", "quantile", "iou",
-                          "rescore", "explain", "report", "all", "fetch", "check"])
+                          "rescore", "explain", "loadings", "report", "all", "fetch",
+                          "check"])
 UnionMode = StrEnum("UnionMode", ["restricted", "global", "lite"])
 Planes = StrEnum("Planes", ["set", "multiset"])
 DType = StrEnum("DType", ["float32", "float16"])
@@ -125,6 +126,16 @@ class ExplainOptions:
 
 
 @dataclass
+class LoadingsOptions:
+    """Per-concept principal axes of each layer (SEMANTICS.md §9)."""
+
+    concepts: list[str] | None = None  # label names; null = the `top` largest by label area
+    top: int = 30
+    components: int = 3  # principal axes kept per concept
+    coverage: float = 0.5  # share of a feature-map cell's mask pixels the concept must carry
+
+
+@dataclass
 class ReportOptions:
     top_n: int = 8  # top images per unit shown with the unit's mask
     concept_set: str | None = None  # only this concept set's pages; default: all
@@ -172,6 +183,7 @@ class Config:
     transform: TransformOptions = field(default_factory=TransformOptions)
     concepts: ConceptsOptions = field(default_factory=ConceptsOptions)
     explain: ExplainOptions = field(default_factory=ExplainOptions)
+    loadings: LoadingsOptions = field(default_factory=LoadingsOptions)
     report: ReportOptions = field(default_factory=ReportOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     fetch: FetchOptions = field(default_factory=FetchOptions)
@@ -194,6 +206,10 @@ def validate(cfg: Config) -> None:
     _positive("report.thumb_size", cfg.report.thumb_size)
     _positive("explain.max_length", cfg.explain.max_length)
     _positive("explain.beam", cfg.explain.beam)
+    _positive("loadings.top", cfg.loadings.top)
+    _positive("loadings.components", cfg.loadings.components)
+    if not 0.0 < cfg.loadings.coverage <= 1.0:
+        raise UserError(f"loadings.coverage={cfg.loadings.coverage}: must lie in (0, 1]")
     if not 0.0 < cfg.scoring.quantile < 1.0:
         raise UserError(f"scoring.quantile={cfg.scoring.quantile}: must lie in (0, 1)")
     if not 0.0 <= cfg.scoring.iou_threshold < 1.0:

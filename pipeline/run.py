@@ -226,6 +226,7 @@ stages (stage=...):
   all       iou, then the HTML report           report    the report alone
   rescore   score the cached activations against concepts.path= / concepts.formulas=
   explain   compositional explanations (beam search over formulas of labels)
+  loadings  per-concept principal axes: one unit or a combination? (loadings.concepts=[..])
   dataset, concepts, model, extract, quantile   one part of the way
   fetch     download a Broden release or Places365 weights; check   validate a dataset
 

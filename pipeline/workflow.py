@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline import acquire, basis, concept_set, data, publish, scoring, signatures
+from pipeline import acquire, basis, concept_set, data, measures, publish, scoring, signatures
 from pipeline.cluster import dask_scheduler
 from pipeline.config import Config, Stage, validate
 from pipeline.graph import Run, StageDef, Step, Target, closure
@@ -43,6 +43,8 @@ GRAPH: dict[str, StageDef] = {s.name: s for s in (
              scoring.signatures_value),
     StageDef("explain", (*SCORED, "signatures"), ("explain",), signatures.explain_targets,
              signatures.explain_value),
+    StageDef("loadings", (*SCORED, "iou"), ("loadings",), measures.loadings_targets,
+             measures.loadings_value),
     StageDef("report", (), ("report",), publish.report_targets, publish.report_value,
              reads_results=True),
     StageDef("all", ("iou", "report"), (), value=publish.report_value),

@@ -48,11 +48,15 @@ class Replicates(NamedTuple):
 
 @njit(nogil=True, cache=True)
 def _counts(found, classes, category, n_units, n_labels, n_categories, multiset, union,
-            columns, n_columns, weights, need):
+            columns, n_columns, weights, need, n_bands):
     """The counts of §4, each image weighted by ``weights`` (images, R) per replicate, a mask
-    entry counted in replicate r iff its band >= ``need[r, unit]`` (:class:`MaskClasses`);
-    ``columns`` (K, L + 1) gives each (unit, label) its output column (-1: not kept), or is
-    empty for every label in its own column."""
+    entry counted in replicate r iff its band >= ``need[r, unit]`` (:class:`MaskClasses`,
+    bands < ``n_bands``); ``columns`` (K, L + 1) gives each (unit, label) its output column
+    (-1: not kept), or is empty for every label in its own column.
+
+    Banded entries are summed per (column, band) over one (image, unit), then summed from
+    the top band down, so replicate r reads its count at band need[r, unit]: the cost is
+    per entry plus per touched column and replicate, not per entry and replicate."""
     unit, klass, pixels, band = found.unit, found.klass, found.pixels, found.band
     first, size, labels = classes.first, classes.size, classes.labels
     occurrences = classes.occurrences
@@ -74,9 +78,13 @@ def _counts(found, classes, category, n_units, n_labels, n_categories, multiset,
                 label_area[r, label] += weights[image[c], r] * area
             carries[image[c], category[label]] = True
     lite = union == 2
+    banded = n_bands > 1
     unit_area = np.zeros((n_rep, n_units, n_categories), np.int64)
-    area = np.zeros(n_rep, np.int64)  # |M_k(x)| of the (image, unit) being read
-    meets = np.zeros((n_rep, n_categories + 1), np.bool_)
+    area = np.zeros(n_bands, np.int64)  # |M_k(x)| of the (image, unit) being read, per band
+    meets = np.zeros((n_categories + 1, n_bands), np.bool_)
+    acc = np.zeros((n_columns if banded else 0, n_bands), np.int64)
+    used = np.zeros(n_columns if banded else 0, np.bool_)
+    touched = np.empty(n_columns if banded else 0, np.int64)
     seen = np.zeros((n_images, n_units), np.bool_)
     m = 0
     while m < unit.shape[0]:  # one (image, unit) at a time: its entries are contiguous
@@ -86,27 +94,43 @@ def _counts(found, classes, category, n_units, n_labels, n_categories, multiset,
         seen[b, k] = True
         area[:] = 0
         meets[:] = False
+        n_touched = 0
         while m < unit.shape[0] and unit[m] == k and image[klass[m]] == b:
-            c, n = klass[m], pixels[m]
-            for r in range(n_rep):
-                if band[m] >= need[r, k]:
-                    area[r] += n
+            c, n, e = klass[m], pixels[m], band[m]
+            area[e] += n
             for j in range(width):
                 label = labels[c, j]
                 if lite:
-                    for r in range(n_rep):
-                        if band[m] >= need[r, k]:
-                            meets[r, category[label]] = True
+                    meets[category[label], e] = True
                 column = label if every else columns[k, label]
                 if column < 0:
                     continue
                 count = n * (occurrences[c, j] if multiset else 1)
-                for r in range(n_rep):
-                    if band[m] >= need[r, k]:
+                if not banded:
+                    for r in range(n_rep):
                         intersection[r, k, column] += weights[b, r] * count
+                    continue
+                if not used[column]:
+                    used[column] = True
+                    touched[n_touched] = column
+                    n_touched += 1
+                acc[column, e] += count
             m += 1
+        for e in range(n_bands - 2, -1, -1):  # from the top band down: at or above band e
+            area[e] += area[e + 1]
+            for cat in range(n_categories + 1):
+                meets[cat, e] = meets[cat, e] or meets[cat, e + 1]
+        for t in range(n_touched):
+            column = touched[t]
+            for e in range(n_bands - 2, -1, -1):
+                acc[column, e] += acc[column, e + 1]
+            for r in range(n_rep):
+                intersection[r, k, column] += weights[b, r] * acc[column, need[r, k]]
+            acc[column, :] = 0
+            used[column] = False
         for r in range(n_rep):
-            if area[r] == 0:
+            e = need[r, k]
+            if area[e] == 0:
                 continue
             for cat in range(n_categories):
                 if union == 0:
@@ -114,9 +138,9 @@ def _counts(found, classes, category, n_units, n_labels, n_categories, multiset,
                 elif union == 1:
                     counted = True
                 else:
-                    counted = meets[r, cat + 1]
+                    counted = meets[cat + 1, e]
                 if counted:
-                    unit_area[r, k, cat] += weights[b, r] * area[r]
+                    unit_area[r, k, cat] += weights[b, r] * area[e]
     if every:
         intersection[:, :, 0] = 0
     label_area[:, 0] = 0
@@ -141,7 +165,7 @@ def block_counts(found: MaskClasses, classes: PixelClasses, n_units: int,
     inter, unit_area, label_area = _counts(
         found, classes, np.asarray(label_category, np.int64) + 1, n_units, n_labels,
         n_categories, planes == "multiset", UNIONS.index(union), np.zeros((0, 0), np.int64),
-        n_labels + 1, once, np.zeros((1, n_units), np.int64))
+        n_labels + 1, once, np.zeros((1, n_units), np.int64), 1)
     return BlockCounts(inter[0], unit_area[0], label_area[0])
 
 
@@ -157,7 +181,9 @@ def replicate_counts(found: MaskClasses, classes: PixelClasses, n_units: int,
     columns = np.full((n_units, n_labels + 1), -1, np.int64)
     columns[np.arange(n_units)[:, None], labels_of] = np.arange(labels_of.shape[1])[None, :]
     need = np.zeros((weights.shape[1], n_units), np.int64) if need is None else need
+    n_bands = 1 + max(int(found.band.max(initial=0)), int(need.max(initial=0)))
     return Replicates(*_counts(
         found, classes, np.asarray(label_category, np.int64) + 1, n_units, n_labels,
         n_categories, planes == "multiset", UNIONS.index(union), columns, labels_of.shape[1],
-        np.ascontiguousarray(weights, np.int64), np.ascontiguousarray(need, np.int64)))
+        np.ascontiguousarray(weights, np.int64), np.ascontiguousarray(need, np.int64),
+        n_bands))
