@@ -19,8 +19,8 @@ from storage.errors import UserError
 
 # Choices are enums, so OmegaConf refuses anything else while composing the config.
 Stage = StrEnum("Stage", ["dataset", "concepts", "model", "extract", "quantile", "iou",
-                          "rescore", "explain", "loadings", "report", "all", "fetch",
-                          "check"])
+                          "rescore", "explain", "loadings", "probe", "report", "all",
+                          "fetch", "check"])
 UnionMode = StrEnum("UnionMode", ["restricted", "global", "lite"])
 Planes = StrEnum("Planes", ["set", "multiset"])
 DType = StrEnum("DType", ["float32", "float16"])
@@ -28,6 +28,7 @@ Preprocess = StrEnum("Preprocess", ["imagenet", "netdissect"])
 ClusterKind = StrEnum("ClusterKind", ["local", "threads", "none", "cuda"])
 TransformKind = StrEnum("TransformKind", ["none", "rotate", "pca", "linear"])
 NullKind = StrEnum("NullKind", ["none", "permute"])
+Pool = StrEnum("Pool", ["mean", "max"])
 DEMO_WEIGHTS = "train"  # model.weights value: train (or reuse) the demo model on the probe set
 BRODEN_FILES = ("index.csv", "category.csv", "label.csv", "images")  # what every Broden dir has
 
@@ -136,6 +137,19 @@ class LoadingsOptions:
 
 
 @dataclass
+class ProbeOptions:
+    """A linear classifier on pooled activations (SEMANTICS.md §10)."""
+
+    category: str = "scene"  # classes: each image's one image-level label of this category
+    targets: str | None = None  # or a CSV of image,class (image as in the dataset's index)
+    pool: Pool = Pool.mean
+    c: float = 0.001  # LinearSVC's C (the paper's)
+    folds: int = 5
+    seed: int = 0  # the folds' shuffle
+    max_iter: int = 10000
+
+
+@dataclass
 class ReportOptions:
     top_n: int = 8  # top images per unit shown with the unit's mask
     concept_set: str | None = None  # only this concept set's pages; default: all
@@ -184,6 +198,7 @@ class Config:
     concepts: ConceptsOptions = field(default_factory=ConceptsOptions)
     explain: ExplainOptions = field(default_factory=ExplainOptions)
     loadings: LoadingsOptions = field(default_factory=LoadingsOptions)
+    probe: ProbeOptions = field(default_factory=ProbeOptions)
     report: ReportOptions = field(default_factory=ReportOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     fetch: FetchOptions = field(default_factory=FetchOptions)
@@ -208,6 +223,12 @@ def validate(cfg: Config) -> None:
     _positive("explain.beam", cfg.explain.beam)
     _positive("loadings.top", cfg.loadings.top)
     _positive("loadings.components", cfg.loadings.components)
+    _positive("probe.c", cfg.probe.c)
+    _positive("probe.max_iter", cfg.probe.max_iter)
+    if cfg.probe.folds < 2:
+        raise UserError(f"probe.folds={cfg.probe.folds}: need at least 2 folds")
+    if cfg.probe.targets:
+        _check_targets(Path(cfg.probe.targets).expanduser())
     if not 0.0 < cfg.loadings.coverage <= 1.0:
         raise UserError(f"loadings.coverage={cfg.loadings.coverage}: must lie in (0, 1]")
     if not 0.0 < cfg.scoring.quantile < 1.0:
@@ -272,6 +293,20 @@ def validate(cfg: Config) -> None:
     if m.weights == DEMO_WEIGHTS and m.factory != "stages.demo_model:demo_net":
         raise UserError(f"model.weights={DEMO_WEIGHTS}: only the demo model is trained by the "
                         "pipeline; give a checkpoint path, a torchvision weights name or none")
+
+
+def _check_targets(path: Path) -> None:
+    """probe.targets: a CSV whose header names the image and class columns."""
+    import csv
+
+    if not path.is_file():
+        raise UserError(f"probe.targets={path}: file not found")
+    with path.open(newline="") as fh:
+        header = next(csv.reader(fh), [])
+    missing = [c for c in ("image", "class") if c not in header]
+    if missing:
+        raise UserError(f"probe.targets={path}: no column {missing[0]!r} in its header "
+                        "(give a CSV with columns image,class)")
 
 
 def _validate_transform(t: TransformOptions) -> None:

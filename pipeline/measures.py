@@ -1,17 +1,21 @@
-"""The paper's other measurements on the cache (SEMANTICS.md §9): per-concept principal axes
-(``stage=loadings``)."""
+"""The paper's other measurements on the cache: per-concept principal axes
+(``stage=loadings``, SEMANTICS.md §9) and a linear probe of each layer (``stage=probe``,
+§10)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.graph import Run, Target
 from pipeline.scoring import LayerContext, iou_artifacts, layer_contexts
+from stages.engine.reduction import Pass, reduce_blocks
 from stages.loadings import concept_axes, dominance_frame, loadings_frame, most_frequent
-from storage.artifacts import Artifact, scratch_path
+from stages.probe import NO_CLASS, PooledFeatures, cross_validated, probe_frame
+from storage.artifacts import Artifact, file_digest, scratch_path
 from storage.errors import UserError
 from storage.tables import write_partition
 
@@ -78,4 +82,83 @@ def loadings_targets(run: Run) -> list[Target]:
 def loadings_value(run: Run) -> dict[str, pd.DataFrame]:
     """Per layer, the dominance rows of this run."""
     return {layer: pd.read_parquet(_tables(run, ctx)["dominance"].path)
+            for layer, ctx in layer_contexts(run).items()}
+
+
+# ---------------------------------------------------------------- probe (SEMANTICS.md §10)
+def probe_target(run: Run, ctx: LayerContext) -> tuple[str, dict]:
+    """The target's name in the table and what it is made from."""
+    p = run.cfg.probe
+    if p.targets:
+        path = Path(p.targets).expanduser()
+        return f"file:{path.name}", {"targets": file_digest(path)}
+    if p.category not in ctx.concepts.dataset.all_categories:
+        raise UserError(f"probe.category={p.category}: not a category of the concept set "
+                        f"({', '.join(ctx.concepts.dataset.all_categories)})")
+    return p.category, {}
+
+
+def target_classes(path: Path, image_paths: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(n_images,) class index by cache row from a CSV of image,class (NO_CLASS: not
+    listed), and the class names."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)  # columns checked by validate
+    row_of = {image: i for i, image in enumerate(image_paths)}
+    unknown = [(i, image) for i, image in enumerate(table["image"]) if image not in row_of]
+    if unknown:
+        line, image = unknown[0]
+        raise UserError(f"probe.targets={path}: row {line + 2}: image {image!r} is not an "
+                        "image of the activation cache (give it as in the dataset's index.csv)")
+    names = sorted(set(table["class"]))
+    classes = np.full(len(image_paths), NO_CLASS, np.int64)
+    classes[[row_of[i] for i in table["image"]]] = [names.index(c) for c in table["class"]]
+    return classes, names
+
+
+def _probe_table(run: Run, ctx: LayerContext) -> Artifact:
+    p = run.cfg.probe
+    target, made = probe_target(run, ctx)
+    params = {**ctx.row_keys(), "target": target, "pool": str(p.pool), "c": p.c,
+              "folds": p.folds, "probe_seed": p.seed}
+    return ctx.result(run, "probes", params, {**made, "max_iter": p.max_iter})
+
+
+def probe_targets(run: Run) -> list[Target]:
+    """Per layer, the cross-validated accuracy of a linear classifier on pooled features."""
+    p = run.cfg.probe
+    targets = []
+    for layer, ctx in layer_contexts(run).items():
+        artifact = _probe_table(run, ctx)
+
+        def build(missing: list[Artifact], ctx=ctx, artifact=artifact) -> None:
+            if p.targets:
+                path = Path(p.targets).expanduser()
+                classes, _ = target_classes(path, ctx.acts.store.image_paths())
+                statistic = PooledFeatures(str(p.pool), classes=classes)
+            else:
+                statistic = PooledFeatures(str(p.pool), ctx.concepts.dataset.all_categories.index(
+                    p.category))
+            source = ctx.source(run.cfg.extract.device)
+            (found,) = reduce_blocks(Pass(source, [statistic]), source.n_blocks(),
+                                     run.scheduler(), f"probe {ctx.layer}", run.cfg.progress,
+                                     checkpoint=scratch_path(missing))
+            try:
+                result = cross_validated(found, p.c, p.folds, p.seed, p.max_iter)
+            except ValueError as exc:
+                target = artifact.fingerprint["params"]["target"]
+                raise UserError(f"probe: {ctx.layer}: target {target}: {exc}; choose another "
+                                "probe.category or probe.targets") from None
+            frame = probe_frame(result, artifact.fingerprint["params"])
+            write_partition(artifact, frame)
+            log.info("probe: %s: accuracy %.3f ± %.3f over %d folds (%d images, %d classes, "
+                     "chance %.3f)", ctx.layer, frame["accuracy"].item(),
+                     frame["accuracy_std"].item(), p.folds, result.n_images, result.n_classes,
+                     result.chance)
+
+        targets.append(Target(f"{ctx.acts.model.identity.model_id} {layer} probe",
+                              (artifact,), build))
+    return targets
+
+
+def probe_value(run: Run) -> dict[str, pd.DataFrame]:
+    return {layer: pd.read_parquet(_probe_table(run, ctx).path)
             for layer, ctx in layer_contexts(run).items()}

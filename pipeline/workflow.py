@@ -45,6 +45,7 @@ GRAPH: dict[str, StageDef] = {s.name: s for s in (
              signatures.explain_value),
     StageDef("loadings", (*SCORED, "iou"), ("loadings",), measures.loadings_targets,
              measures.loadings_value),
+    StageDef("probe", SCORED, ("probe",), measures.probe_targets, measures.probe_value),
     StageDef("report", (), ("report",), publish.report_targets, publish.report_value,
              reads_results=True),
     StageDef("all", ("iou", "report"), (), value=publish.report_value),
