@@ -19,8 +19,8 @@ from storage.errors import UserError
 
 # Choices are enums, so OmegaConf refuses anything else while composing the config.
 Stage = StrEnum("Stage", ["dataset", "concepts", "model", "extract", "quantile", "iou",
-                          "rescore", "explain", "loadings", "probe", "report", "all",
-                          "fetch", "check"])
+                          "rescore", "explain", "loadings", "probe", "rate", "report",
+                          "all", "fetch", "check"])
 UnionMode = StrEnum("UnionMode", ["restricted", "global", "lite"])
 Planes = StrEnum("Planes", ["set", "multiset"])
 DType = StrEnum("DType", ["float32", "float16"])
@@ -150,6 +150,16 @@ class ProbeOptions:
 
 
 @dataclass
+class RateOptions:
+    """The rating page of unit labels (SEMANTICS.md §11), served on 127.0.0.1."""
+
+    rater: str | None = None  # the name the page starts with (each rater can set their own)
+    port: int = 8765  # 0: any free port (printed)
+    detectors_only: bool = True  # rate the detectors' labels (the paper's), or every unit's
+    thumb_size: int = 128  # pixels of the longer side of each image
+
+
+@dataclass
 class ReportOptions:
     top_n: int = 8  # top images per unit shown with the unit's mask
     concept_set: str | None = None  # only this concept set's pages; default: all
@@ -199,6 +209,7 @@ class Config:
     explain: ExplainOptions = field(default_factory=ExplainOptions)
     loadings: LoadingsOptions = field(default_factory=LoadingsOptions)
     probe: ProbeOptions = field(default_factory=ProbeOptions)
+    rate: RateOptions = field(default_factory=RateOptions)
     report: ReportOptions = field(default_factory=ReportOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     fetch: FetchOptions = field(default_factory=FetchOptions)
@@ -223,6 +234,15 @@ def validate(cfg: Config) -> None:
     _positive("explain.beam", cfg.explain.beam)
     _positive("loadings.top", cfg.loadings.top)
     _positive("loadings.components", cfg.loadings.components)
+    _positive("rate.thumb_size", cfg.rate.thumb_size)
+    if not 0 <= cfg.rate.port <= 65535:
+        raise UserError(f"rate.port={cfg.rate.port}: give a port number (0: any free port)")
+    if cfg.rate.rater is not None:
+        from stages.rate import RATER
+
+        if not RATER.match(cfg.rate.rater):
+            raise UserError(f"rate.rater={cfg.rate.rater}: give a name of letters, digits, "
+                            "'_', '.' or '-' (at most 64)")
     _positive("probe.c", cfg.probe.c)
     _positive("probe.max_iter", cfg.probe.max_iter)
     if cfg.probe.folds < 2:

@@ -228,6 +228,7 @@ stages (stage=...):
   explain   compositional explanations (beam search over formulas of labels)
   loadings  per-concept principal axes: one unit or a combination? (loadings.concepts=[..])
   probe     a linear SVM on pooled activations, cross-validated (probe.category=scene)
+  rate      a local page where people rate the units' labels (rate.rater=NAME)
   dataset, concepts, model, extract, quantile   one part of the way
   fetch     download a Broden release or Places365 weights; check   validate a dataset
 

@@ -6,7 +6,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline import acquire, basis, concept_set, data, measures, publish, scoring, signatures
+from pipeline import (
+    acquire,
+    basis,
+    concept_set,
+    data,
+    measures,
+    publish,
+    rating,
+    scoring,
+    signatures,
+)
 from pipeline.cluster import dask_scheduler
 from pipeline.config import Config, Stage, validate
 from pipeline.graph import Run, StageDef, Step, Target, closure
@@ -46,6 +56,8 @@ GRAPH: dict[str, StageDef] = {s.name: s for s in (
     StageDef("loadings", (*SCORED, "iou"), ("loadings",), measures.loadings_targets,
              measures.loadings_value),
     StageDef("probe", SCORED, ("probe",), measures.probe_targets, measures.probe_value),
+    StageDef("rate", (*SCORED, "iou"), ("rate", "report.top_n", "report.thumb_size"),
+             value=rating.rate_value),
     StageDef("report", (), ("report",), publish.report_targets, publish.report_value,
              reads_results=True),
     StageDef("all", ("iou", "report"), (), value=publish.report_value),

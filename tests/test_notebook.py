@@ -72,7 +72,7 @@ def test_committed_notebook_is_clean_and_documents_the_workdir():
     for section in ("unique detectors per category", "iou distributions", "top concepts",
                     "across layers and models", "across training checkpoints", "rotation curve",
                     "input perturbations", "units vs pca vs sparse-autoencoder latents",
-                    "per-concept loadings"):
+                    "per-concept loadings", "discrimination vs interpretability"):
         assert section in headings, section
 
 
@@ -82,7 +82,7 @@ def test_notebook_runs_on_a_real_run(tiny_run, tmp_path, monkeypatch):
     # stacked bars, IoU histograms, top concepts, layer comparison; no experiment sections
     assert figures(nb) == 4
     for empty in ("No rotation rows", "No checkpoint sweep", "No perturbed rows",
-                  "No other bases", "No loadings rows"):
+                  "No other bases", "No loadings rows", "No probe rows"):
         assert empty in stdout(nb), empty
     assert not list(tmp_path.iterdir()), "the notebook wrote files into its directory"
 
@@ -182,7 +182,9 @@ def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path,
                   ["transform=linear", f"transform.path={sae}", "transform.activation=relu"],
                   ["extract.perturb=noise:40"], ["extract.perturb=rotate:90"],
                   ["stage=loadings", "loadings.top=5"],
-                  ["stage=loadings", "loadings.top=5", "transform=rotate", "transform.alpha=1"]):
+                  ["stage=loadings", "loadings.top=5", "transform=rotate", "transform.alpha=1"],
+                  ["stage=probe", "probe.folds=2"],
+                  ["stage=probe", "probe.folds=2", "transform=rotate", "transform.alpha=1"]):
         run(compose_config([*base, *extra]))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -191,12 +193,12 @@ def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path,
     text = stdout(nb)
     assert "No rotation rows" not in text and "No perturbed rows" not in text
     assert "No other bases" not in text and "No checkpoint sweep" in text
-    assert "No loadings rows" not in text
-    assert figures(nb) == 8  # 4 common + rotation + perturbations + bases + loadings
+    assert "No loadings rows" not in text and "No probe rows" not in text
+    assert figures(nb) == 9  # 4 common + rotation, perturbations, bases, loadings, probes
     shown = " ".join(o.get("data", {}).get("text/plain", "")
                      for o in outputs(nb, "execute_result") + outputs(nb, "display_data"))
     for needle in ("alpha", "pca(whiten=false)", "linear(file=sae.npz,activation=relu)", "noise",
-                   "detectors_std", "unique_lo", "null_detectors"):
+                   "detectors_std", "unique_lo", "null_detectors", "accuracy_std"):
         assert needle in shown, needle
     assert "bootstrap intervals for" in text  # the plain run's layers rows have them
     from pipeline.api import rotation_summary
