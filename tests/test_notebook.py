@@ -72,7 +72,8 @@ def test_committed_notebook_is_clean_and_documents_the_workdir():
     for section in ("unique detectors per category", "iou distributions", "top concepts",
                     "across layers and models", "across training checkpoints", "rotation curve",
                     "input perturbations", "units vs pca vs sparse-autoencoder latents",
-                    "per-concept loadings", "discrimination vs interpretability"):
+                    "per-concept loadings", "discrimination vs interpretability",
+                    "human agreement"):
         assert section in headings, section
 
 
@@ -82,7 +83,7 @@ def test_notebook_runs_on_a_real_run(tiny_run, tmp_path, monkeypatch):
     # stacked bars, IoU histograms, top concepts, layer comparison; no experiment sections
     assert figures(nb) == 4
     for empty in ("No rotation rows", "No checkpoint sweep", "No perturbed rows",
-                  "No other bases", "No loadings rows", "No probe rows"):
+                  "No other bases", "No loadings rows", "No probe rows", "No ratings"):
         assert empty in stdout(nb), empty
     assert not list(tmp_path.iterdir()), "the notebook wrote files into its directory"
 
@@ -186,6 +187,16 @@ def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path,
                   ["stage=probe", "probe.folds=2"],
                   ["stage=probe", "probe.folds=2", "transform=rotate", "transform.alpha=1"]):
         run(compose_config([*base, *extra]))
+    from pipeline.graph import Run
+    from pipeline.rating import rated_layers
+    from pipeline.workflow import GRAPH
+    from stages.rate import RatingBook
+
+    rating = Run(compose_config([*base, "stage=rate", "rate.detectors_only=false"]),
+                 lambda: None, GRAPH)
+    book = RatingBook(rated_layers(rating), 4, 64)
+    for unit, answer in ((0, "yes"), (1, "no"), (2, "skip")):
+        book.answer({"rater": "ann", "layer": "tiny_cnn/conv3", "unit": unit, "answer": answer})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     nb = execute(wd, run_dir, monkeypatch)
@@ -194,11 +205,13 @@ def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path,
     assert "No rotation rows" not in text and "No perturbed rows" not in text
     assert "No other bases" not in text and "No checkpoint sweep" in text
     assert "No loadings rows" not in text and "No probe rows" not in text
+    assert "No ratings" not in text
     assert figures(nb) == 9  # 4 common + rotation, perturbations, bases, loadings, probes
     shown = " ".join(o.get("data", {}).get("text/plain", "")
                      for o in outputs(nb, "execute_result") + outputs(nb, "display_data"))
     for needle in ("alpha", "pca(whiten=false)", "linear(file=sae.npz,activation=relu)", "noise",
-                   "detectors_std", "unique_lo", "null_detectors", "accuracy_std"):
+                   "detectors_std", "unique_lo", "null_detectors", "accuracy_std",
+                   "human_agreement"):
         assert needle in shown, needle
     assert "bootstrap intervals for" in text  # the plain run's layers rows have them
     from pipeline.api import rotation_summary
