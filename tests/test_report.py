@@ -29,7 +29,7 @@ import stages.report as report_mod
 from pipeline.run import compose_config, run
 from stages.engine.blocks import LayerBlocks
 from stages.engine.reduction import reduce_with_dask
-from stages.report import render_tile
+from stages.pages.strips import OUTLINE, render_tile
 from stages.tally.masks import unit_mask
 from stages.thresholds.top_images import top_images
 from storage.activations import ActivationStore, create_store, mark_complete, write_block
@@ -274,7 +274,7 @@ def test_render_tile_dims_outside_the_mask():
     assert tile.shape == (40, 40, 3)
     np.testing.assert_array_equal(tile[12:28, 12:28], image[12:28, 12:28])  # inside: untouched
     assert (tile[:8, :8] < image[:8, :8]).all()  # outside: dimmed
-    assert (tile[10, 15] == report_mod.OUTLINE).all()  # edge: outlined
+    assert (tile[10, 15] == OUTLINE).all()  # edge: outlined
 
 
 # ---------------------------------------------------------------- top-N reduction

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -34,11 +34,10 @@ from stages.thresholds.kernels import (
     float_keys,
     keys_to_floats,
     lerp,
-    merge_top,
     quantile_position,
-    top_values,
     unit_values,
 )
+from stages.thresholds.statistics import TopList, TopValues
 
 ROW_BITS = 31  # an entry key: the value's order-preserving key above the image row's bits
 
@@ -62,46 +61,31 @@ def entries_needed(n_images: int, positions: int, q: float) -> int:
 
 
 @dataclass(frozen=True)
-class TopEntryList(Partial):
-    keys: np.ndarray  # (K, m) int64: float_keys(value) << ROW_BITS | (2^31 - 1 - row), unordered
+class TopEntryList(TopList):
+    """``values`` are entry keys: (K, m) int64 float_keys(value) << ROW_BITS | (2^31 - 1 -
+    row), unordered."""
 
-    def descending(self) -> tuple[np.ndarray, np.ndarray]:
+    def entries(self) -> tuple[np.ndarray, np.ndarray]:
         """(K, m) float64 values from the largest, and the image row of each (ties: lower
         row first)."""
-        keys = -np.sort(-self.keys, axis=1)
+        keys = -np.sort(-self.values, axis=1)
         row_mask = (1 << ROW_BITS) - 1
         return (keys_to_floats(keys >> ROW_BITS).astype(np.float64),
                 row_mask - (keys & row_mask))
 
 
 @dataclass(frozen=True)
-class TopEntries(Statistic):
+class TopEntries(TopValues):
     """Per unit, its ``need`` largest values with their image rows: one key per (value,
     row), so the merge keeps the same entries however the blocks are split."""
 
-    need: int
-    floor: np.ndarray | None = None  # (K,) the need-th largest key seen so far
     partial_type = TopEntryList
 
-    def chunk(self, block: Block) -> TopEntryList:
+    def ranked(self, block: Block) -> torch.Tensor:
         values = unit_values(block.acts)  # (K, B·h·w), image by image
         rows = torch.from_numpy(np.asarray(block.rows, np.int64)).to(values.device)
         rows = rows.repeat_interleave(values.shape[1] // max(len(block.rows), 1))
-        keys = (float_keys(values) << ROW_BITS) | (((1 << ROW_BITS) - 1) - rows)[None, :]
-        keep = self.need
-        if self.floor is not None:
-            floor = torch.from_numpy(self.floor).to(keys.device)
-            keep = min(keep, int((keys > floor[:, None]).sum(dim=1).max()))
-        return TopEntryList(top_values(keys, keep).cpu().numpy())
-
-    def refine(self, partial: TopEntryList) -> TopEntries:
-        if partial.keys.shape[1] < self.need:
-            return self
-        return replace(self, floor=partial.keys.min(axis=1))
-
-    def combine(self, partials: Sequence[TopEntryList]) -> TopEntryList:
-        return TopEntryList(merge_top([torch.from_numpy(p.keys) for p in partials],
-                                      self.need).numpy())
+        return (float_keys(values) << ROW_BITS) | (((1 << ROW_BITS) - 1) - rows)[None, :]
 
 
 @njit(nogil=True, cache=True)
@@ -130,7 +114,7 @@ def replicate_thresholds(top: TopEntryList, n_images: int, positions: int, q: fl
     """(K, R) float64: each unit's §1 threshold in every replicate — numpy's 'linear'
     quantile 1 - q of the multiset where image x's ``positions`` values appear w(r, x) times,
     read from the unit's largest entries."""
-    values, rows = top.descending()
+    values, rows = top.entries()
     weights = image_weights(np.arange(n_images), replicates, seed)
     size = positions * weights.sum(axis=0)
     ranks = [quantile_position(int(n), q) for n in size]  # ascending (lo, hi, gamma)

@@ -51,16 +51,20 @@ class TopValues(Statistic):
     """
 
     need: int
-    floor: np.ndarray | None = None  # (K,) float32
+    floor: np.ndarray | None = None  # (K,) the need-th largest ranked value seen so far
     partial_type = TopList
 
+    def ranked(self, block: Block) -> torch.Tensor:
+        """(K, n) what is ranked per unit: here the block's raw values."""
+        return unit_values(block.acts)
+
     def chunk(self, block: Block) -> TopList:
-        values = unit_values(block.acts)
+        values = self.ranked(block)
         keep = self.need
         if self.floor is not None:
             floor = torch.from_numpy(self.floor).to(values.device)
             keep = min(keep, int((values > floor[:, None]).sum(dim=1).max()))
-        return TopList(top_values(values, keep).cpu().numpy())
+        return self.partial_type(top_values(values, keep).cpu().numpy())
 
     def refine(self, partial: TopList) -> TopValues:
         """This statistic for the blocks still to come, given the merged ``partial``."""
@@ -69,7 +73,8 @@ class TopValues(Statistic):
         return replace(self, floor=partial.values.min(axis=1))
 
     def combine(self, partials: Sequence[TopList]) -> TopList:
-        return TopList(merge_top([torch.from_numpy(p.values) for p in partials], self.need).numpy())
+        return self.partial_type(merge_top([torch.from_numpy(p.values) for p in partials],
+                                           self.need).numpy())
 
 
 @dataclass(frozen=True)
