@@ -21,6 +21,7 @@ import pandas as pd
 
 from stages.engine.blocks import Block, ScoringBlocks
 from stages.engine.reduction import Partial, Pass, Statistic, reduce_blocks
+from stages.tally.classes import pixel_classes
 from stages.tally.labels import LabelSpace, block_labels
 from stages.thresholds.kernels import unit_values
 
@@ -48,13 +49,11 @@ def concept_cells(labels_present: np.ndarray, shape: tuple[int, int, int, int],
 
 def labels_present(block: Block, space: LabelSpace, dense: np.ndarray) -> np.ndarray:
     """(B, C, sh·sw) bool: whether each mask pixel carries each of the ``dense`` labels in a
-    plane, or its image carries it as an image-level label (then every pixel does)."""
-    labels = block_labels(block.labels, space)
-    pixel = space.lut[np.minimum(labels.pixel, len(space.lut) - 1)]  # (B, P, S) dense
-    image = space.lut[np.minimum(labels.image, len(space.lut) - 1)]  # (B, Q)
-    out = (pixel[:, None, :, :] == dense[None, :, None, None]).any(axis=2)
-    whole = (image[:, None, :] == dense[None, :, None]).any(axis=2)
-    return out | whole[:, :, None]
+    plane, or its image carries it as an image-level label (then every pixel does): read
+    from the block's pixel classes, whose labels are exactly those (SEMANTICS.md §6)."""
+    classes = pixel_classes(block_labels(block.labels, space), space.lut)
+    carries = (classes.labels[:, :, None] == dense[None, None, :]).any(axis=1)  # (classes, C)
+    return carries[classes.pixel_class].transpose(0, 2, 1)
 
 
 @dataclass(frozen=True)

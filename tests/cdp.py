@@ -71,14 +71,18 @@ class Chromium:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30.0):
-        """Poll ``expression`` until it is truthy; returns its value."""
-        end = time.monotonic() + timeout
+        """Poll ``expression`` until it is truthy; returns its value.  One that throws counts
+        as false until the timeout (a page still loading has no elements yet)."""
+        end, error = time.monotonic() + timeout, None
         while time.monotonic() < end:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError as exc:
+                value, error = None, exc
             if value:
                 return value
             time.sleep(0.1)
-        raise TimeoutError(f"{expression} stayed false for {timeout} s")
+        raise TimeoutError(f"{expression} stayed false for {timeout} s (last error: {error})")
 
     def open(self, url: str) -> None:
         self.call("Page.navigate", url=url)

@@ -160,7 +160,8 @@ def masked_pixels(
                                    as_tuple=True)
             pairs.append(q + start)
             pixels.append(pix)
-            found.append(up[q, pix])
+            if values:
+                found.append(up[q, pix])
         return (torch.cat(pairs), torch.cat(pixels)) + ((torch.cat(found),) if values else ())
     s = sh // h
     lo, hi = row_bands(maps, t32)
@@ -177,7 +178,8 @@ def masked_pixels(
         q, r, x = torch.nonzero(mask, as_tuple=True)
         pairs.append(sel[q])
         pixels.append((band_lo * s + r) * sw + x)
-        found.append(band[q, r, x])
+        if values:
+            found.append(band[q, r, x])
     return (torch.cat(pairs), torch.cat(pixels)) + ((torch.cat(found),) if values else ())
 
 
