@@ -29,6 +29,7 @@ ClusterKind = StrEnum("ClusterKind", ["local", "threads", "none", "cuda"])
 TransformKind = StrEnum("TransformKind", ["none", "rotate", "pca", "linear"])
 NullKind = StrEnum("NullKind", ["none", "permute"])
 Pool = StrEnum("Pool", ["mean", "max"])
+Search = StrEnum("Search", ["beam", "optimal"])
 DEMO_WEIGHTS = "train"  # model.weights value: train (or reuse) the demo model on the probe set
 BRODEN_FILES = ("index.csv", "category.csv", "label.csv", "images")  # what every Broden dir has
 
@@ -122,8 +123,14 @@ class ConceptsOptions:
 
 @dataclass
 class ExplainOptions:
+    """Compositional explanations (SEMANTICS.md §12)."""
+
+    search: Search = Search.beam  # optimal: branch and bound, with a certificate per unit
     max_length: int = 3
-    beam: int = 5
+    beam: int = 5  # width of search=beam
+    max_nodes: int | None = None  # search=optimal: nodes per unit before it stops (null: none)
+    time_limit: float | None = None  # search=optimal: seconds per unit (null: none)
+    workers: int | None = None  # search=optimal: processes over units (null: every core)
 
 
 @dataclass
@@ -232,6 +239,9 @@ def validate(cfg: Config) -> None:
     _positive("report.thumb_size", cfg.report.thumb_size)
     _positive("explain.max_length", cfg.explain.max_length)
     _positive("explain.beam", cfg.explain.beam)
+    for key in ("max_nodes", "time_limit", "workers"):
+        if getattr(cfg.explain, key) is not None:
+            _positive(f"explain.{key}", getattr(cfg.explain, key))
     _positive("loadings.top", cfg.loadings.top)
     _positive("loadings.components", cfg.loadings.components)
     _positive("rate.thumb_size", cfg.rate.thumb_size)

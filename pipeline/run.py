@@ -225,7 +225,7 @@ stages (stage=...):
   iou       the dissection, running whatever is missing upstream (the default)
   all       iou, then the HTML report           report    the report alone
   rescore   score the cached activations against concepts.path= / concepts.formulas=
-  explain   compositional explanations (beam search over formulas of labels)
+  explain   compositional explanations: beam search, or proven best (explain.search=optimal)
   loadings  per-concept principal axes: one unit or a combination? (loadings.concepts=[..])
   probe     a linear SVM on pooled activations, cross-validated (probe.category=scene)
   rate      a local page where people rate the units' labels (rate.rater=NAME)

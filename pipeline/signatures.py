@@ -22,10 +22,14 @@ from storage.tables import write_partition
 log = logging.getLogger("netdissect")
 
 
+def signature_partial(artifact: Artifact) -> SignaturePartial:
+    """The layer's signature counts as stored (sparse), read from their artifact."""
+    return SignaturePartial.from_state_dict(load_arrays(artifact.path))
+
+
 def signature_counts(ctx: LayerContext, artifact: Artifact) -> SignatureCounts:
-    """The layer's signature counts, read from their artifact."""
-    partial = SignaturePartial.from_state_dict(load_arrays(artifact.path))
-    return partial.counts_table(ctx.space.n_labels)
+    """The layer's signature counts as dense tables."""
+    return signature_partial(artifact).counts_table(ctx.space.n_labels)
 
 
 def _formulas(run: Run, ctx: LayerContext) -> dict[str, Formula]:
@@ -64,8 +68,10 @@ def _explanations(run: Run, ctx: LayerContext) -> tuple[Artifact, dict]:
     e = run.cfg.explain
     keys = {**ctx.row_keys(), "threshold_quantile": run.cfg.scoring.quantile,
             "union_mode": "global",
-            "planes": "set", "categories": ",".join(ctx.space.categories), "beam": e.beam,
-            "max_length": e.max_length}
+            "planes": "set", "categories": ",".join(ctx.space.categories),
+            "search": str(e.search), "max_length": e.max_length,
+            "beam": e.beam if e.search == "beam" else 0,
+            "max_nodes": e.max_nodes or 0, "time_limit": float(e.time_limit or 0.0)}
     return ctx.result(run, "explanations", keys, with_categories=True), keys
 
 
@@ -76,9 +82,13 @@ def explain_targets(run: Run) -> list[Target]:
         artifact, keys = _explanations(run, ctx)
 
         def build(_missing: list[Artifact]) -> None:
-            counts = signature_counts(ctx, signatures[ctx.layer])
-            write_partition(artifact, explain_layer(counts, list(ctx.space.names),
-                                                    e.max_length, e.beam, keys))
+            partial = signature_partial(signatures[ctx.layer])
+            frame = explain_layer(partial, list(ctx.space.names), e, keys)
+            write_partition(artifact, frame)
+            if e.search == "optimal":
+                log.info("%s: %s: %d of %d units proven optimal, %.3f s per unit",
+                         run.cfg.stage, ctx.layer, int(frame["optimal"].sum()), len(frame),
+                         float(frame["seconds"].mean()))
 
         return Target(f"{ctx.acts.model.identity.model_id} {ctx.layer} explanations",
                       (artifact,), build)

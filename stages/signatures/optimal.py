@@ -1,0 +1,475 @@
+"""Provably optimal compositional explanations (SEMANTICS.md §12) by branch and bound over
+the signature counts.
+
+The grammar is compexp's: left-deep formulas ``((a op b) op c) …`` with op in AND, OR,
+AND NOT, over distinct labels.  Every count a formula needs is an inclusion–exclusion sum
+of *co-occurrences* (pixels carrying every label of a set q), so a node keeps its Möbius
+coefficients μ(q) and |f ∧ c| for every label c at once is Σ_q μ(q)·C(q ∪ {c}): singles
+and pairs come from dense tables, larger sets from the few signatures that hold them.
+
+Pruning is additive.  With b the incumbent's IoU, a formula beats it iff
+V(g) = I(g) − b·W(g) > b·U (I inside the unit's masks, W outside, U the unit's area), and
+V is a sum over signatures; P(g), the sum of its positive terms, bounds V of every subset of
+g.  A node g with r steps left reaches sets inside g ∪ c₁ ∪ … ∪ c_r, so every formula below
+it has V ≤ max(P(g) + top_{r−1} P, V(g) + top_r P), P over single labels — an admissible
+bound that needs no expansion.  Ties go to the shorter formula, then to the smallest
+(label, operator, label, …) sequence, operators ordered AND < OR < AND NOT.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from stages.signatures.formulas import And, Formula, Label, Not, Or
+from stages.signatures.statistic import SignaturePartial
+
+AND, OR, AND_NOT = 0, 1, 2
+OPERATORS = (AND, OR, AND_NOT)
+_Mobius = dict[tuple[int, ...], float]
+
+
+@dataclass
+class Explanation:
+    """One unit's answer and its certificate."""
+
+    key: tuple[int, ...]  # (label, op, label, op, label…) in written order; () = none
+    iou: float
+    bound: float  # every formula of the grammar has IoU ≤ bound
+    optimal: bool
+    nodes: int  # nodes whose children were scored
+    seconds: float
+
+
+def formula_of(key: tuple[int, ...], names: list[str]) -> Formula | None:
+    """The formula tree of a search key."""
+    if not key:
+        return None
+    formula: Formula = Label(names[key[0]])
+    for op, label in zip(key[1::2], key[2::2], strict=True):
+        leaf = Label(names[label])
+        formula = (And(formula, leaf) if op == AND else Or(formula, leaf) if op == OR
+                   else And(formula, Not(leaf)))
+    return formula
+
+
+class LayerTables:
+    """The unit-independent tables of one layer: label membership per signature (labels
+    merged by name, as formulas name them), label areas and pair co-occurrence."""
+
+    def __init__(self, partial: SignaturePartial, names: list[str]) -> None:
+        self.names = list(dict.fromkeys(names))
+        column = {name: i for i, name in enumerate(self.names)}
+        name_of = np.array([-1] + [column[n] for n in names], dtype=np.int64)
+        table = partial.table
+        rows = np.repeat(np.arange(len(table)), table.shape[1])
+        cols = name_of[table.reshape(-1)]
+        keep = cols >= 0
+        n_labels, n_sig = len(self.names), len(table)
+        member = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], cols[keep])),
+                               shape=(n_sig, n_labels))
+        member.sum_duplicates()
+        member.data[:] = 1.0
+        self.member = member
+        self.by_label = member.tocsc()
+        self.counts = partial.counts.astype(np.float64)
+        self.area = np.asarray(member.T @ self.counts).ravel()
+        self.pair_area = (member.T @ sp.diags(self.counts) @ member).toarray()
+        self.total = float(self.counts.sum())
+        order = np.argsort(partial.unit, kind="stable")
+        self._unit_sig, self._unit_val = partial.sig[order], partial.unit_counts[order]
+        self._unit_start = np.searchsorted(partial.unit[order], np.arange(int(partial.units) + 1))
+        self._cooccurrence: dict[tuple[int, ...], np.ndarray] = {}
+
+    @property
+    def n_units(self) -> int:
+        return len(self._unit_start) - 1
+
+    def unit_signatures(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self._unit_start[unit], self._unit_start[unit + 1]
+        return self._unit_sig[lo:hi], self._unit_val[lo:hi].astype(np.float64)
+
+    def rows_holding(self, labels: tuple[int, ...]) -> np.ndarray:
+        """Signatures carrying every label of ``labels``."""
+        lists = sorted((self.by_label.indices[self.by_label.indptr[c]:self.by_label.indptr[c + 1]]
+                        for c in labels), key=len)
+        rows = lists[0]
+        for other in lists[1:]:
+            rows = np.intersect1d(rows, other, assume_unique=True)
+        return rows
+
+    def cooccurrence(self, labels: tuple[int, ...]) -> np.ndarray:
+        """(L,) pixels over the dataset carrying ``labels`` and each label c (|labels| ≥ 2);
+        shared by every unit, so kept."""
+        found = self._cooccurrence.get(labels)
+        if found is None:
+            rows = self.rows_holding(labels)
+            found = np.asarray(self.member[rows].T @ self.counts[rows]).ravel()
+            self._cooccurrence[labels] = found
+        return found
+
+
+class UnitTables:
+    """One unit's tables: the same co-occurrences counted inside its masks (I) and weighted
+    by the positive part of u − b·w (P, for the bound at incumbent b)."""
+
+    def __init__(self, layer: LayerTables, unit: int) -> None:
+        self.layer = layer
+        sig, self.u = layer.unit_signatures(unit)
+        self.sig = sig
+        self.member = layer.member[sig]
+        self.by_label = self.member.tocsc()
+        self.outside = layer.counts[sig] - self.u
+        self.area = float(self.u.sum())
+        self.inter = np.asarray(self.member.T @ self.u).ravel()
+        self.pair_inter = self._pairs(self.u)
+        self._triples: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _pairs(self, weights: np.ndarray) -> np.ndarray:
+        return (self.member.T @ sp.diags(weights) @ self.member).toarray()
+
+    def set_incumbent(self, iou: float) -> None:
+        """P tables at incumbent IoU ``iou`` (a larger incumbent only shrinks them, so nodes
+        bounded with older tables stay soundly bounded)."""
+        self.incumbent = iou
+        self.weight = np.maximum(self.u - iou * self.outside, 0.0)
+        self.pos = np.asarray(self.member.T @ self.weight).ravel()
+        self.pair_pos = self._pairs(self.weight)
+        self.top_pos = np.concatenate([[0.0], np.cumsum(np.sort(self.pos)[::-1])])
+        self.top_inter = np.concatenate([[0.0], np.cumsum(np.sort(self.inter)[::-1])])
+        value = self.inter - iou * (self.layer.area - self.inter)
+        pair_value = self.pair_inter - iou * (self.layer.pair_area - self.pair_inter)
+        negative = self.pair_pos - pair_value  # pixels' negative parts, per label pair
+        self.value, self.pair_negative = value, negative
+        self.single_negative = self.pos - value
+        off = pair_value.copy()
+        np.fill_diagonal(off, -np.inf)
+        self.most_pair_value = off.max(axis=1)  # max over c ≠ a of V(a ∧ c)
+        self.most = {}
+        for repeats in (False, True):  # may c be a label the formula already has?
+            pos, neg, gain = self.pair_pos.copy(), negative.copy(), value[None, :] + negative
+            if not repeats:
+                for m in (pos, neg, gain):
+                    np.fill_diagonal(m, -np.inf)
+            self.most[repeats] = (pos.max(axis=1), neg.max(axis=1), gain.max(axis=1))
+        self._triples.clear()
+
+    def vectors(self, q: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(I, A, P) co-occurrence of q ∪ {c} for every label c."""
+        if len(q) == 0:
+            return self.inter, self.layer.area, self.pos
+        if len(q) == 1:
+            a = q[0]
+            return self.pair_inter[a], self.layer.pair_area[a], self.pair_pos[a]
+        found = self._triples.get(q)
+        if found is None:
+            lists = [self.by_label.indices[self.by_label.indptr[c]:self.by_label.indptr[c + 1]]
+                     for c in q]
+            rows = lists[0]
+            for other in lists[1:]:
+                rows = np.intersect1d(rows, other, assume_unique=True)
+            sub = self.member[rows].T
+            found = (np.asarray(sub @ self.u[rows]).ravel(),
+                     np.asarray(sub @ self.weight[rows]).ravel())
+            self._triples[q] = found
+        return found[0], self.layer.cooccurrence(q), found[1]
+
+
+@dataclass(order=True)
+class _Node:
+    priority: float
+    key: tuple[int, ...] = field(compare=True)
+    mobius: _Mobius = field(compare=False)
+    inter: float = field(compare=False)
+    area: float = field(compare=False)
+    pos: float = field(compare=False)
+    state: tuple[int, int, int, int] = field(compare=False)  # family, last +, last −, last OR
+    cover: tuple[int, ...] = field(compare=False)  # labels whose union holds the formula
+
+
+_START, _AND_RUN, _OR_RUN = 0, 1, 2
+
+
+def _allowed(state: tuple[int, int, int, int], op: int, n_labels: int) -> np.ndarray:
+    """Labels c for which ``node op c`` is the canonical writing of its formula: a run of
+    AND / AND NOT steps lists its positive labels first, each run in increasing order, and a
+    run of ORs in increasing order (the other orders are the same formula)."""
+    family, last_pos, last_neg, last_or = state
+    c = np.arange(n_labels)
+    if op == AND:
+        if family == _OR_RUN:
+            return np.ones(n_labels, bool)
+        return (c > last_pos) if last_neg < 0 else np.zeros(n_labels, bool)
+    if op == AND_NOT:
+        return np.ones(n_labels, bool) if family == _OR_RUN else c > last_neg
+    return np.ones(n_labels, bool) if family == _AND_RUN else c > last_or
+
+
+def _next_state(state: tuple[int, int, int, int], op: int, c: int) -> tuple[int, int, int, int]:
+    family, last_pos, last_neg, _ = state
+    fresh = family == _OR_RUN
+    if op == AND:
+        return (_AND_RUN, c, -1 if fresh else last_neg, -1)
+    if op == AND_NOT:
+        return (_AND_RUN, -1 if fresh else last_pos, c, -1)
+    return (_OR_RUN, -1, -1, c)
+
+
+def _child_mobius(mobius: _Mobius, op: int, c: int) -> _Mobius:
+    joined: _Mobius = {}
+    for q, v in mobius.items():
+        union = tuple(sorted(set(q) | {c}))
+        joined[union] = joined.get(union, 0.0) + v
+    if op == AND:
+        return joined
+    out = dict(mobius)
+    if op == OR:
+        out[(c,)] = out.get((c,), 0.0) + 1.0
+    for q, v in joined.items():
+        out[q] = out.get(q, 0.0) - v
+    return {q: v for q, v in out.items() if v != 0.0}
+
+
+def _iou(inter, area, unit_area):
+    union = unit_area + area - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+class _Search:
+    """The search for one unit."""
+
+    def __init__(self, unit: UnitTables, max_length: int, max_nodes: int | None,
+                 time_limit: float | None, trace: list | None = None) -> None:
+        self.t, self.m, self.trace = unit, max_length, trace
+        self.n = len(unit.layer.names)
+        self.max_nodes, self.deadline = max_nodes, (
+            None if time_limit is None else time.perf_counter() + time_limit)
+        self.best_key: tuple[int, ...] = ()
+        self.best = -1.0
+        self.nodes = 0
+        self.margin = 1e-9 * (unit.area + unit.layer.total)  # far above float rounding
+
+    def offer(self, key: tuple[int, ...], iou: float) -> None:
+        if iou > self.best or (iou == self.best and (len(key), key) < (len(self.best_key),
+                                                                      self.best_key)):
+            self.best, self.best_key = iou, key
+
+    def offer_vector(self, prefix: tuple[int, ...], op: int, iou: np.ndarray,
+                     allowed: np.ndarray) -> None:
+        if not allowed.any():
+            return
+        masked = np.where(allowed, iou, -1.0)
+        top = masked.max()
+        if top >= self.best:
+            self.offer(prefix + (op, int(np.flatnonzero(masked == top)[0])), float(top))
+
+    def value(self, inter, area):
+        return inter - self.t.incumbent * (area - inter)
+
+    def bound(self, inter, area, pos, steps: int, cover_terms=None):
+        """A bound on V of every formula ``steps`` steps below nodes with these counts:
+        inside g ∪ c₁ ∪ … (top P over labels), and for one step the label-level terms of
+        :meth:`cover_terms` (AND: P(g ∧ c); AND NOT: V(g) + N(g ∧ c); OR: V(g) + V(c) +
+        N(g ∧ c), each through the labels covering g)."""
+        t, value = self.t, self.value(inter, area)
+        generic = np.maximum(pos + t.top_pos[min(steps - 1, self.n)],
+                             value + t.top_pos[min(steps, self.n)])
+        if steps != 1 or cover_terms is None:
+            return generic
+        most_pos, most_neg, most_gain = cover_terms
+        one = np.maximum(np.minimum(pos, most_pos), value + np.maximum(most_neg, most_gain))
+        return np.minimum(generic, one)
+
+    def cover_terms(self, cover: tuple[int, ...], repeats: bool):
+        """Bounds over all labels c of P(g ∧ c), N(g ∧ c) and V(c) + N(g ∧ c) for a formula
+        g inside the union of the labels ``cover``."""
+        pos, neg, gain = self.t.most[repeats]
+        total_neg = sum(neg[a] for a in cover)
+        return (sum(pos[a] for a in cover), total_neg,
+                min(gain[a] + total_neg - neg[a] for a in cover))
+
+    def iou_bound(self, inter, steps: int) -> np.ndarray:
+        """An IoU-valued bound below a node (for a stopped search's certificate)."""
+        t = self.t
+        return np.minimum(inter + t.top_inter[min(steps, self.n)], t.area) / max(t.area, 1.0)
+
+    def survives(self, value) -> np.ndarray:
+        return value >= self.t.incumbent * self.t.area - self.margin
+
+    def raise_incumbent(self) -> None:
+        """Rebuild the P tables at the incumbent once it has grown by 1% (tables of a
+        smaller incumbent bound soundly, only less tightly)."""
+        if self.best > 1.01 * self.t.incumbent:
+            self.t.set_incumbent(self.best)
+
+    def run(self) -> Explanation:
+        start, t, n = time.perf_counter(), self.t, self.n
+        if n == 0:
+            return Explanation((), 0.0, 0.0, True, 0, 0.0)
+        self.nodes = 1
+        single = _iou(t.inter, t.layer.area, t.area)
+        self.best_key, self.best = (int(np.argmax(single)),), float(single.max())
+        if self.m == 1 or t.inter.max() <= 0:  # nothing overlaps the unit: every IoU is 0
+            return self._done(start, [])
+        self.nodes += n
+        labels = np.arange(n)
+        pair_i, pair_a = t.pair_inter, t.layer.pair_area
+        ci, ca = t.inter, t.layer.area
+        upper = labels[None, :] > labels[:, None]
+        distinct = labels[None, :] != labels[:, None]
+        level = {AND: (pair_i, pair_a, upper),
+                 OR: (ci[:, None] + ci[None, :] - pair_i, ca[:, None] + ca[None, :] - pair_a,
+                      upper),
+                 AND_NOT: (ci[:, None] - pair_i, ca[:, None] - pair_a, distinct)}
+        for op in OPERATORS:
+            inter, area, allowed = level[op]
+            iou = np.where(allowed, _iou(inter, area, t.area), -1.0)
+            top = iou.max()
+            if top >= self.best:
+                a, c = np.argwhere(iou == top)[0]
+                self.offer((int(a), op, int(c)), float(top))
+        if self.m == 2:
+            return self._done(start, [])
+        t.set_incumbent(self.best)
+        return self._branch(self._second_level(level), start)
+
+    def _second_level(self, level) -> list[_Node]:
+        """Every two-label formula whose subtree may hold a better one, as open nodes."""
+        t, steps = self.t, self.m - 2
+        cp, pair_p = t.pos, t.pair_pos
+        pos_of = {AND: pair_p, OR: cp[:, None] + cp[None, :] - pair_p,
+                  AND_NOT: cp[:, None] - pair_p}
+        terms = self._pair_terms(level, pos_of)
+        heap: list[_Node] = []
+        for op in OPERATORS:
+            inter, area, allowed = level[op]
+            value = self.bound(inter, area, pos_of[op], steps, terms[op])
+            if self.trace is not None:
+                self.trace.extend(((int(a), op, int(c)), t.incumbent, float(value[a, c]))
+                                  for a, c in np.argwhere(allowed))
+            for a, c in np.argwhere(allowed & self.survives(value)):
+                a, c = int(a), int(c)
+                cover = (a,) if op == AND_NOT else (a, c) if op == OR else (
+                    (a,) if t.most[False][0][a] <= t.most[False][0][c] else (c,))
+                heap.append(_Node(-float(value[a, c]), (a, op, c),
+                                  _child_mobius({(a,): 1.0}, op, c), float(inter[a, c]),
+                                  float(area[a, c]), float(pos_of[op][a, c]),
+                                  _next_state((_START, a, -1, a), op, c), cover))
+        heapq.heapify(heap)
+        return heap
+
+    def _pair_terms(self, level, pos_of):
+        """Per two-label formula g, :meth:`cover_terms` tightened with g's own counts:
+        for g ⊆ a, V(g ∧ c) ≤ V(a ∧ c) + N(a) − N(g); for g = a ∨ b, V(g ∧ c) ≤ V(a ∧ c)
+        + V(b ∧ c) + N(a ∧ b); N(g ∧ c) ≤ N(g); V(c) + N(g ∧ c) ≤ max V(c) + N(g)."""
+        t = self.t
+        p, ng, gn = (x[:, None] for x in t.most[False])
+        pt, nt, gt = (x[None, :] for x in t.most[False])
+        vm, n1 = t.most_pair_value, t.single_negative
+        within = {AND: np.minimum((vm + n1)[:, None], (vm + n1)[None, :]),
+                  AND_NOT: (vm + n1)[:, None], OR: None}
+        terms = {}
+        for op, (most_pos, most_neg, most_gain) in {
+                AND: (np.minimum(p, pt), np.minimum(ng, nt), np.minimum(gn, gt)),
+                AND_NOT: (p, ng, gn),
+                OR: (p + pt, ng + nt, np.minimum(gn + nt, gt + ng))}.items():
+            inter, area, _ = level[op]
+            negative = pos_of[op] - self.value(inter, area)  # N(g)
+            tighter = (vm[:, None] + vm[None, :] + t.pair_negative if op == OR
+                       else within[op] - negative)
+            terms[op] = (np.minimum(most_pos, tighter), np.minimum(most_neg, negative),
+                         np.minimum(most_gain, t.value.max() + negative))
+        return terms
+
+    def _node_bound(self, node: _Node) -> float:
+        steps = self.m - (len(node.key) + 1) // 2
+        terms = self.cover_terms(node.cover, (len(node.key) + 1) // 2 >= 3)
+        fresh = float(self.bound(node.inter, node.area, node.pos, steps, terms))
+        return min(fresh, -node.priority)  # the bound at push time stays valid
+
+    def _branch(self, heap: list[_Node], start: float) -> Explanation:
+        while heap:
+            if self._out_of_budget():
+                return self._done(start, heap)
+            node = heapq.heappop(heap)
+            limit = self._node_bound(node)
+            if self.trace is not None:
+                self.trace.append((node.key, self.t.incumbent, limit))
+            if not self.survives(limit):
+                continue
+            self.nodes += 1
+            self._expand(node, heap)
+            self.raise_incumbent()
+        return self._done(start, [])
+
+    def _expand(self, node: _Node, heap: list[_Node]) -> None:
+        t, n = self.t, self.n
+        depth = (len(node.key) + 1) // 2
+        both_i, both_a, both_p = np.zeros(n), np.zeros(n), np.zeros(n)
+        for q, v in node.mobius.items():
+            vi, va, vp = t.vectors(q)
+            both_i += v * vi
+            both_a += v * va
+            both_p += v * vp
+        fresh = np.ones(n, bool)
+        if depth < 3:  # a label used twice in ≤ 3 steps always gives a shorter formula
+            fresh[list(node.key[0::2])] = False
+        children = {AND: (both_i, both_a, both_p),
+                    OR: (node.inter + t.inter - both_i, node.area + t.layer.area - both_a,
+                         node.pos + t.pos - both_p),
+                    AND_NOT: (node.inter - both_i, node.area - both_a, node.pos - both_p)}
+        steps = self.m - depth - 1
+        for op in OPERATORS:
+            inter, area, pos = children[op]
+            allowed = fresh & _allowed(node.state, op, n)
+            self.offer_vector(node.key, op, _iou(inter, area, t.area), allowed)
+            if steps == 0:
+                continue
+            value = self.bound(inter, area, pos, steps)
+            if self.trace is not None:
+                self.trace.extend((node.key + (op, int(c)), t.incumbent, float(value[c]))
+                                  for c in np.flatnonzero(allowed))
+            for c in np.flatnonzero(allowed & self.survives(value)):
+                c = int(c)
+                cover = (node.cover + (c,) if op == OR else node.cover if op == AND_NOT
+                         else min(node.cover, (c,), key=len))
+                heapq.heappush(heap, _Node(-float(value[c]), node.key + (op, c),
+                                           _child_mobius(node.mobius, op, c), float(inter[c]),
+                                           float(area[c]), float(pos[c]),
+                                           _next_state(node.state, op, c), cover))
+
+    def _out_of_budget(self) -> bool:
+        if self.max_nodes is not None and self.nodes >= self.max_nodes:
+            return True
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    def _done(self, start: float, open_nodes: list[_Node]) -> Explanation:
+        bound = self.best
+        for node in open_nodes:
+            steps = self.m - (len(node.key) + 1) // 2
+            bound = max(bound, float(self.iou_bound(np.float64(node.inter), steps)))
+        return Explanation(self.best_key, self.best, bound, not open_nodes, self.nodes,
+                           time.perf_counter() - start)
+
+
+def optimal_search(layer: LayerTables, max_length: int = 3, max_nodes: int | None = None,
+                   time_limit: float | None = None, units: list[int] | None = None,
+                   trace: list | None = None) -> list[Explanation]:
+    """Per unit, the formula of at most ``max_length`` labels with the highest IoU
+    (union=global), with its certificate; ``max_nodes`` and ``time_limit`` (seconds) bound
+    each unit's search, and a unit they stop reports its open bound instead of optimality.
+    ``trace`` (for the tests of admissibility) receives, per unit, a list of every bound the
+    search computed: (node key, incumbent IoU, bound on V below the node)."""
+    chosen = range(layer.n_units) if units is None else units
+    found = []
+    for k in chosen:
+        seen = None if trace is None else []
+        found.append(_Search(UnitTables(layer, k), max_length, max_nodes, time_limit,
+                             seen).run())
+        if trace is not None:
+            trace.append(seen)
+    return found
