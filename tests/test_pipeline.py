@@ -175,9 +175,11 @@ def test_bad_config_value_is_one_line(tmp_path):
     ("scoring.unoin=global", "config key 'scoring.unoin' does not exist"),
     ("model=resnet19", "Could not find 'model/resnet19'; available: alexnet"),
     ("model=torchvision", "model: set exactly one of model.arch"),
+    ("explain.search=exhaustive", "explain.search='exhaustive'"),
+    ("stage=explain explain.max_nodes=0", "explain.max_nodes=0: must be positive"),
 ])
 def test_bad_config_key_is_one_line(tmp_path, override, expected):
-    res = subprocess.run(cli(override, f"workdir={tmp_path}"), cwd=REPO, env=cli_env(),
+    res = subprocess.run(cli(*override.split(), f"workdir={tmp_path}"), cwd=REPO, env=cli_env(),
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()]

@@ -290,3 +290,30 @@ def test_explain_stage_writes_table(probe):
     assert len(table) == 128  # resnet18 layer2 units
     assert set(table["max_length"]) == {2} and table["length"].between(0, 2).all()
     assert (table["iou"] >= 0).all() and table["iou"].max() > 0
+
+
+def test_optimal_explanations_rescore_to_their_iou(probe, tmp_path):
+    """explain.search=optimal: every unit proven optimal on the probe set, never below beam
+    search, and each formula re-scored through concepts.formulas gives its IoU exactly."""
+    import yaml
+
+    base = [f"workdir={probe['workdir']}", f"dataset.path={probe['data']}", "stage=explain",
+            *MODEL]
+    run(compose_config([*base, "explain.search=optimal", "explain.workers=1"]))
+    run(compose_config([*base, "explain.beam=5"]))
+    table = read_table(probe["workdir"] / "results", "explanations", max_length=3)
+    optimal = table[table["search"] == "optimal"].set_index("unit").sort_index()
+    beam = table[(table["search"] == "beam") & (table["beam"] == 5)].set_index("unit")
+    assert len(optimal) == 128 and optimal["optimal"].all()
+    assert (optimal["bound"] == optimal["iou"]).all() and (optimal["gap"] == 0).all()
+    assert (optimal["iou"] >= beam["iou"].sort_index()).all()
+    assert beam["bound"].isna().all() and not beam["optimal"].any()
+    formulas = tmp_path / "explanations.yaml"
+    named = optimal[optimal["formula"] != ""]
+    formulas.write_text(yaml.safe_dump({f"unit{u}": f for u, f in named["formula"].items()}))
+    frame = rescore(probe["workdir"], formulas=formulas, dataset=probe["data"],
+                    overrides=MODEL)
+    rows = frame[frame["category"] == "formula"]
+    for unit, iou in named["iou"].items():
+        row = rows[(rows["concept"] == f"unit{unit}") & (rows["unit"] == unit)]
+        assert row["iou"].item() == iou, (unit, named.loc[unit, "formula"])
