@@ -73,7 +73,7 @@ def test_committed_notebook_is_clean_and_documents_the_workdir():
                     "across layers and models", "across training checkpoints", "rotation curve",
                     "input perturbations", "units vs pca vs sparse-autoencoder latents",
                     "per-concept loadings", "discrimination vs interpretability",
-                    "human agreement"):
+                    "human agreement", "beam search vs optimal explanations"):
         assert section in headings, section
 
 
@@ -83,7 +83,8 @@ def test_notebook_runs_on_a_real_run(tiny_run, tmp_path, monkeypatch):
     # stacked bars, IoU histograms, top concepts, layer comparison; no experiment sections
     assert figures(nb) == 4
     for empty in ("No rotation rows", "No checkpoint sweep", "No perturbed rows",
-                  "No other bases", "No loadings rows", "No probe rows", "No ratings"):
+                  "No other bases", "No loadings rows", "No probe rows", "No ratings",
+                  "No explanations"):
         assert empty in stdout(nb), empty
     assert not list(tmp_path.iterdir()), "the notebook wrote files into its directory"
 
@@ -185,7 +186,9 @@ def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path,
                   ["stage=loadings", "loadings.top=5"],
                   ["stage=loadings", "loadings.top=5", "transform=rotate", "transform.alpha=1"],
                   ["stage=probe", "probe.folds=2"],
-                  ["stage=probe", "probe.folds=2", "transform=rotate", "transform.alpha=1"]):
+                  ["stage=probe", "probe.folds=2", "transform=rotate", "transform.alpha=1"],
+                  ["stage=explain", "explain.max_length=2"],
+                  ["stage=explain", "explain.max_length=2", "explain.search=optimal"]):
         run(compose_config([*base, *extra]))
     from pipeline.graph import Run
     from pipeline.rating import rated_layers
@@ -205,13 +208,14 @@ def test_notebook_draws_the_experiments_from_real_rows(synthetic_root, tmp_path,
     assert "No rotation rows" not in text and "No perturbed rows" not in text
     assert "No other bases" not in text and "No checkpoint sweep" in text
     assert "No loadings rows" not in text and "No probe rows" not in text
-    assert "No ratings" not in text
-    assert figures(nb) == 9  # 4 common + rotation, perturbations, bases, loadings, probes
+    assert "No ratings" not in text and "No explanations" not in text
+    assert figures(nb) == 10  # 4 common + rotation, perturbations, bases, loadings, probes,
+    # beam vs optimal
     shown = " ".join(o.get("data", {}).get("text/plain", "")
                      for o in outputs(nb, "execute_result") + outputs(nb, "display_data"))
     for needle in ("alpha", "pca(whiten=false)", "linear(file=sae.npz,activation=relu)", "noise",
                    "detectors_std", "unique_lo", "null_detectors", "accuracy_std",
-                   "human_agreement"):
+                   "human_agreement", "beam_suboptimal"):
         assert needle in shown, needle
     assert "bootstrap intervals for" in text  # the plain run's layers rows have them
     from pipeline.api import rotation_summary
