@@ -8,7 +8,15 @@ import pytest
 
 from stages.explain import optimal_explanations
 from stages.signatures.formulas import format_formula
-from stages.signatures.optimal import AND, AND_NOT, OR, LayerTables, formula_of, optimal_search
+from stages.signatures.optimal import (
+    AND,
+    AND_NOT,
+    OPERATORS,
+    OR,
+    LayerTables,
+    formula_of,
+    optimal_search,
+)
 from stages.signatures.search import beam_search
 from stages.signatures.statistic import SignaturePartial
 
@@ -117,7 +125,7 @@ def test_bounds_are_admissible_at_every_node(max_length, n_labels):
     checked = 0
     for unit, bounds in enumerate(trace):
         for key, incumbent, bound in bounds:
-            truth = _truth(brute, key)
+            truth = _truth(brute.member, key)
             below = [t for _, t in brute.formulas(max_length, key, truth)]
             if not below:
                 continue
@@ -129,10 +137,11 @@ def test_bounds_are_admissible_at_every_node(max_length, n_labels):
     assert checked > 100
 
 
-def _truth(brute: Brute, key: tuple[int, ...]) -> np.ndarray:
-    truth = brute.member[:, key[0]]
+def _truth(member: np.ndarray, key: tuple[int, ...]) -> np.ndarray:
+    """The formula ``key`` evaluated on label membership rows."""
+    truth = member[:, key[0]]
     for op, c in zip(key[1::2], key[2::2], strict=True):
-        column = brute.member[:, c]
+        column = member[:, c]
         truth = truth & column if op == AND else truth | column if op == OR else truth & ~column
     return truth
 
@@ -216,3 +225,43 @@ def test_workers_do_not_change_answers():
     two = optimal_explanations(partial, names, 3, workers=2)
     cols = ["unit", "formula", "iou", "length", "bound", "optimal", "nodes"]
     assert one[cols].equals(two[cols])
+
+
+def test_each_formula_is_searched_once():
+    """The canonical writings the search extends (runs of AND / AND NOT with positive labels
+    first, each run and each run of ORs in increasing order, no label twice within 3) are
+    pairwise different functions at each length, and together express every non-empty
+    formula of ≤ 3 labels of the full grammar."""
+    import itertools
+
+    from stages.signatures.optimal import _START, _allowed, _next_state
+
+    n = 5
+    assignments = np.array(list(itertools.product([False, True], repeat=n)))
+
+    def function(key):
+        return _truth(assignments, key).tobytes()
+
+    canonical: list[tuple[int, ...]] = []
+
+    def walk(key, state):
+        canonical.append(key)
+        if len(key) == 5:
+            return
+        for op in OPERATORS:
+            for c in np.flatnonzero(_allowed(state, op, n)):
+                if int(c) not in key[0::2]:
+                    walk(key + (op, int(c)), _next_state(state, op, int(c)))
+
+    for a in range(n):
+        walk((a,), (_START, a, -1, a))
+    by_length = {}
+    for key in canonical:
+        by_length.setdefault(len(key), []).append(function(key))
+    assert all(len(set(f)) == len(f) for f in by_length.values())
+    every = {f for fs in by_length.values() for f in fs}
+    empty = np.zeros(len(assignments), bool).tobytes()
+    full = Brute.__new__(Brute)
+    full.member = assignments
+    for key, truth in full.formulas(3, distinct=False):
+        assert truth.tobytes() in every or truth.tobytes() == empty, key
