@@ -31,9 +31,6 @@ from benchmarks.bench_broden import concept_path, machine, thresholds_path
 from benchmarks.common import REPO, peak_rss_mib, run_child
 
 MODEL = "resnet18"
-SAMPLE_UNITS = 16  # units of the label and length growth measurements
-LABEL_COUNTS = (150, 300, 600)  # label subsets (and all labels)
-LENGTH4_SECONDS = 20.0  # per-unit time limit of max_length 4
 
 
 def partial_path(workdir: Path, n: int) -> Path:
@@ -89,7 +86,7 @@ def stage_optimal(spec: dict) -> dict:
     from stages.explain import optimal_explanations
 
     workdir, n = Path(spec["workdir"]), spec["n"]
-    partial, names = _partial(workdir, n), _names(workdir, n)
+    partial, names = _first_units(_partial(workdir, n), spec["units"]), _names(workdir, n)
     start = time.perf_counter()
     frame = optimal_explanations(partial, names, 3, workers=spec["workers"])
     seconds = time.perf_counter() - start
@@ -104,7 +101,7 @@ def stage_beam(spec: dict) -> dict:
     from stages.explain import beam_explanations
 
     workdir, n = Path(spec["workdir"]), spec["n"]
-    partial, names = _partial(workdir, n), _names(workdir, n)
+    partial, names = _first_units(_partial(workdir, n), spec["units"]), _names(workdir, n)
     optimal = pd.read_parquet(workdir / "signatures" / f"optimal_{n}.parquet")
     out = {}
     for width in (5, 10):
@@ -122,6 +119,18 @@ def stage_beam(spec: dict) -> dict:
             "above_optimal_units": int((below < 0).sum())}
     out["peak_rss_mib"] = peak_rss_mib()
     return out
+
+
+def _first_units(partial, units: int | None):
+    """The counts of the layer's first ``units`` units (all when None)."""
+    from stages.signatures.statistic import SignaturePartial
+
+    if units is None:
+        return partial
+    keep = partial.unit < units
+    return SignaturePartial(partial.table, partial.counts, partial.unit[keep],
+                            partial.sig[keep], partial.unit_counts[keep],
+                            np.array(min(units, int(partial.units))))
 
 
 def _restricted(partial, names: list[str], keep: np.ndarray):
@@ -142,7 +151,7 @@ def stage_growth(spec: dict) -> dict:
     workdir, n = Path(spec["workdir"]), spec["n"]
     partial, names = _partial(workdir, n), _names(workdir, n)
     rng = np.random.default_rng(spec["seed"])
-    units = sorted(rng.choice(int(partial.units), SAMPLE_UNITS, replace=False).tolist())
+    units = sorted(rng.choice(int(partial.units), spec["sample_units"], replace=False).tolist())
 
     def measure(layer, length, limit=None) -> dict:
         start = time.perf_counter()
@@ -154,15 +163,15 @@ def stage_growth(spec: dict) -> dict:
                 "iou_mean": float(np.mean([e.iou for e in found]))}
 
     out: dict = {"units": units, "labels": {}, "lengths": {}}
-    for count in (*LABEL_COUNTS, len(names)):
+    for count in (*spec["label_counts"], len(names)):
         keep = np.sort(rng.choice(np.arange(1, len(names) + 1), count, replace=False))
         sub, sub_names = _restricted(partial, names, keep)
         out["labels"][str(count)] = measure(LayerTables(sub, sub_names), 3)
     layer = LayerTables(partial, names)
     for length in (1, 2, 3, 4):
         out["lengths"][str(length)] = measure(layer, length,
-                                              LENGTH4_SECONDS if length == 4 else None)
-    out["length4_time_limit_s"] = LENGTH4_SECONDS
+                                              spec["length4_seconds"] if length == 4 else None)
+    out["length4_time_limit_s"] = spec["length4_seconds"]
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 
@@ -171,11 +180,41 @@ STAGES = {"signatures": stage_signatures, "optimal": stage_optimal, "beam": stag
           "growth": stage_growth}
 
 
+def run(args: argparse.Namespace) -> dict:
+    workdir = Path(args.workdir)
+    if not thresholds_path(workdir, MODEL, args.n).exists():
+        subprocess.run([sys.executable, "-m", "benchmarks.bench_broden", "--n", str(args.n),
+                        "--scale", "1", "--models", MODEL, "--stages", "quantile", "--quiet",
+                        "--workdir", str(workdir), "--out", str(workdir / "prepare.json")],
+                       check=True, cwd=REPO)
+    result = {"machine": machine(), "config": {
+        "n": args.n, "model": MODEL, "layer": data.LAYER, "units": args.units or
+        data.LAYERS[MODEL], "workers": args.workers, "seed": args.seed,
+        "sample_units": args.sample_units, "length4_seconds": args.length4_seconds,
+        "label_counts": args.label_counts}}
+    for stage in args.stages:
+        spec = {"stage": stage, "workdir": str(workdir), "n": args.n, "workers": args.workers,
+                "seed": args.seed, "units": args.units, "sample_units": args.sample_units,
+                "length4_seconds": args.length4_seconds, "label_counts": args.label_counts}
+        result[stage] = run_child("benchmarks.bench_explain", json.dumps(spec))
+        print(stage, json.dumps(result[stage])[:400], file=sys.stderr)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=8000, help="images")
     parser.add_argument("--workers", type=int, default=2, help="processes of the search")
+    parser.add_argument("--units", type=int, help="search only the first units (default: all)")
+    parser.add_argument("--sample-units", type=int, default=16,
+                        help="units of the growth measurements")
+    parser.add_argument("--length4-seconds", type=float, default=20.0,
+                        help="per-unit time limit at max_length 4")
+    parser.add_argument("--label-counts", type=int, nargs="+", default=[150, 300, 600],
+                        help="label subsets of the growth measurement (all labels too)")
     parser.add_argument("--workdir", default="/tmp/bench_broden")
     parser.add_argument("--out", default="benchmarks/results/explain.json")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
@@ -185,22 +224,7 @@ def main() -> None:
         spec = json.loads(args.child)
         print(json.dumps(STAGES[spec["stage"]](spec), default=float))
         return
-    workdir = Path(args.workdir)
-    if not thresholds_path(workdir, MODEL, args.n).exists():
-        subprocess.run([sys.executable, "-m", "benchmarks.bench_broden", "--n", str(args.n),
-                        "--scale", "1", "--models", MODEL, "--stages", "quantile", "--quiet",
-                        "--workdir", str(workdir), "--out", str(workdir / "prepare.json")],
-                       check=True, cwd=REPO)
-    result = {"machine": machine(), "config": {"n": args.n, "model": MODEL, "layer": data.LAYER,
-                                                "units": data.LAYERS[MODEL],
-                                                "workers": args.workers, "seed": args.seed}}
-    for stage in args.stages:
-        spec = {"stage": stage, "workdir": str(workdir), "n": args.n, "workers": args.workers,
-                "seed": args.seed}
-        result[stage] = run_child("benchmarks.bench_explain", json.dumps(spec))
-        print(stage, json.dumps(result[stage])[:400], file=sys.stderr)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    run(args)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -6,7 +6,6 @@ by beam search or by the optimal search with its certificate (SEMANTICS.md §12)
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -25,17 +24,15 @@ _UNITS_PER_WORKER = 32  # fewer units than this per process are searched in this
 def beam_explanations(partial: SignaturePartial, names: list[str], max_length: int,
                       beam: int) -> pd.DataFrame:
     """Beam search's answer per unit, in the explanations table's columns (no bound: beam
-    search proves nothing)."""
-    start = time.perf_counter()
+    search proves nothing; no time per unit: the table stays the same on every run)."""
     found = beam_search(partial.counts_table(len(names)), names, max_length, beam)
-    seconds = (time.perf_counter() - start) / max(len(found), 1)
     return pd.DataFrame({
         "unit": np.arange(len(found)),
         "formula": [format_formula(f) if f is not None else "" for f, _ in found],
         "iou": [score for _, score in found],
         "length": [formula_length(f) if f is not None else 0 for f, _ in found],
-        "bound": np.nan, "optimal": False,
-        "nodes": pd.array([pd.NA] * len(found), dtype="Int64"), "seconds": seconds})
+        "gap": np.nan, "bound": np.nan, "optimal": False,
+        "nodes": pd.array([pd.NA] * len(found), dtype="Int64"), "seconds": np.nan})
 
 
 def optimal_explanations(partial: SignaturePartial, names: list[str], max_length: int,
@@ -70,7 +67,7 @@ def _frame(found: list[Explanation], names: list[str]) -> pd.DataFrame:
         "formula": [format_formula(f) if f is not None else "" for f in formulas],
         "iou": [e.iou for e in found],
         "length": [(len(e.key) + 1) // 2 for e in found],
-        "bound": [e.bound for e in found], "optimal": [e.optimal for e in found],
+        "gap": [e.bound - e.iou for e in found], "bound": [e.bound for e in found], "optimal": [e.optimal for e in found],
         "nodes": pd.array([e.nodes for e in found], dtype="Int64"), "seconds": [e.seconds for e in found]})
 
 
@@ -82,5 +79,4 @@ def explain_layer(partial: SignaturePartial, names: list[str], options, keys: di
                                      options.time_limit, options.workers)
     else:
         frame = beam_explanations(partial, names, options.max_length, options.beam)
-    frame.insert(4, "gap", frame["bound"] - frame["iou"])
     return with_row_keys(frame, keys)

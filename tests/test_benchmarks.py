@@ -68,3 +68,27 @@ def test_coverage_benchmark_runs_and_counts_its_draws(tmp_path):
                  *probe["coverage_at_probe_thresholds"].values()):
         assert 0.0 <= rate <= 1.0
     assert all(0 < iou < 1 for iou in result["population_iou"])
+
+
+def test_explain_benchmark_runs_every_stage(tmp_path):
+    """bench_explain on a tiny Broden-shaped set: every unit searched is proven, beam search
+    is never above the optimum, and the growth tables are filled (no timings asserted)."""
+    from benchmarks import bench_explain
+
+    work = tmp_path / "work"
+    bench_broden.run(argparse.Namespace(
+        n=24, scale=1, out=str(tmp_path / "b.json"), workdir=str(work), schedulers=["threads"],
+        models=["resnet18"], baseline_images=24, seed=0, in_process=True, quiet=True,
+        stages=["quantile"]))
+    result = bench_explain.run(argparse.Namespace(
+        n=24, workers=1, units=3, sample_units=1, length4_seconds=0.5, label_counts=[20, 40],
+        workdir=str(work), out=str(tmp_path / "explain.json"),
+        stages=list(bench_explain.STAGES), seed=0))
+    assert result["signatures"]["signatures"] > 0
+    assert result["optimal"]["units"] == 3 and result["optimal"]["proven_optimal"] == 3
+    for width in ("beam5", "beam10"):
+        assert result["beam"][width]["above_optimal_units"] == 0
+    assert list(result["growth"]["labels"])[:2] == ["20", "40"]
+    assert len(result["growth"]["labels"]) == 3
+    assert set(result["growth"]["lengths"]) == {"1", "2", "3", "4"}
+    assert result["growth"]["lengths"]["3"]["proven_optimal"] == 1
