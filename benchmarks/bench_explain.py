@@ -63,7 +63,7 @@ def stage_signatures(spec: dict) -> dict:
     statistic = Signatures(np.load(thresholds_path(workdir, MODEL, n)), space)
     start = time.perf_counter()
     (partial,) = reduce_blocks(Pass(ScoringBlocks(blocks, str(concept_path(workdir, n))),
-                                    [statistic]), blocks.n_blocks(), None, "signatures",
+                                    [statistic]), blocks.n_blocks(), "threads", "signatures",
                                progress=False)
     seconds = time.perf_counter() - start
     partial_path(workdir, n).parent.mkdir(parents=True, exist_ok=True)
