@@ -10,6 +10,16 @@ import scipy.sparse as sp
 from stages.signatures.statistic import SignaturePartial
 
 
+def rows_holding(by_label: sp.csc_matrix, labels: tuple[int, ...]) -> np.ndarray:
+    """Rows of a (rows × labels) membership matrix that carry every label of ``labels``."""
+    lists = sorted((by_label.indices[by_label.indptr[c]:by_label.indptr[c + 1]]
+                    for c in labels), key=len)
+    rows = lists[0]
+    for other in lists[1:]:
+        rows = np.intersect1d(rows, other, assume_unique=True)
+    return rows
+
+
 class LayerTables:
     """The unit-independent tables of one layer: label membership per signature (labels
     merged by name, as formulas name them), label areas and pair co-occurrence."""
@@ -46,21 +56,12 @@ class LayerTables:
         lo, hi = self._unit_start[unit], self._unit_start[unit + 1]
         return self._unit_sig[lo:hi], self._unit_val[lo:hi].astype(np.float64)
 
-    def rows_holding(self, labels: tuple[int, ...]) -> np.ndarray:
-        """Signatures carrying every label of ``labels``."""
-        lists = sorted((self.by_label.indices[self.by_label.indptr[c]:self.by_label.indptr[c + 1]]
-                        for c in labels), key=len)
-        rows = lists[0]
-        for other in lists[1:]:
-            rows = np.intersect1d(rows, other, assume_unique=True)
-        return rows
-
     def cooccurrence(self, labels: tuple[int, ...]) -> np.ndarray:
         """(L,) pixels over the dataset carrying ``labels`` and each label c (|labels| ≥ 2);
         shared by every unit, so kept."""
         found = self._cooccurrence.get(labels)
         if found is None:
-            rows = self.rows_holding(labels)
+            rows = rows_holding(self.by_label, labels)
             found = np.asarray(self.member[rows].T @ self.counts[rows]).ravel()
             self._cooccurrence[labels] = found
         return found
@@ -120,11 +121,7 @@ class UnitTables:
             return self.pair_inter[a], self.layer.pair_area[a], self.pair_pos[a]
         found = self._triples.get(q)
         if found is None:
-            lists = [self.by_label.indices[self.by_label.indptr[c]:self.by_label.indptr[c + 1]]
-                     for c in q]
-            rows = lists[0]
-            for other in lists[1:]:
-                rows = np.intersect1d(rows, other, assume_unique=True)
+            rows = rows_holding(self.by_label, q)
             sub = self.member[rows].T
             found = (np.asarray(sub @ self.u[rows]).ravel(),
                      np.asarray(sub @ self.weight[rows]).ravel())
