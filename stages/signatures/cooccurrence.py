@@ -10,14 +10,22 @@ import scipy.sparse as sp
 from stages.signatures.statistic import SignaturePartial
 
 
-def rows_holding(by_label: sp.csc_matrix, labels: tuple[int, ...]) -> np.ndarray:
-    """Rows of a (rows × labels) membership matrix that carry every label of ``labels``."""
-    lists = sorted((by_label.indices[by_label.indptr[c]:by_label.indptr[c + 1]]
-                    for c in labels), key=len)
-    rows = lists[0]
-    for other in lists[1:]:
-        rows = np.intersect1d(rows, other, assume_unique=True)
-    return rows
+def set_sums(by_label: sp.csc_matrix, member: sp.csr_matrix, weights: np.ndarray,
+             sets: list[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray]:
+    """Per label set q (|q| ≥ 2), the (L,) sum of ``weights`` over the rows carrying q and
+    each label c: one sparse product per set size, the rows found by multiplying the
+    labels' membership columns."""
+    found = {}
+    for size in sorted({len(q) for q in sets}):
+        group = [q for q in sets if len(q) == size]
+        holds = by_label[:, [q[0] for q in group]]
+        for j in range(1, size):
+            holds = holds.multiply(by_label[:, [q[j] for q in group]])
+        holds = sp.csc_matrix(holds, dtype=np.float64)
+        holds.data *= weights[holds.indices]
+        sums = (holds.T.tocsr() @ member).toarray()
+        found.update(zip(group, sums, strict=True))
+    return found
 
 
 class LayerTables:
@@ -56,15 +64,15 @@ class LayerTables:
         lo, hi = self._unit_start[unit], self._unit_start[unit + 1]
         return self._unit_sig[lo:hi], self._unit_val[lo:hi].astype(np.float64)
 
-    def cooccurrence(self, labels: tuple[int, ...]) -> np.ndarray:
-        """(L,) pixels over the dataset carrying ``labels`` and each label c (|labels| ≥ 2);
-        shared by every unit, so kept."""
-        found = self._cooccurrence.get(labels)
-        if found is None:
-            rows = rows_holding(self.by_label, labels)
-            found = np.asarray(self.member[rows].T @ self.counts[rows]).ravel()
-            self._cooccurrence[labels] = found
-        return found
+    def cooccurrence(self, sets: list[tuple[int, ...]], count: bool = True) -> list:
+        """Per label set q (|q| ≥ 2), the (L,) pixels over the dataset carrying q and each
+        label c; shared by every unit, so kept.  The slowest table of the search (its rows
+        are the dataset's), so ``count=False`` answers None where it is not kept."""
+        missing = [q for q in dict.fromkeys(sets) if q not in self._cooccurrence]
+        if count and missing:
+            self._cooccurrence.update(set_sums(self.by_label, self.member, self.counts,
+                                               missing))
+        return [self._cooccurrence.get(q) for q in sets]
 
 
 class UnitTables:
@@ -77,11 +85,13 @@ class UnitTables:
         self.sig = sig
         self.member = layer.member[sig]
         self.by_label = self.member.tocsc()
-        self.outside = layer.counts[sig] - self.u
+        self.signature_outside = layer.counts[sig] - self.u
         self.area = float(self.u.sum())
         self.inter = np.asarray(self.member.T @ self.u).ravel()
         self.pair_inter = self._pairs(self.u)
-        self._triples: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self.pair_outside = layer.pair_area - self.pair_inter
+        self._inside: dict[tuple[int, ...], np.ndarray] = {}
+        self._positive: dict[tuple[int, ...], np.ndarray] = {}
 
     def _pairs(self, weights: np.ndarray) -> np.ndarray:
         return (self.member.T @ sp.diags(weights) @ self.member).toarray()
@@ -90,7 +100,7 @@ class UnitTables:
         """P tables at incumbent IoU ``iou`` (a larger incumbent only shrinks them, so nodes
         bounded with older tables stay soundly bounded)."""
         self.incumbent = iou
-        self.weight = np.maximum(self.u - iou * self.outside, 0.0)
+        self.weight = np.maximum(self.u - iou * self.signature_outside, 0.0)
         self.pos = np.asarray(self.member.T @ self.weight).ravel()
         self.pair_pos = self._pairs(self.weight)
         self.top_pos = np.concatenate([[0.0], np.cumsum(np.sort(self.pos)[::-1])])
@@ -110,20 +120,41 @@ class UnitTables:
                 for m in (pos, neg, gain):
                     np.fill_diagonal(m, -np.inf)
             self.most[repeats] = (pos.max(axis=1), neg.max(axis=1), gain.max(axis=1))
-        self._triples.clear()
+        self._positive.clear()
 
-    def vectors(self, q: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(I, A, P) co-occurrence of q ∪ {c} for every label c."""
-        if len(q) == 0:
-            return self.inter, self.layer.area, self.pos
-        if len(q) == 1:
-            a = q[0]
-            return self.pair_inter[a], self.layer.pair_area[a], self.pair_pos[a]
-        found = self._triples.get(q)
-        if found is None:
-            rows = rows_holding(self.by_label, q)
-            sub = self.member[rows].T
-            found = (np.asarray(sub @ self.u[rows]).ravel(),
-                     np.asarray(sub @ self.weight[rows]).ravel())
-            self._triples[q] = found
-        return found[0], self.layer.cooccurrence(q), found[1]
+    def inside(self, sets: list[tuple[int, ...]]) -> np.ndarray:
+        """(len(sets), L) I: the unit's pixels carrying q ∪ {c}, for every label c."""
+        return self._table(sets, self._inside, self.u, self.inter, self.pair_inter)
+
+    def positive(self, sets: list[tuple[int, ...]]) -> np.ndarray:
+        """(len(sets), L) P: the positive parts of u − b·w over signatures carrying q ∪ {c}."""
+        return self._table(sets, self._positive, self.weight, self.pos, self.pair_pos)
+
+    def _table(self, sets, kept: dict, weights, single, pair) -> np.ndarray:
+        missing = [q for q in dict.fromkeys(sets) if len(q) >= 2 and q not in kept]
+        if missing:
+            kept.update(set_sums(self.by_label, self.member, weights, missing))
+        return np.stack([single if len(q) == 0 else pair[q[0]] if len(q) == 1 else kept[q]
+                         for q in sets])
+
+    def outside(self, sets: list[tuple[int, ...]], count: bool = True) -> np.ndarray:
+        """(len(sets), 2, L) W, pixels outside the unit's masks carrying q ∪ {c}, for every
+        label c, as (low, high): equal where known, or where it needs a dataset count and
+        ``count`` is False, bounded from the pair tables — below by Bonferroni inside c's
+        outside pixels, above by every pair (x, c), x ∈ q."""
+        single = self.layer.area - self.inter
+        out = np.empty((len(sets), 2, len(single)))
+        large = [i for i, q in enumerate(sets) if len(q) >= 2]
+        areas = dict(zip(large, self.layer.cooccurrence([sets[i] for i in large], count),
+                         strict=True))
+        inside = self.inside([sets[i] for i in large])
+        for i, q in enumerate(sets):
+            if len(q) < 2:
+                out[i] = single if len(q) == 0 else self.pair_outside[q[0]]
+            elif areas[i] is not None:
+                out[i] = areas[i] - inside[large.index(i)]
+            else:
+                pairs = self.pair_outside[list(q)]
+                out[i, 0] = np.maximum(pairs.sum(axis=0) - (len(q) - 1) * single, 0.0)
+                out[i, 1] = pairs.min(axis=0)
+        return out

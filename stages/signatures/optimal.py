@@ -69,6 +69,7 @@ class _Node:
 
 
 _START, _AND_RUN, _OR_RUN = 0, 1, 2
+_BATCH = 32  # nodes expanded together (one product each), at the incumbent before them
 
 
 def _allowed(state: tuple[int, int, int, int], op: int, n_labels: int) -> np.ndarray:
@@ -147,12 +148,12 @@ class _Search:
     def value(self, inter, area):
         return inter - self.t.incumbent * (area - inter)
 
-    def bound(self, inter, area, pos, steps: int, cover_terms=None):
+    def bound(self, value, pos, steps: int, cover_terms=None):
         """A bound on V of every formula ``steps`` steps below nodes with these counts:
         inside g ∪ c₁ ∪ … (top P over labels), and for one step the label-level terms of
         :meth:`cover_terms` (AND: P(g ∧ c); AND NOT: V(g) + N(g ∧ c); OR: V(g) + V(c) +
         N(g ∧ c), each through the labels covering g)."""
-        t, value = self.t, self.value(inter, area)
+        t = self.t
         generic = np.maximum(pos + t.top_pos[min(steps - 1, self.n)],
                              value + t.top_pos[min(steps, self.n)])
         if steps != 1 or cover_terms is None:
@@ -224,7 +225,7 @@ class _Search:
         heap: list[_Node] = []
         for op in OPERATORS:
             inter, area, allowed = level[op]
-            value = self.bound(inter, area, pos_of[op], steps, terms[op])
+            value = self.bound(self.value(inter, area), pos_of[op], steps, terms[op])
             if self.trace is not None:
                 self.trace.extend(((int(a), op, int(c)), t.incumbent, float(value[a, c]))
                                   for a, c in np.argwhere(allowed))
@@ -265,62 +266,121 @@ class _Search:
     def _node_bound(self, node: _Node) -> float:
         steps = self.m - (len(node.key) + 1) // 2
         terms = self.cover_terms(node.cover, (len(node.key) + 1) // 2 >= 3)
-        fresh = float(self.bound(node.inter, node.area, node.pos, steps, terms))
+        fresh = float(self.bound(self.value(node.inter, node.area), node.pos, steps, terms))
         return min(fresh, -node.priority)  # the bound at push time stays valid
 
     def _branch(self, heap: list[_Node], start: float) -> Explanation:
         while heap:
             if self._out_of_budget():
                 return self._done(start, heap)
-            node = heapq.heappop(heap)
-            limit = self._node_bound(node)
-            if self.trace is not None:
-                self.trace.append((node.key, self.t.incumbent, limit))
-            if not self.survives(limit):
-                continue
-            self.nodes += 1
-            self._expand(node, heap)
+            batch = []
+            while heap and len(batch) < _BATCH and not self._out_of_budget(len(batch)):
+                node = heapq.heappop(heap)
+                limit = self._node_bound(node)
+                if self.trace is not None:
+                    self.trace.append((node.key, self.t.incumbent, limit))
+                if self.survives(limit):
+                    batch.append(node)
+            self.nodes += len(batch)
+            for depth in sorted({len(node.key) for node in batch}):
+                self._expand([node for node in batch if len(node.key) == depth], heap)
             self.raise_incumbent()
         return self._done(start, [])
 
-    def _expand(self, node: _Node, heap: list[_Node]) -> None:
+    def _and_part(self, nodes: list[_Node], positive: bool, count: bool):
+        """Per node, Σ_q μ(q)·(I, P, W) of q ∪ {c} for every label c — the counts of
+        ``node AND c`` — with W as (low, high): equal where every table is at hand, or,
+        with ``count`` False, bounded from the pair tables where a dataset count would be
+        needed.  One product over the nodes' distinct sets q."""
+        t = self.t
+        sets = list(dict.fromkeys(q for node in nodes for q in node.mobius))
+        column = {q: j for j, q in enumerate(sets)}
+        mobius = np.zeros((len(nodes), len(sets)))
+        for i, node in enumerate(nodes):
+            for q, v in node.mobius.items():
+                mobius[i, column[q]] = v
+        inside = mobius @ t.inside(sets)
+        positive_part = mobius @ t.positive(sets) if positive else np.zeros_like(inside)
+        ranges = t.outside(sets, count)
+        plus, minus = np.maximum(mobius, 0.0), np.maximum(-mobius, 0.0)
+        return (inside, positive_part, plus @ ranges[:, 0] - minus @ ranges[:, 1],
+                plus @ ranges[:, 1] - minus @ ranges[:, 0])
+
+    def _children(self, nodes: list[_Node], inside, positive, outside):
+        """Per operator, the children's (I, P, W) from the AND part's (one W of its range)."""
+        t = self.t
+        inter, pos = (np.array([[getattr(n, f)] for n in nodes]) for f in ("inter", "pos"))
+        own = np.array([[n.area - n.inter] for n in nodes])
+        return {AND: (inside, positive, outside[0]),
+                OR: (inter + t.inter - inside, pos + t.pos - positive,
+                     own + t.layer.area - t.inter - outside[1]),
+                AND_NOT: (inter - inside, pos - positive, own - outside[1])}
+
+    def _expand(self, nodes: list[_Node], heap: list[_Node]) -> None:
+        """Score every child of nodes of one depth, push those that may lead higher."""
         t, n = self.t, self.n
-        depth = (len(node.key) + 1) // 2
-        both_i, both_a, both_p = np.zeros(n), np.zeros(n), np.zeros(n)
-        for q, v in node.mobius.items():
-            vi, va, vp = t.vectors(q)
-            both_i += v * vi
-            both_a += v * va
-            both_p += v * vp
-        fresh = np.ones(n, bool)
-        if depth < 3:  # a label used twice in ≤ 3 steps always gives a shorter formula
-            fresh[list(node.key[0::2])] = False
-        children = {AND: (both_i, both_a, both_p),
-                    OR: (node.inter + t.inter - both_i, node.area + t.layer.area - both_a,
-                         node.pos + t.pos - both_p),
-                    AND_NOT: (node.inter - both_i, node.area - both_a, node.pos - both_p)}
+        depth = (len(nodes[0].key) + 1) // 2
         steps = self.m - depth - 1
-        for op in OPERATORS:
-            inter, area, pos = children[op]
-            allowed = fresh & _allowed(node.state, op, n)
-            self.offer_vector(node.key, op, _iou(inter, area, t.area), allowed)
+        fresh = np.ones((len(nodes), n), bool)
+        if depth < 3:  # a label used twice in ≤ 3 steps always gives a shorter formula
+            for row, node in zip(fresh, nodes, strict=True):
+                row[list(node.key[0::2])] = False
+        allowed = {op: fresh & np.stack([_allowed(node.state, op, n) for node in nodes])
+                   for op in OPERATORS}
+        inside, positive, low, high = self._and_part(nodes, steps > 0, count=False)
+        loose = (low != high).any(axis=1)
+        if loose.any():  # some dataset counts are not at hand: are they needed?
+            wide = self._children(nodes, inside, positive, (low, high))
+            needed = np.zeros(len(nodes), bool)
+            for op, (i, p, w) in wide.items():
+                needed |= (self._survivors(i - t.incumbent * w, p, steps) & allowed[op]).any(1)
+            skip = loose & ~needed
+            self._trace([node for node, s in zip(nodes, skip, strict=True) if s],
+                        {op: tuple(x[skip] for x in v) for op, v in wide.items()},
+                        {op: a[skip] for op, a in allowed.items()}, steps)
+            keep = ~skip
+            nodes = [node for node, k in zip(nodes, keep, strict=True) if k]
+            if not nodes:
+                return
+            allowed = {op: a[keep] for op, a in allowed.items()}
+            inside, positive = inside[keep], positive[keep]
+            low, high = self._and_part(nodes, False, count=True)[2:]
+        children = self._children(nodes, inside, positive, (high, low))
+        self._trace(nodes, children, allowed, steps)
+        for op, (inter, pos, outside) in children.items():
+            area = inter + outside
+            iou = np.where(allowed[op], _iou(inter, area, t.area), -1.0)
+            top = iou.max(axis=1)
+            for i in np.flatnonzero(top >= self.best):
+                self.offer(nodes[i].key + (op, int(np.argmax(iou[i]))), float(top[i]))
             if steps == 0:
                 continue
-            value = self.bound(inter, area, pos, steps)
-            if self.trace is not None:
-                self.trace.extend((node.key + (op, int(c)), t.incumbent, float(value[c]))
-                                  for c in np.flatnonzero(allowed))
-            for c in np.flatnonzero(allowed & self.survives(value)):
-                c = int(c)
+            value = self.bound(inter - t.incumbent * outside, pos, steps)
+            for i, c in np.argwhere(allowed[op] & self.survives(value)):
+                node, c = nodes[i], int(c)
                 cover = (node.cover + (c,) if op == OR else node.cover if op == AND_NOT
                          else min(node.cover, (c,), key=len))
-                heapq.heappush(heap, _Node(-float(value[c]), node.key + (op, c),
-                                           _child_mobius(node.mobius, op, c), float(inter[c]),
-                                           float(area[c]), float(pos[c]),
-                                           _next_state(node.state, op, c), cover))
+                heapq.heappush(heap, _Node(-float(value[i, c]), node.key + (op, c),
+                                           _child_mobius(node.mobius, op, c),
+                                           float(inter[i, c]), float(area[i, c]),
+                                           float(pos[i, c]), _next_state(node.state, op, c),
+                                           cover))
 
-    def _out_of_budget(self) -> bool:
-        if self.max_nodes is not None and self.nodes >= self.max_nodes:
+    def _survivors(self, value, pos, steps: int) -> np.ndarray:
+        """Children whose formula (last step) or subtree may beat the incumbent."""
+        return self.survives(value if steps == 0 else self.bound(value, pos, steps))
+
+    def _trace(self, nodes: list[_Node], children, allowed, steps: int) -> None:
+        if self.trace is None or steps == 0:
+            return
+        for op, (inter, pos, outside) in children.items():
+            value = self.bound(inter - self.t.incumbent * outside, pos, steps)
+            for i, c in np.argwhere(allowed[op]):
+                self.trace.append((nodes[i].key + (op, int(c)), self.t.incumbent,
+                                   float(value[i, c])))
+
+    def _out_of_budget(self, pending: int = 0) -> bool:
+        if self.max_nodes is not None and self.nodes + pending >= self.max_nodes:
             return True
         return self.deadline is not None and time.perf_counter() > self.deadline
 
