@@ -205,6 +205,17 @@ def test_budget_stop_reports_a_bound_not_optimality():
             assert cut.iou == done.iou
 
 
+def test_time_limit_stops_while_the_two_label_level_is_built():
+    """A budget spent before every open two-label formula is built still certifies a bound
+    above every formula, and claims no optimality."""
+    partial = random_partial(2, 80, 400, 2, hot=0.6)
+    layer = LayerTables(partial, [f"l{i}" for i in range(80)])
+    stopped = optimal_search(layer, 4, time_limit=0.0)
+    for cut, best in zip(stopped, optimal_search(layer, 3), strict=True):
+        assert not cut.optimal and cut.iou <= best.iou <= cut.bound
+        assert cut.nodes < 200
+
+
 def test_labels_sharing_a_name_are_one_label():
     """Formulas name labels: two numbers listed under one name are searched as their union."""
     partial = random_partial(4, 8, 60, 3)

@@ -129,6 +129,7 @@ class _Search:
         self.best_key: tuple[int, ...] = ()
         self.best = -1.0
         self.nodes = 0
+        self.unbuilt: float | None = None  # bound of open pairs a budget left unbuilt
         self.margin = 1e-9 * (unit.area + unit.layer.total)  # far above float rounding
 
     def offer(self, key: tuple[int, ...], iou: float) -> None:
@@ -223,20 +224,27 @@ class _Search:
                   AND_NOT: cp[:, None] - pair_p}
         terms = self._pair_terms(level, pos_of)
         heap: list[_Node] = []
+        open_pairs = []
         for op in OPERATORS:
             inter, area, allowed = level[op]
             value = self.bound(self.value(inter, area), pos_of[op], steps, terms[op])
             if self.trace is not None:
                 self.trace.extend(((int(a), op, int(c)), t.incumbent, float(value[a, c]))
                                   for a, c in np.argwhere(allowed))
-            for a, c in np.argwhere(allowed & self.survives(value)):
-                a, c = int(a), int(c)
-                cover = (a,) if op == AND_NOT else (a, c) if op == OR else (
-                    (a,) if t.most[False][0][a] <= t.most[False][0][c] else (c,))
-                heap.append(_Node(-float(value[a, c]), (a, op, c),
-                                  _child_mobius({(a,): 1.0}, op, c), float(inter[a, c]),
-                                  float(area[a, c]), float(pos_of[op][a, c]),
-                                  _next_state((_START, a, -1, a), op, c), cover))
+            open_pairs += [(op, int(a), int(c), float(value[a, c]))
+                           for a, c in np.argwhere(allowed & self.survives(value))]
+        for built, (op, a, c, value) in enumerate(open_pairs):
+            if built % 4096 == 4095 and self._out_of_budget():  # the rest stay unbuilt
+                most = max(level[o][0][x, y] for o, x, y, _ in open_pairs[built:])
+                self.unbuilt = float(self.iou_bound(most, steps))
+                break
+            inter, area, _ = level[op]
+            cover = (a,) if op == AND_NOT else (a, c) if op == OR else (
+                (a,) if t.most[False][0][a] <= t.most[False][0][c] else (c,))
+            heap.append(_Node(-value, (a, op, c), _child_mobius({(a,): 1.0}, op, c),
+                              float(inter[a, c]), float(area[a, c]),
+                              float(pos_of[op][a, c]), _next_state((_START, a, -1, a), op, c),
+                              cover))
         heapq.heapify(heap)
         return heap
 
@@ -385,11 +393,12 @@ class _Search:
         return self.deadline is not None and time.perf_counter() > self.deadline
 
     def _done(self, start: float, open_nodes: list[_Node]) -> Explanation:
-        bound = self.best
+        bound = self.best if self.unbuilt is None else max(self.best, self.unbuilt)
         for node in open_nodes:
             steps = self.m - (len(node.key) + 1) // 2
             bound = max(bound, float(self.iou_bound(np.float64(node.inter), steps)))
-        return Explanation(self.best_key, self.best, bound, not open_nodes, self.nodes,
+        proven = not open_nodes and self.unbuilt is None
+        return Explanation(self.best_key, self.best, bound, proven, self.nodes,
                            time.perf_counter() - start)
 
 
