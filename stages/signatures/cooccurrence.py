@@ -65,10 +65,11 @@ class LayerTables:
         return self._unit_sig[lo:hi], self._unit_val[lo:hi].astype(np.float64)
 
     def cooccurrence(self, sets: list[tuple[int, ...]], count: bool = True) -> list:
-        """Per label set q (|q| ≥ 2), the (L,) pixels over the dataset carrying q and each
+        """Per label set q, the (L,) pixels over the dataset carrying q and each
         label c; shared by every unit, so kept.  The slowest table of the search (its rows
-        are the dataset's), so ``count=False`` answers None where it is not kept."""
-        missing = [q for q in dict.fromkeys(sets) if q not in self._cooccurrence]
+        are the dataset's), so ``count=False`` answers None where it is not kept; None for
+        |q| < 2, which the pair tables hold."""
+        missing = [q for q in dict.fromkeys(sets) if len(q) >= 2 and q not in self._cooccurrence]
         if count and missing:
             self._cooccurrence.update(set_sums(self.by_label, self.member, self.counts,
                                                missing))
@@ -137,22 +138,21 @@ class UnitTables:
         return np.stack([single if len(q) == 0 else pair[q[0]] if len(q) == 1 else kept[q]
                          for q in sets])
 
-    def outside(self, sets: list[tuple[int, ...]], count: bool = True) -> np.ndarray:
+    def outside(self, sets: list[tuple[int, ...]], inside: np.ndarray,
+                count: bool = True) -> np.ndarray:
         """(len(sets), 2, L) W, pixels outside the unit's masks carrying q ∪ {c}, for every
-        label c, as (low, high): equal where known, or where it needs a dataset count and
-        ``count`` is False, bounded from the pair tables — below by Bonferroni inside c's
-        outside pixels, above by every pair (x, c), x ∈ q."""
+        label c, as (low, high), given the sets' :meth:`inside` table: equal where known,
+        or where it needs a dataset count and ``count`` is False, bounded from the pair
+        tables — below by Bonferroni inside c's outside pixels, above by every pair (x, c),
+        x ∈ q."""
         single = self.layer.area - self.inter
         out = np.empty((len(sets), 2, len(single)))
-        large = [i for i, q in enumerate(sets) if len(q) >= 2]
-        areas = dict(zip(large, self.layer.cooccurrence([sets[i] for i in large], count),
-                         strict=True))
-        inside = self.inside([sets[i] for i in large])
-        for i, q in enumerate(sets):
+        areas = self.layer.cooccurrence(sets, count)
+        for i, (q, area) in enumerate(zip(sets, areas, strict=True)):
             if len(q) < 2:
                 out[i] = single if len(q) == 0 else self.pair_outside[q[0]]
-            elif areas[i] is not None:
-                out[i] = areas[i] - inside[large.index(i)]
+            elif area is not None:
+                out[i] = area - inside[i]
             else:
                 pairs = self.pair_outside[list(q)]
                 out[i, 0] = np.maximum(pairs.sum(axis=0) - (len(q) - 1) * single, 0.0)

@@ -307,9 +307,10 @@ class _Search:
         for i, node in enumerate(nodes):
             for q, v in node.mobius.items():
                 mobius[i, column[q]] = v
-        inside = mobius @ t.inside(sets)
+        inside_table = t.inside(sets)
+        inside = mobius @ inside_table
         positive_part = mobius @ t.positive(sets) if positive else np.zeros_like(inside)
-        ranges = t.outside(sets, count)
+        ranges = t.outside(sets, inside_table, count)
         plus, minus = np.maximum(mobius, 0.0), np.maximum(-mobius, 0.0)
         return (inside, positive_part, plus @ ranges[:, 0] - minus @ ranges[:, 1],
                 plus @ ranges[:, 1] - minus @ ranges[:, 0])
