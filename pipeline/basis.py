@@ -7,19 +7,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import TransformKind, TransformOptions
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
 from pipeline.layout import Layout
-from stages.bases.transforms import (
-    LinearMap,
-    load_linear,
-)
-from stages.basis import pca_of_layer, rotation_basis
-from stages.engine.blocks import LayerBlocks
-from storage.arrays import save_arrays
 from storage.artifacts import Artifact, digest, file_digest, scratch_path
+
+if TYPE_CHECKING:  # torch loads when a basis is built or applied, not to plan
+    from stages.bases.transforms import LinearMap
 
 log = logging.getLogger("netdissect")
 
@@ -33,6 +30,8 @@ class Basis:
     activation: str = "none"
 
     def map(self) -> LinearMap | None:
+        from stages.bases.transforms import LinearMap
+
         return None if self.artifact is None else LinearMap(str(self.artifact.path),
                                                             self.activation)
 
@@ -77,6 +76,11 @@ def basis_targets(run: Run) -> list[Target]:
             continue
 
         def build(missing: list[Artifact], layer=layer, basis=basis) -> None:
+            from stages.bases.transforms import load_linear
+            from stages.basis import pca_of_layer, rotation_basis
+            from stages.engine.blocks import LayerBlocks
+            from storage.arrays import save_arrays
+
             units = acts.store.shape(layer)[1]
             if t.kind == TransformKind.rotate:
                 weight, bias = rotation_basis(units, t.alpha, t.seed)

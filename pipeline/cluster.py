@@ -14,7 +14,6 @@ from typing import Any
 
 from pipeline.config import ClusterKind, ClusterOptions
 from stages.engine.dask import Cluster
-from stages.network.models import has_gpu
 from storage.errors import UserError
 
 log = logging.getLogger("netdissect")
@@ -30,6 +29,15 @@ def worker_env(threads: int) -> dict[str, str]:
         "MKL_NUM_THREADS": str(threads),
         "DASK_LOGGING__DISTRIBUTED": "critical",
     }
+
+
+def quiet_distributed() -> None:
+    """Distributed sets its loggers to INFO when imported: import it, then keep errors only."""
+    import distributed  # noqa: F401 - configures its loggers on import; override after
+
+    for name in list(logging.root.manager.loggerDict) + ["distributed", "tornado", "bokeh"]:
+        if name.split(".")[0] in ("distributed", "tornado", "bokeh"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class LazyScheduler:
@@ -50,6 +58,8 @@ class LazyScheduler:
 
     def _start(self) -> Any:
         o = self.options
+        if o.address or o.kind not in (ClusterKind.none, ClusterKind.threads):
+            quiet_distributed()
         if o.address:
             from distributed import Client
 
@@ -75,6 +85,8 @@ class LazyScheduler:
 
     def _local_cluster(self) -> Any:
         from distributed import Client
+
+        from stages.network.models import has_gpu
 
         o = self.options
         kind = o.kind

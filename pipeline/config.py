@@ -295,9 +295,7 @@ def validate(cfg: Config) -> None:
     device = cfg.extract.device
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"extract.device={device!r}: choose auto, cpu, cuda or cuda:N")
-    from stages.network.models import has_gpu
-
-    if device.startswith("cuda") and not has_gpu():
+    if device.startswith("cuda") and not _has_gpu():
         raise UserError(f"extract.device={device}: this machine has no CUDA device; use "
                         "extract.device=auto (a GPU where there is one, else the CPU) or cpu")
     for key, value in (("dataset.path", cfg.dataset.path), ("concepts.path", cfg.concepts.path)):
@@ -339,10 +337,17 @@ def _check_targets(path: Path) -> None:
                         "(give a CSV with columns image,class)")
 
 
-def _validate_transform(t: TransformOptions) -> None:
-    from stages.bases.transforms import check_activation
+def _has_gpu() -> bool:
+    from stages.network.models import has_gpu  # torch: only when a GPU is asked for
 
+    return has_gpu()
+
+
+def _validate_transform(t: TransformOptions) -> None:
     if t.kind == TransformKind.linear:
+        from stages.bases.transforms import check_activation  # torch: only for linear
+
+
         if not t.path or not Path(t.path).expanduser().is_file():
             raise UserError(f"transform.path={t.path}: transform=linear needs an existing "
                             ".npy, .npz, .pt or .safetensors file")

@@ -22,8 +22,7 @@ from pipeline.identity import (
 )
 from stages import synthetic
 from stages.concepts import ConceptsConfig, build_concept_store
-from stages.extract import ExtractConfig, run_extract
-from stages.network.models import ModelSpec
+from stages.network.spec import ModelSpec
 from storage import activations as astore
 from storage.activations import ActivationStore
 from storage.artifacts import Artifact, atomic_file, digest
@@ -179,12 +178,12 @@ def model_targets(run: Run) -> list[Target]:
         return [weights_target(run)]
     if not is_demo(run.cfg.model):
         return []
-    from stages.demo_model import DemoTrainConfig, train_demo_model
-
     artifact, info_path = _demo_checkpoint(run)
     ds = run.value("dataset")
 
     def build(_missing: list[Artifact]) -> None:
+        from stages.demo_model import DemoTrainConfig, train_demo_model  # torch: to train
+
         info = train_demo_model(ds.root, DemoTrainConfig(**asdict(run.cfg.model.train)),
                                 run.cfg.progress)
         with atomic_file(artifact.path) as tmp:
@@ -246,16 +245,18 @@ def extract_targets(run: Run) -> list[Target]:
     ds, e = acts.dataset, run.cfg.extract
     check_perturbation(run, ds)
     perturb = perturbation(run.cfg)
-    cfg = ExtractConfig(
-        images_dir=ds.root / "images", store_path=acts.path, model=acts.model.spec,
-        fingerprint=acts.fingerprint, dtype=str(e.dtype), block_size=run.cfg.dataset.block_size,
-        batch_size=e.batch_size, device=e.device, progress=run.cfg.progress,
-        perturbation=perturb)
     layers = tuple(acts.layer_artifact(layer) for layer in acts.layers)
 
     def build(missing: list[Artifact]) -> None:
-        todo = replace(cfg, model=replace(cfg.model, layers=tuple(a.member for a in missing)))
-        run_extract(todo, ds.broden.images, run.scheduler())
+        from stages.extract import ExtractConfig, run_extract  # torch: only to extract
+
+        spec = replace(acts.model.spec, layers=tuple(a.member for a in missing))
+        cfg = ExtractConfig(
+            images_dir=ds.root / "images", store_path=acts.path, model=spec,
+            fingerprint=acts.fingerprint, dtype=str(e.dtype),
+            block_size=run.cfg.dataset.block_size, batch_size=e.batch_size, device=e.device,
+            progress=run.cfg.progress, perturbation=perturb)
+        run_extract(cfg, ds.broden.images, run.scheduler())
 
     todo = [a.member for a in layers if not a.is_current()] or list(acts.layers)
     name = f"{acts.model.identity.model_id} {', '.join(todo)} activations"

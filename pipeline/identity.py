@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.config import DEMO_WEIGHTS, Config, ModelOptions, SyntheticOptions
-from stages.network.models import ModelSpec, weights_identity
 from stages.network.perturb import Perturbation
+from stages.network.spec import ModelSpec, weights_identity
 from storage.artifacts import digest
 from storage.tables import safe_name
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from pipeline.graph import Run, Target
 from pipeline.scoring import LayerContext, iou_artifacts, layer_contexts
-from stages.engine.reduction import Pass, reduce_blocks
-from stages.loadings import concept_axes, dominance_frame, loadings_frame, most_frequent
-from stages.probe import NO_CLASS, PooledFeatures, cross_validated, probe_frame
 from storage.artifacts import Artifact, file_digest, scratch_path
 from storage.errors import UserError
 from storage.tables import write_partition
+
+if TYPE_CHECKING:  # pandas and the passes load when a build runs, not to plan
+    import pandas as pd
 
 log = logging.getLogger("netdissect")
 
@@ -25,6 +25,8 @@ log = logging.getLogger("netdissect")
 def chosen_concepts(run: Run, ctx: LayerContext, iou: pd.DataFrame) -> np.ndarray:
     """(C,) dense labels of ``loadings.concepts``, or of the ``loadings.top`` largest label
     areas of the concept set (from the layer's iou rows)."""
+    from stages.loadings import most_frequent
+
     names = run.cfg.loadings.concepts
     if names is None:
         area = iou.groupby("label", sort=True)["label_area"].first()
@@ -57,6 +59,10 @@ def loadings_targets(run: Run) -> list[Target]:
         tables = _tables(run, ctx)
 
         def build(missing: list[Artifact], ctx=ctx, tables=tables) -> None:
+            import pandas as pd
+
+            from stages.loadings import concept_axes, dominance_frame, loadings_frame
+
             iou = pd.read_parquet(iou_artifacts(run, ctx)["iou"].path)
             dense = chosen_concepts(run, ctx, iou)
             iou = iou.sort_values(["unit", "label"])["iou"].to_numpy().reshape(
@@ -80,6 +86,8 @@ def loadings_targets(run: Run) -> list[Target]:
 
 
 def loadings_value(run: Run) -> dict[str, pd.DataFrame]:
+    import pandas as pd
+
     """Per layer, the dominance rows of this run."""
     return {layer: pd.read_parquet(_tables(run, ctx)["dominance"].path)
             for layer, ctx in layer_contexts(run).items()}
@@ -101,6 +109,10 @@ def probe_target(run: Run, ctx: LayerContext) -> tuple[str, dict]:
 def target_classes(path: Path, image_paths: list[str]) -> tuple[np.ndarray, list[str]]:
     """(n_images,) class index by cache row from a CSV of image,class (NO_CLASS: not
     listed), and the class names."""
+    import pandas as pd
+
+    from stages.probe import NO_CLASS
+
     table = pd.read_csv(path, dtype=str, keep_default_na=False)  # columns checked by validate
     row_of = {image: i for i, image in enumerate(image_paths)}
     unknown = [(i, image) for i, image in enumerate(table["image"]) if image not in row_of]
@@ -130,6 +142,9 @@ def probe_targets(run: Run) -> list[Target]:
         artifact = _probe_table(run, ctx)
 
         def build(missing: list[Artifact], ctx=ctx, artifact=artifact) -> None:
+            from stages.engine.reduction import Pass, reduce_blocks
+            from stages.probe import PooledFeatures, cross_validated, probe_frame
+
             if p.targets:
                 path = Path(p.targets).expanduser()
                 classes, _ = target_classes(path, ctx.acts.store.image_paths())
@@ -160,5 +175,7 @@ def probe_targets(run: Run) -> list[Target]:
 
 
 def probe_value(run: Run) -> dict[str, pd.DataFrame]:
+    import pandas as pd
+
     return {layer: pd.read_parquet(_probe_table(run, ctx).path)
             for layer, ctx in layer_contexts(run).items()}

@@ -6,23 +6,24 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.config import DType
 from pipeline.graph import Run, Target
 from pipeline.scoring import top_images_artifact
-from stages.bases.transforms import LinearMap
 from stages.network.perturb import Perturbation
-from stages.report import Page, PageImages, ReportConfig, build_report
-from stages.thresholds.top_images import TopImages, top_images
+from stages.report import Page, PageImages, ReportConfig
 from storage import activations as astore
-from storage.arrays import load_arrays, save_arrays
 from storage.artifacts import Artifact, recorded, scratch_path
 from storage.broden import index_fingerprint
 from storage.concepts import ConceptStore
 from storage.errors import UserError
 from storage.tables import read_table, records_dir
+
+if TYPE_CHECKING:  # torch, the pages and the passes load when a build runs, not to plan
+    import pandas as pd
+
+    from stages.bases.transforms import LinearMap
 
 log = logging.getLogger("netdissect")
 REPORT_FORMAT = 3  # bump when the pages change, so a current-looking report is rebuilt
@@ -88,6 +89,8 @@ def _basis_map(run: Run, dataset: str, model_id: str, layer: str, layer_key: str
                transform: str) -> LinearMap | None:
     """The (W, b) a transformed page's units came from, found by its readable name among the
     bases made from this cached layer (a float16 and a float32 cache share the folder)."""
+    from stages.bases.transforms import LinearMap
+
     folder = run.layout.statistic("bases", dataset, model_id, layer, "x", "").parent
     for path, made in recorded(folder, ".npz"):
         fingerprint = made["fingerprint"]
@@ -106,6 +109,9 @@ def report_targets(run: Run) -> list[Target]:
     r = run.cfg.report
 
     def build_top(key: tuple[str, str, str, str], missing: list[Artifact]) -> None:
+        from stages.thresholds.top_images import top_images
+        from storage.arrays import save_arrays
+
         path = _store(run, key[0], key[1])
         basis = None if key[3] == "none" else _basis_map(
             run, *key[:3], missing[0].fingerprint["activations"], key[3])
@@ -117,6 +123,9 @@ def report_targets(run: Run) -> list[Target]:
                for key, (artifact, _) in sources.items() if artifact is not None]
 
     def images(page: Page) -> PageImages:
+        from stages.thresholds.top_images import TopImages
+        from storage.arrays import load_arrays
+
         artifact, source = sources[page.key]
         if artifact is None:
             return source
@@ -135,10 +144,15 @@ def report_targets(run: Run) -> list[Target]:
     cfg = ReportConfig(run.layout.report, r.top_n, run.cfg.progress, r.thumb_size,
                        title_note=f"workdir {run.layout.workdir}",
                        datasets=tuple(dataset_summaries(run, sorted(set(frame["dataset"])))))
-    targets.append(Target(f"report {run.layout.report}", (Artifact(run.layout.report, fingerprint),),
-                          lambda missing: (build_report(cfg, frame, images, order,
-                                                        read_table(run.layout.results, "layers")),
-                                           missing[0].commit(pages=len(keys)))))
+
+    def build(missing: list[Artifact]) -> None:
+        from stages.report import build_report
+
+        build_report(cfg, frame, images, order, read_table(run.layout.results, "layers"))
+        missing[0].commit(pages=len(keys))
+
+    targets.append(Target(f"report {run.layout.report}",
+                          (Artifact(run.layout.report, fingerprint),), build))
     return targets
 
 

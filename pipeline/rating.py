@@ -4,19 +4,17 @@ interrupted; answers land in the ``ratings`` table as they are given."""
 from __future__ import annotations
 
 import logging
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.graph import Run
 from pipeline.scoring import iou_artifacts, layer_contexts, top_images_artifact
 from stages.network.perturb import Perturbation
-from stages.pages.strips import ImageCache
-from stages.rate import RatedLayer, RatingBook, serve, units_to_rate
-from stages.thresholds.top_images import TopImages
-from storage.arrays import load_arrays
 from storage.artifacts import Artifact
 from storage.errors import UserError
 from storage.tables import partition_artifact
+
+if TYPE_CHECKING:  # the rating server and its strips load only for stage=rate
+    from stages.rate import RatedLayer
 
 log = logging.getLogger("netdissect")
 
@@ -31,6 +29,13 @@ def ratings_artifact(run: Run, model: str, layer: str, keys: dict, rater: str) -
 
 def rated_layers(run: Run) -> list[RatedLayer]:
     """Every layer of the run with the units to rate, their top images and their ratings."""
+    import pandas as pd
+
+    from stages.pages.strips import ImageCache
+    from stages.rate import RatedLayer, units_to_rate
+    from stages.thresholds.top_images import TopImages
+    from storage.arrays import load_arrays
+
     layers = []
     for layer, ctx in layer_contexts(run).items():
         tables = iou_artifacts(run, ctx)
@@ -57,6 +62,8 @@ def rated_layers(run: Run) -> list[RatedLayer]:
 
 def rate_value(run: Run) -> None:
     """Serve the rating page on 127.0.0.1 until interrupted (Ctrl-C)."""
+    from stages.rate import RatingBook, serve
+
     r = run.cfg.rate
     book = RatingBook(rated_layers(run), run.cfg.report.top_n, r.thumb_size)
     total = sum(len(layer.units) for layer in book.layers.values())

@@ -35,7 +35,6 @@ from omegaconf.errors import (
 )
 
 from pipeline.config import Config
-from pipeline.workflow import check_overrides_used, execute, plan, preflight
 from storage.errors import UserError, first_line
 
 log = logging.getLogger("netdissect")
@@ -56,6 +55,8 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     preset or an override no stage of the run reads raises a one-line :class:`UserError`."""
     from hydra import compose, initialize_config_dir
 
+    from pipeline.workflow import check_overrides_used  # the stages: not needed for --help
+
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             composed = compose(config_name="config", overrides=list(overrides))
@@ -69,6 +70,8 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
 def run(cfg: Config) -> Any:
     """Check, then run one stage of a typed config (what tests and notebooks call)."""
+    from pipeline.workflow import execute, preflight
+
     preflight(cfg)
     return execute(cfg)
 
@@ -120,13 +123,10 @@ def config_error(exc: Exception) -> str:
 
 
 def quiet_libraries() -> None:
-    """Dask and its web stack log every connection at INFO; keep their errors only
-    (in this process and, through the environment, in the worker processes it starts)."""
+    """Dask and its web stack log every connection at INFO; keep their errors only (through
+    the environment, in the worker processes a run starts; ``pipeline.cluster`` quiets this
+    process's loggers when it imports distributed)."""
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
-    import distributed  # noqa: F401 - configures its loggers on import; override after
-    for name in list(logging.root.manager.loggerDict) + ["distributed", "tornado", "bokeh"]:
-        if name.split(".")[0] in ("distributed", "tornado", "bokeh"):
-            logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="zarr")
 
 
@@ -198,6 +198,8 @@ def main(composed: DictConfig) -> None:
     logging.getLogger("netdissect").setLevel(logging.INFO)
     quiet_libraries()
 
+    from pipeline.workflow import execute
+
     def job() -> None:  # composed and checked already, by check_command_line
         execute(OmegaConf.to_object(composed))
 
@@ -261,6 +263,8 @@ def check_command_line(argv: list[str]) -> bool:
     checked: list[tuple[list[str], Config]] = []
 
     def check() -> None:
+        from pipeline.workflow import preflight
+
         for job in jobs(argv):
             cfg = compose_config(job)
             preflight(cfg)
@@ -274,6 +278,8 @@ def check_command_line(argv: list[str]) -> bool:
 
 def print_plans(checked: list[tuple[list[str], Config]]) -> None:
     """The dry run: per job, what every stage would do; nothing is built or started."""
+    from pipeline.workflow import plan
+
     for i, (job, cfg) in enumerate(checked, start=1):
         shown = " ".join(o for o in job if not o.startswith("dry_run=")) or "(defaults)"
         print(f"job {i} of {len(checked)}: {shown}")

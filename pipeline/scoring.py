@@ -6,35 +6,25 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from pipeline.basis import Basis
 from pipeline.concept_set import ConceptSet
 from pipeline.config import NullKind
 from pipeline.data import Activations
 from pipeline.graph import Run, Target
-from stages.engine.blocks import LayerBlocks, ScoringBlocks
-from stages.evidence.bootstrap import candidate_labels, entries_needed, replicate_thresholds
-from stages.evidence.null import permuted_rows
-from stages.iou import (
-    LayerPass,
-    bootstrap_pass,
-    evidence_columns,
-    null_best_iou,
-    score_tables,
-    scoring_pass,
-    with_bootstrap,
-    with_null,
-)
-from stages.quantile import threshold_pass
-from stages.tally.labels import LabelSpace
-from stages.tally.statistic import TallyRule, describe_kernel
-from stages.thresholds.top_images import top_images
-from storage.arrays import load_thresholds, save_arrays, save_thresholds
 from storage.artifacts import Artifact, digest, scratch_path
 from storage.tables import partition_artifact, write_partition
+
+if TYPE_CHECKING:  # the passes and their kernels load when a build runs, not to plan
+    import pandas as pd
+
+    from stages.engine.blocks import LayerBlocks, ScoringBlocks
+    from stages.iou import LayerPass
+    from stages.tally.labels import LabelSpace
+    from stages.tally.statistic import TallyRule
 
 log = logging.getLogger("netdissect")
 
@@ -60,6 +50,8 @@ def top_images_artifact(run: Run, dataset: str, model_id: str, layer: str, layer
 def layer_blocks(run: Run, acts: Activations, basis: Basis, layer: str) -> LayerBlocks:
     """Blocks of one cached layer for the kernels, through the run's basis transform, on the
     worker's GPU when it has one (``extract.device=auto``), else CPU."""
+    from stages.engine.blocks import LayerBlocks
+
     return LayerBlocks(str(acts.path), layer, basis.map(), run.cfg.extract.device)
 
 
@@ -82,6 +74,10 @@ def quantile_targets(run: Run) -> list[Target]:
                                   basis.text)
 
         def build(missing: list[Artifact]) -> None:
+            from stages.quantile import threshold_pass
+            from stages.thresholds.top_images import top_images
+            from storage.arrays import save_arrays, save_thresholds
+
             if thresholds not in missing:  # only the top images are missing
                 found = top_images(acts.path, layer, top_n, run.scheduler(), run.cfg.progress,
                                    basis.map(), scratch_path(missing))
@@ -118,6 +114,8 @@ class LayerContext:
 
     @cached_property
     def threshold_values(self) -> np.ndarray:
+        from storage.arrays import load_thresholds
+
         return load_thresholds(self.thresholds.path)
 
     def row_keys(self) -> dict:
@@ -140,6 +138,8 @@ class LayerContext:
     def source(self, device: str, rows: np.ndarray | None = None) -> ScoringBlocks:
         """The layer's blocks with their labels (those of concept rows ``rows``: default, the
         concept set's match)."""
+        from stages.engine.blocks import LayerBlocks, ScoringBlocks
+
         return ScoringBlocks(LayerBlocks(str(self.acts.path), self.layer, self.basis.map(),
                                          device), str(self.concepts.path),
                              self.concepts.rows if rows is None else rows)
@@ -159,6 +159,8 @@ class LayerContext:
 
     def scoring_pass(self, run: Run, rule: TallyRule | None, signatures: bool,
                      missing: list[Artifact], tops: int = 0) -> LayerPass:
+        from stages.iou import scoring_pass
+
         return scoring_pass(self.source(run.cfg.extract.device), self.threshold_values,
                             self.space, rule, signatures, run.scheduler(),
                             f"{run.cfg.stage} {self.layer}", run.cfg.progress,
@@ -198,6 +200,16 @@ def evidence_params(run: Run) -> dict:
 def evidence(run: Run, ctx: LayerContext, rule: TallyRule, found: LayerPass, frames: dict,
              missing: list[Artifact]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The units and layers rows with the bootstrap's and the null's evidence, as asked."""
+    from stages.evidence.bootstrap import candidate_labels, replicate_thresholds
+    from stages.evidence.null import permuted_rows
+    from stages.iou import (
+        bootstrap_pass,
+        evidence_columns,
+        null_best_iou,
+        with_bootstrap,
+        with_null,
+    )
+
     s, units, layers = run.cfg.scoring, frames["units"], frames["layers"]
     if s.bootstrap:
         labels_of = candidate_labels(found.counts.iou(ctx.space), s.candidates)
@@ -247,13 +259,18 @@ def iou_targets(run: Run) -> list[Target]:
     """Per layer its tables and, when formulas are asked for, its signature counts, from one
     pass over the blocks."""
     s = run.cfg.scoring
-    rule = TallyRule(str(s.union), str(s.planes))
     targets = []
     for layer, ctx in layer_contexts(run).items():
         tables = iou_artifacts(run, ctx)
         signature = ctx.signature_artifact(run) if run.cfg.concepts.formulas else None
 
         def build(missing: list[Artifact], ctx=ctx, tables=tables, signature=signature) -> None:
+            from stages.evidence.bootstrap import entries_needed
+            from stages.iou import score_tables
+            from stages.tally.statistic import TallyRule, describe_kernel
+            from storage.arrays import save_arrays
+
+            rule = TallyRule(str(s.union), str(s.planes))
             tally = any(a in missing for a in tables.values())
             if tally:
                 log.info("iou: %s: tally by the %s", ctx.layer, describe_kernel(ctx.shape()))
@@ -283,6 +300,8 @@ def iou_targets(run: Run) -> list[Target]:
 
 def iou_value(run: Run) -> dict[str, pd.DataFrame]:
     """Per layer, the `layers` rows of this run (for the summary)."""
+    import pandas as pd
+
     return {layer: pd.read_parquet(iou_artifacts(run, ctx)["layers"].path)
             for layer, ctx in layer_contexts(run).items()}
 
@@ -298,6 +317,8 @@ def signatures_targets(run: Run) -> list[Target]:
     them alongside the tally)."""
     def target(ctx: LayerContext, artifact: Artifact) -> Target:
         def build(missing: list[Artifact]) -> None:
+            from storage.arrays import save_arrays
+
             found = ctx.scoring_pass(run, None, True, missing).signatures
             save_arrays(artifact, found.state_dict())
 

@@ -5,25 +5,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.graph import Run, Target
 from pipeline.scoring import LayerContext, layer_contexts
-from stages.explain import explain_layer
-from stages.iou import formula_frame, label_index
 from stages.signatures.formulas import Formula, format_formula
 from stages.signatures.parsing import load_formulas
-from stages.signatures.statistic import SignatureCounts, SignaturePartial
-from storage.arrays import load_arrays
 from storage.artifacts import Artifact
 from storage.tables import write_partition
+
+if TYPE_CHECKING:  # the counts and the search load when a build runs, not to plan
+    import pandas as pd
+
+    from stages.signatures.statistic import SignatureCounts, SignaturePartial
 
 log = logging.getLogger("netdissect")
 
 
 def signature_partial(artifact: Artifact) -> SignaturePartial:
     """The layer's signature counts as stored (sparse), read from their artifact."""
+    from stages.signatures.statistic import SignaturePartial
+    from storage.arrays import load_arrays
+
     return SignaturePartial.from_state_dict(load_arrays(artifact.path))
 
 
@@ -51,6 +54,8 @@ def formula_targets(run: Run) -> list[Target]:
         artifact = ctx.result(run, "iou", params, with_categories=True)
 
         def build(missing: list[Artifact]) -> None:
+            from stages.iou import formula_frame, label_index
+
             counts = signature_counts(ctx, ctx.signature_artifact(run))
             frame = formula_frame(counts, formulas, label_index(ctx.space), keys)
             write_partition(missing[0], frame)
@@ -82,6 +87,8 @@ def explain_targets(run: Run) -> list[Target]:
         artifact, keys = _explanations(run, ctx)
 
         def build(_missing: list[Artifact]) -> None:
+            from stages.explain import explain_layer
+
             partial = signature_partial(signatures[ctx.layer])
             frame = explain_layer(partial, list(ctx.space.names), e, keys)
             write_partition(artifact, frame)
@@ -97,5 +104,7 @@ def explain_targets(run: Run) -> list[Target]:
 
 
 def explain_value(run: Run) -> dict[str, pd.DataFrame]:
+    import pandas as pd
+
     return {layer: pd.read_parquet(_explanations(run, ctx)[0].path)
             for layer, ctx in layer_contexts(run).items()}

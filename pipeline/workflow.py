@@ -19,9 +19,8 @@ from pipeline import (
 )
 from pipeline.cluster import dask_scheduler
 from pipeline.config import Config, Stage, validate
-from pipeline.graph import Run, StageDef, Step, Target, closure
+from pipeline.graph import NotReady, Run, StageDef, Step, Target, closure
 from pipeline.identity import model_spec
-from stages.network.models import check_layers
 from stages.signatures.parsing import load_formulas
 from storage.errors import UserError
 
@@ -91,10 +90,22 @@ def preflight(cfg: Config) -> None:
     layer names (on an empty copy of the architecture), formula syntax and labels."""
     validate(cfg)
     stages = closure(GRAPH, str(cfg.stage))
-    if "model" in stages:
+    if "model" in stages and not _layers_cached(cfg, stages):
+        from stages.network.models import check_layers  # torch: only when the model runs
+
         check_layers(model_spec(cfg.model, weights="none"))
     if cfg.concepts.formulas and "iou" in stages:
         load_formulas(Path(cfg.concepts.formulas).expanduser(), _label_names(cfg))
+
+
+def _layers_cached(cfg: Config, stages: list[str]) -> bool:
+    """Are the run's layers already cached (so they exist, and the model need not load)?"""
+    run = Run(cfg, _no_cluster, GRAPH)
+    try:
+        targets = [t for s in ("extract", "cache") if s in stages for t in run.targets(s)]
+    except NotReady:
+        return False
+    return bool(targets) and all(a.is_current() for t in targets for a in t.artifacts)
 
 
 def _label_names(cfg: Config) -> list[str]:

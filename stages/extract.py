@@ -21,7 +21,6 @@ import torch
 
 from stages.engine.dask import map_blocks
 from stages.network.models import (
-    ModelSpec,
     build_model,
     cached_model,
     pick_device,
@@ -29,6 +28,7 @@ from stages.network.models import (
     record_layers,
 )
 from stages.network.perturb import Perturbation
+from stages.network.spec import ModelSpec
 from storage import activations as astore
 from storage.blocks import missing_blocks
 from storage.broden import ImageRecord

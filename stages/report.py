@@ -28,6 +28,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 import pandas as pd
@@ -37,11 +38,12 @@ from stages.network.perturb import Perturbation
 from stages.pages.contexts import category_colors, concepts_context, index_context, layer_context
 from stages.pages.model import Page, attach_intervals, ordered, plan_pages
 from stages.pages.strips import ImageCache, render_tile, strip_image
-from stages.tally.masks import unit_mask
-from stages.thresholds.top_images import TopImages
 from storage.artifacts import atomic_dir
 from storage.broden_images import dataset_file
 from storage.errors import UserError
+
+if TYPE_CHECKING:  # torch loads when strips are drawn, not when a report is planned
+    from stages.thresholds.top_images import TopImages
 
 log = logging.getLogger("netdissect")
 
@@ -78,6 +80,8 @@ class PageImages:
 def render_strips(pages: list[Page], images: Callable[[Page], PageImages], out: Path,
                   cfg: ReportConfig) -> None:
     """One strip per unit and page: its top images with the unit's mask."""
+    from stages.tally.masks import unit_mask
+
     caches: dict[tuple, ImageCache] = {}
     for page in pages:
         source = images(page)

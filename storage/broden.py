@@ -13,14 +13,11 @@ import csv
 import hashlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import NamedTuple
 
-from storage.errors import (
-    BrodenFormatError,
-    UnknownLabelError,
-    UnsafePathError,
-)
+from storage.broden_images import safe_relative_path
+from storage.errors import BrodenFormatError, UnknownLabelError
 
 SIZE_COLUMNS = ("ih", "iw", "sh", "sw")
 FIXED_COLUMNS = ("image", "split", *SIZE_COLUMNS)
@@ -194,18 +191,6 @@ def _float(path: Path, line: int, column: str, text: str) -> float:
         raise BrodenFormatError(
             f"{path} line {line}, column {column!r}: {text!r} is not a number"
         ) from None
-
-
-def safe_relative_path(path: Path, line: int, column: str, text: str) -> str:
-    """Reject paths that would escape ``images/`` (absolute or containing ``..``)."""
-    posix = PurePosixPath(text.replace("\\", "/"))
-    if not posix.parts:
-        raise BrodenFormatError(f"{path} line {line}, column {column!r}: {text!r} is not a file path")
-    if text.startswith(("/", "\\")) or posix.is_absolute() or ":" in posix.parts[0] or ".." in posix.parts:
-        raise UnsafePathError(
-            f"{path} line {line}, column {column!r}: path {text!r} escapes the dataset's images/ folder"
-        )
-    return str(posix)
 
 
 def scan_categories(root: Path) -> tuple[list[str], list[BrodenFormatError]]:

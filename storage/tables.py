@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from storage.artifacts import Artifact, atomic_file, digest
+
+if TYPE_CHECKING:  # pandas and pyarrow load when a table is read or written, not to plan
+    import pandas as pd
+    import pyarrow as pa
 
 PARTITIONS = ("model", "layer")
 
@@ -51,6 +52,8 @@ def with_row_keys(frame: pd.DataFrame, keys: dict) -> pd.DataFrame:
 
 def write_parquet(table: pa.Table, path: Path) -> None:
     """Write Parquet atomically (hidden temporary name, then rename over ``path``)."""
+    import pyarrow.parquet as pq
+
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 
@@ -79,6 +82,8 @@ def recorded_file(root: Path, path: Path) -> Artifact:
 
 def write_partition(artifact: Artifact, frame: pd.DataFrame) -> Path:
     """Add or replace the rows of one (model, layer, parameter set), then mark them current."""
+    import pyarrow as pa
+
     frame = frame.drop(columns=[c for c in PARTITIONS if c in frame.columns])
     write_parquet(pa.Table.from_pandas(frame, preserve_index=False), artifact.path)
     artifact.commit(rows=len(frame))
@@ -88,6 +93,8 @@ def write_partition(artifact: Artifact, frame: pd.DataFrame) -> Path:
 def read_table(root: Path, table: str, **filters) -> pd.DataFrame:
     """Read a result table into pandas, keeping only rows equal to ``filters`` (pushed down
     to pyarrow, so other models' and layers' files are not read)."""
+    import pandas as pd
+
     path = root / table
     if not path.exists():
         return pd.DataFrame()

@@ -5,10 +5,11 @@ Every dataset is built in tmp_path by tests/broden_factory.py; nothing is downlo
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -17,10 +18,10 @@ import zarr
 from stages.concepts import ConceptsConfig, build_concept_store
 from stages.tally.labels import label_space
 from storage.broden import primary_category, read_broden
-from storage.broden_images import decode_plane, save_plane
+from storage.broden_images import decode_plane, safe_relative_path, save_plane
 from storage.broden_writer import write_csv
 from storage.concepts import store_artifact
-from storage.errors import BrodenFormatError, UserError
+from storage.errors import BrodenFormatError, UnsafePathError, UserError
 from tests.broden_factory import BrodenBuilder, rewrite_index_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -570,3 +571,27 @@ def test_the_own_images_recipe_of_the_real_data_guide_writes_a_readable_director
     assert [r.image for r in dataset.images] == ["street/0001.jpg"]
     assert dataset.labels[1].coverage == {"object": pytest.approx(40 * 50 / 112**2, abs=1e-6)}
     assert dataset.primary_category(3) == "scene"
+
+
+def test_index_paths_fast_and_slow_agree() -> None:
+    """Every path over a small alphabet (separators, dots, drive colons, backslashes) gets
+    what PurePosixPath's normal form says, or the same refusal, whichever path it takes."""
+    def reference(text: str) -> str | type:
+        posix = PurePosixPath(text.replace("\\", "/"))
+        if not posix.parts:
+            return BrodenFormatError
+        if text.startswith(("/", "\\")) or posix.is_absolute() or ":" in posix.parts[0] or (
+                ".." in posix.parts):
+            return UnsafePathError
+        return str(posix)
+
+    alphabet = ["a", "/", ".", "..", "\\", ":", "x.png"]
+    for size in range(1, 6):
+        for parts in itertools.product(alphabet, repeat=size):
+            text = "".join(parts)
+            want = reference(text)
+            if isinstance(want, str):
+                assert safe_relative_path(Path("index.csv"), 2, "image", text) == want, text
+            else:
+                with pytest.raises(want):
+                    safe_relative_path(Path("index.csv"), 2, "image", text)

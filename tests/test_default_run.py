@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -17,7 +19,7 @@ import pytest
 from pipeline.run import compose_config, run
 from storage.tables import read_table
 from tests.broden_factory import run_files
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_env
 
 TABLES = ("iou", "units", "layers", "explanations")
 
@@ -97,3 +99,30 @@ def test_no_table_column_is_named_like_a_dataframe_attribute(default_run):
     for table in TABLES:
         columns = set(read_table(default_run / "results", table).columns)
         assert not columns & taken, (table, sorted(columns & taken))
+
+
+# what a run that finds everything current, and --help, must not load (start-up in seconds)
+HEAVY = ("torch", "torchvision", "numba", "distributed", "sklearn")
+LOADED = ("import atexit, runpy, sys; atexit.register(lambda: print('loaded:', *sorted(m for m "
+          "in {heavy} if m in sys.modules), file=sys.stderr)); sys.argv = ['pipeline.run', "
+          "*{args}]; runpy.run_module('pipeline.run', run_name='__main__')")
+
+
+def _loaded(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    code = LOADED.format(heavy=HEAVY, args=list(args))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cli_env(), cwd=REPO, timeout=300)
+    line = next(x for x in done.stderr.splitlines() if x.startswith("loaded:"))
+    return done, line.split()[1:]
+
+
+def test_a_current_run_and_help_start_without_the_model_libraries(default_run):
+    """A current stage=all decides everything from fingerprints: no model, kernel or cluster
+    library is imported (each would cost seconds), and it still prints the summary."""
+    done, loaded = _loaded(f"workdir={default_run}", "stage=all", "progress=false")
+    assert done.returncode == 0, done.stderr
+    assert "block4: 128 units" in done.stdout
+    assert loaded == []
+    done, loaded = _loaded("--help")
+    assert done.returncode == 0 and "usage:" in done.stdout
+    assert loaded == []

@@ -10,7 +10,7 @@ from contextlib import ExitStack
 import pytest
 import torch
 
-import pipeline.cluster as cluster_mod
+import stages.network.models as models_mod
 from pipeline.cluster import LazyScheduler, worker_env
 from pipeline.config import ClusterKind, ClusterOptions
 from pipeline.run import compose_config, run
@@ -45,7 +45,7 @@ def test_cluster_cuda_without_a_gpu_falls_back_to_a_cpu_local_cluster(caplog):
 
 def test_cluster_cuda_with_a_gpu_but_no_dask_cuda_is_one_line(monkeypatch):
     """Where a GPU is but dask-cuda is not installed: never a LocalCUDACluster, one line."""
-    monkeypatch.setattr(cluster_mod, "has_gpu", lambda: True)
+    monkeypatch.setattr(models_mod, "has_gpu", lambda: True)
     monkeypatch.setitem(sys.modules, "dask_cuda", None)
     with ExitStack() as stack, pytest.raises(UserError, match=r"pip install -e '\.\[gpu\]'"):
         LazyScheduler(ClusterOptions(kind=ClusterKind.cuda), stack)()

@@ -15,13 +15,8 @@ import xarray as xr
 import zarr
 
 from stages.extract import ExtractConfig, run_extract
-from stages.network.models import (
-    ModelSpec,
-    build_model,
-    preprocess,
-    resolve_layers,
-    weights_identity,
-)
+from stages.network.models import build_model, preprocess, resolve_layers
+from stages.network.spec import ModelSpec, weights_identity
 from storage.activations import ActivationStore, open_layer
 from storage.broden import index_fingerprint, read_broden
 from storage.broden_images import load_image

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 import math
 import re
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,54 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from storage.artifacts import file_digest
+from stages.network.spec import ModelSpec, is_path
 from storage.errors import UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NETDISSECT_BGR_MEAN = (109.5388, 118.6897, 124.6901)
 PREPROCESSING = ("imagenet", "netdissect")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to build: a torchvision ``arch`` or a ``factory``, plus weights and layers."""
-
-    name: str
-    layers: tuple[str, ...]
-    arch: str | None = None
-    factory: str | None = None
-    weights: str | None = None  # torchvision weights name, checkpoint path, or "none"
-    seed: int = 0
-    preprocess: str = "imagenet"
-    input_size: int | None = None  # images resized to this square size; None = native
-    kwargs: dict = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @staticmethod
-    def from_json(text: str) -> ModelSpec:
-        data = json.loads(text)
-        data["layers"] = tuple(data["layers"])
-        return ModelSpec(**data)
-
-
-def _is_path(weights: str) -> bool:
-    return "/" in weights or "\\" in weights or Path(weights).suffix in (".pt", ".pth", ".tar", ".ckpt")
-
-
-def weights_identity(spec: ModelSpec) -> str:
-    """A stable identity of the weights: file hash, torchvision weights name, or random seed."""
-    w = spec.weights
-    if w is None or str(w).lower() == "none":
-        return f"random(seed={spec.seed})"
-    if _is_path(str(w)):
-        path = Path(w).expanduser()
-        if not path.is_file():
-            raise UserError(f"model.weights: checkpoint {path} not found")
-        return "sha256:" + file_digest(path)
-    return f"torchvision:{w}"
 
 
 def _call_factory(spec: ModelSpec) -> nn.Module:
@@ -132,7 +89,7 @@ def _instantiate(spec: ModelSpec, torchvision_weights: str | None = None) -> nn.
 
 def _build_model(spec: ModelSpec) -> nn.Module:
     weights = _weights(spec)
-    if weights is not None and spec.arch and not spec.factory and not _is_path(weights):
+    if weights is not None and spec.arch and not spec.factory and not is_path(weights):
         return _instantiate(spec, torchvision_weights=weights).eval()
     model = _instantiate(spec)
     if weights is not None:

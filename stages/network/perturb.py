@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from storage.errors import UserError
 
@@ -90,8 +89,7 @@ class Perturbation:
             noise = np.stack([self._rng(r).random(out.shape[1:], dtype=np.float32) for r in rows])
             return np.clip(out + np.float32(self.amount) * noise, 0, 255)
         if self.kind == "rotate":
-            x = torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
-            return self._rotate(x, "bilinear").numpy().transpose(0, 2, 3, 1)
+            return self._rotate(out.transpose(0, 3, 1, 2), "bilinear").transpose(0, 2, 3, 1)
         if self.kind == "shuffle":
             return np.stack([self._shuffle(img, r) for img, r in zip(out, rows, strict=True)])
         return out
@@ -99,19 +97,21 @@ class Perturbation:
     def planes(self, planes: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(B, P, sh, sw) label numbers moved with the images' geometry (nearest)."""
         if self.kind == "rotate":
-            x = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))
-            return self._rotate(x, "nearest").numpy().astype(planes.dtype)
+            return self._rotate(planes.astype(np.float32), "nearest").astype(planes.dtype)
         if self.kind == "shuffle":
             return np.stack([self._shuffle(p.transpose(1, 2, 0), r).transpose(2, 0, 1)
                              for p, r in zip(planes, rows, strict=True)])
         return planes
 
-    def _rotate(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+    def _rotate(self, x: np.ndarray, mode: str) -> np.ndarray:
+        """(B, C, H, W) float32 turned by ``amount`` degrees (torch loads only for this)."""
+        import torch
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2.functional import rotate
 
         how = InterpolationMode.BILINEAR if mode == "bilinear" else InterpolationMode.NEAREST
-        return rotate(x, self.amount, interpolation=how, fill=0.0)
+        tensor = torch.from_numpy(np.ascontiguousarray(x))
+        return rotate(tensor, self.amount, interpolation=how, fill=0.0).numpy()
 
     def _shuffle(self, image: np.ndarray, row: int) -> np.ndarray:
         """(H, W, C) cut into an n × n grid; output cell i is input cell perm[i]."""
