@@ -250,6 +250,36 @@ def _write_subset(path: Path, pool: Path, n_images: int) -> None:
         os.symlink(pool.resolve() / "images", tmp / "images")
 
 
+def render_image(index: int, seed: int, table: LabelTable) -> np.ndarray:
+    """(224, 224, 3) uint8 RGB of image ``index``: its object regions in colours of their
+    labels, upsampled, with pixel noise (JPEG-decoding costs what a photograph's does)."""
+    objects = render_labels(index, seed, table).planes["object"][0]
+    palette = np.random.default_rng([seed, 6]).integers(0, 256, (max(table.names) + 1, 3))
+    rgb = palette[np.repeat(np.repeat(objects, 2, axis=0), 2, axis=1)].astype(np.float32)
+    noise = np.random.default_rng([seed, 7, index]).normal(0, 12, rgb.shape)
+    return np.clip(rgb + noise, 0, 255).astype(np.uint8)
+
+
+def ensure_images(workdir: Path, n_images: int, seed: int = 0, progress: bool = True) -> None:
+    """A 224-px JPEG for every image of the pool of ``n_images`` (what ``extract`` decodes;
+    the label pool itself writes none), made once."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    pool = dataset_path(workdir, n_images).absolute()
+    made = Artifact(pool / "jpegs.json", {"pool": _pool_artifact(pool, n_images, seed).key,
+                                          "quality": 90})
+    if made.is_current():
+        return
+    table = label_table(seed)
+    for index in tqdm(range(n_images), desc="broden images", unit="img",
+                      disable=None if progress else True):
+        path = pool / "images" / image_name(index)
+        Image.fromarray(render_image(index, seed, table)).save(path, quality=90)
+    made.path.write_text(json.dumps({"images": n_images}) + "\n")
+    made.commit(images=n_images)
+
+
 def dataset_path(workdir: Path, n_images: int) -> Path:
     return workdir / "data" / f"broden_{n_images}"
 

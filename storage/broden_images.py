@@ -32,16 +32,33 @@ def safe_relative_path(path: Path, line: int, column: str, text: str) -> str:
     return str(posix)
 
 
+class ImagesFolder:
+    """A dataset's ``images/``: files inside it, each folder's real path resolved once (a
+    block of label planes shares a few folders; resolving every file walks every link)."""
+
+    def __init__(self, images_dir: Path):
+        self.root = Path(images_dir)
+        self.real_root = self.root.resolve()
+        self._real_dirs: dict[Path, Path] = {}
+
+    def file(self, rel: str, line: int | None = None) -> Path:
+        """``images/rel``, refused when a symbolic link takes it outside ``images/`` (the
+        relative path itself was already checked for ``..`` and absolute parts)."""
+        path = self.root / rel
+        parent = path.parent
+        if parent not in self._real_dirs:
+            self._real_dirs[parent] = parent.resolve()
+        real = path.resolve() if path.is_symlink() else self._real_dirs[parent] / path.name
+        if not real.is_relative_to(self.real_root):
+            where = f" (index.csv line {line})" if line is not None else ""
+            raise UnsafePathError(f"{path}: a link to {real}, outside the dataset's images/ "
+                                  f"folder{where}; copy the file into the dataset instead")
+        return path
+
+
 def dataset_file(images_dir: Path, rel: str, line: int | None = None) -> Path:
-    """``images_dir / rel``, refused when a symbolic link takes it outside ``images/`` (the
-    relative path itself was already checked for ``..`` and absolute parts)."""
-    path = Path(images_dir) / rel
-    real = path.resolve()
-    if not real.is_relative_to(Path(images_dir).resolve()):
-        where = f" (index.csv line {line})" if line is not None else ""
-        raise UnsafePathError(f"{path}: a link to {real}, outside the dataset's images/ "
-                              f"folder{where}; copy the file into the dataset instead")
-    return path
+    """One file of ``images/`` (see :class:`ImagesFolder` for many)."""
+    return ImagesFolder(images_dir).file(rel, line)
 
 
 def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:
@@ -50,7 +67,7 @@ def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) ->
     if not path.is_file():
         raise MissingFileError(f"{path}: label image not found{where}")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # Pillow decodes with the GIL released: threads scale
             img.load()
             rgb = np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as exc:
@@ -60,7 +77,7 @@ def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) ->
             f"{path}: size {rgb.shape[1]}x{rgb.shape[0]} (w x h) differs from index.csv "
             f"sw x sh = {shape[1]}x{shape[0]}{where}"
         )
-    return rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
+    return np.left_shift(rgb[..., 1], 8, dtype=np.int32) | rgb[..., 0]
 
 
 def load_image(path: Path, line: int | None = None) -> np.ndarray:

@@ -30,7 +30,7 @@ import zarr
 from storage import blocks
 from storage.artifacts import Artifact
 from storage.broden import BrodenDataset, ImageRecord, LabelInfo
-from storage.broden_images import dataset_file, decode_plane
+from storage.broden_images import ImagesFolder, decode_plane
 from storage.errors import BrodenFormatError
 
 FORMAT_VERSION = 3
@@ -169,29 +169,47 @@ def decode_block(
     plane_cat = np.full((b, n_planes), -1, dtype=np.int8)
     scal = np.zeros((b, n_scalars), dtype=np.int32)
     scal_cat = np.full((b, n_scalars), -1, dtype=np.int8)
+    folder = ImagesFolder(images_dir)
+    where: list[tuple[int, int, Path, ImageRecord]] = []  # (image, slot, file, record)
     for i, rec in enumerate(records):
         slot = 0
         qslot = 0
         for ci, cat in enumerate(categories):
             for rel in rec.planes.get(cat, ()):
-                plane_path = dataset_file(images_dir, rel, rec.line)
-                plane = decode_plane(plane_path, (rec.sh, rec.sw), rec.line)
-                present = np.unique(plane)
-                present = present[present != 0]
-                unknown = [int(v) for v in present if int(v) not in listed[cat]]
-                if unknown:
-                    raise BrodenFormatError(
-                        f"{plane_path} (index.csv line {rec.line}): label {unknown[0]} is not "
-                        f"in label.csv or not listed in c_{cat}.csv"
-                    )
-                pixel[i, slot] = plane
+                plane_path = folder.file(rel, rec.line)
+                pixel[i, slot] = decode_plane(plane_path, (rec.sh, rec.sw), rec.line)
                 plane_cat[i, slot] = ci
+                where.append((i, slot, plane_path, rec))
                 slot += 1
             for number in rec.scalars.get(cat, ()):
                 scal[i, qslot] = number
                 scal_cat[i, qslot] = ci
                 qslot += 1
+    _check_listed(pixel, plane_cat, categories, listed, where)
     return ConceptBlock(pixel, plane_cat, scal, scal_cat)
+
+
+def _check_listed(pixel: np.ndarray, plane_cat: np.ndarray, categories: list[str],
+                  listed: dict[str, frozenset[int]],
+                  where: list[tuple[int, int, Path, ImageRecord]]) -> None:
+    """Every pixel's label is listed in its plane's c_<cat>.csv (0: unlabelled), checked per
+    category over the whole block by a lookup table; the first offending plane is named."""
+    for ci, cat in enumerate(categories):
+        chosen = plane_cat == ci
+        if not chosen.any():
+            continue
+        allowed = np.zeros(65536, dtype=bool)
+        allowed[[0, *(n for n in listed[cat] if n < 65536)]] = True
+        if allowed[pixel[chosen]].all():
+            continue
+        for i, slot, plane_path, rec in where:
+            present = np.unique(pixel[i, slot])
+            unknown = [int(v) for v in present if plane_cat[i, slot] == ci and not allowed[v]]
+            if unknown:
+                raise BrodenFormatError(
+                    f"{plane_path} (index.csv line {rec.line}): label {unknown[0]} is not "
+                    f"in label.csv or not listed in c_{cat}.csv"
+                )
 
 
 def write_block(

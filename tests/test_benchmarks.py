@@ -4,8 +4,12 @@ set, and the NetDissect-Lite-style baseline counts what the pipeline counts (no 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+from pathlib import Path
 
 from benchmarks import bench_broden, readme_table
+from tests.conftest import REPO
 
 
 def test_broden_benchmark_runs_every_stage_and_baseline_matches(tmp_path):
@@ -92,3 +96,16 @@ def test_explain_benchmark_runs_every_stage(tmp_path):
     assert len(result["growth"]["labels"]) == 3
     assert set(result["growth"]["lengths"]) == {"1", "2", "3", "4"}
     assert result["growth"]["lengths"]["3"]["proven_optimal"] == 1
+
+
+def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0():
+    """The script CI can run anywhere: no nvidia-smi on PATH means no GPU, and nothing else
+    is started (no install, no benchmark)."""
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if not (Path(d) / "nvidia-smi").exists())
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=REPO,
+                          env={**os.environ, "PATH": path}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("gpu_check: no GPU on this machine (nvidia-smi finds none); "
+                                   "nothing to check")

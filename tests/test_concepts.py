@@ -187,6 +187,24 @@ def test_threads_scheduler_gives_the_same_store(built, tmp_path: Path) -> None:
     _assert_block_equal(other.read_block(0, N_IMAGES), store.read_block(0, N_IMAGES))
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_store_built_on_threads_is_byte_identical_to_one_built_serially(
+        built, tmp_path: Path) -> None:
+    """Every chunk, every array's metadata and the store's attributes: the same bytes."""
+    _, root, _ = built
+    serial = build_concept_store(ConceptsConfig(root, tmp_path / "serial.zarr", 2,
+                                                progress=False), scheduler=None)
+    threads = build_concept_store(ConceptsConfig(root, tmp_path / "threads.zarr", 2,
+                                                 progress=False), scheduler="threads")
+    want, got = _files(serial.path), _files(threads.path)
+    assert len(want) > 10 and got.keys() == want.keys()
+    assert [name for name in want if got[name] != want[name]] == []
+
+
 # --------------------------------------------------------------------------- skip / resume
 
 

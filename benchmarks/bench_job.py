@@ -1,0 +1,217 @@
+"""The whole job at Broden geometry, run as a user runs it, and a new concept set re-scored.
+
+    python -m benchmarks.bench_job [--sizes 2000 8000] [--rescore 3000] [--workdir /tmp/bench_job]
+                                   [--out benchmarks/results/job.json]
+
+Data: ``benchmarks.broden_data``'s Broden-shaped label directory (~1,200 labels in six
+categories, Broden's plane statistics, 112x112 planes, image-level scene and texture labels)
+with a 224-px JPEG per image (``broden_data.ensure_images``); resnet18 with random init (the
+forward pass costs what a trained one costs).  Every command is the CLI's, in a fresh
+process whose peak RSS is its own.
+
+- ``job`` (each of ``--sizes``): ``stage=concepts``, ``extract``, ``quantile``, ``iou``,
+  ``all`` (the report) on ``layer3`` and ``layer4``, then ``stage=explain`` on ``layer4``:
+  wall time, images/s, peak RSS and bytes added to the workdir per stage; beside them the
+  bare forward pass (decode, normalise, resnet18 to ``layer4``, batch 32) of the same images,
+  the bound of ``extract``;
+- ``rescore`` (``--rescore`` images): after the job, a run that finds everything current;
+  ``stage=rescore`` against a fresh copy of the labels (the concept store built, then the
+  tally); new scoring rules on that store; the NetDissect-Lite-structured loop
+  (``benchmarks.baseline``) on the same thresholds and labels; and the label PNGs decoded
+  by Pillow alone on one thread and on every core, beside the concept store build alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import broden_data as data
+from benchmarks.common import REPO, directory_bytes
+
+MODEL = ["model=resnet18", "model.weights=none"]
+STAGES = ("concepts", "extract", "quantile", "iou", "all")
+# runs the CLI in this process and writes its peak RSS (VmHWM) where the caller reads it
+MEASURED = ("import atexit, runpy, sys\n"
+            "from benchmarks.common import peak_rss_mib\n"
+            "atexit.register(lambda: open({out!r}, 'w').write(str(peak_rss_mib())))\n"
+            "sys.argv = ['pipeline.run', *{args!r}]\n"
+            "runpy.run_module('pipeline.run', run_name='__main__')\n")
+
+
+def cli(workdir: Path, dataset: Path, *args: str, layers: str = "[layer3,layer4]") -> dict:
+    """One CLI command: wall seconds, peak RSS (MiB), bytes it added under the workdir."""
+    argv = [f"workdir={workdir}", f"dataset.path={dataset}", *MODEL,
+            f"model.layers={layers}", "progress=false", *args]
+    rss = workdir.parent / "rss.txt"
+    before = directory_bytes(workdir) if workdir.exists() else 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", MEASURED.format(out=str(rss), args=argv)],
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return {"seconds": seconds, "peak_rss_mib": float(rss.read_text()),
+            "bytes_added": directory_bytes(workdir) - before}
+
+
+def forward_pass(dataset: Path, n: int, batch: int = 32) -> dict:
+    """The bound of extract: decode, normalise and resnet18 to ``layer4``, nothing kept."""
+    import torch
+    import torchvision
+
+    from stages.network.models import preprocess
+    from storage.broden import read_broden
+    from storage.broden_images import ImagesFolder, load_image
+
+    records = read_broden(dataset).images[:n]
+    model = torchvision.models.resnet18(weights=None).eval()
+    trunk = torch.nn.Sequential(*list(model.children())[:-2])  # through layer4
+    folder = ImagesFolder(dataset / "images")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            images = np.stack([load_image(folder.file(r.image)) for r in records[i:i + batch]])
+            trunk(preprocess(images, "imagenet"))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "images_per_s": n / seconds}
+
+
+def job(workdir: Path, dataset: Path, n: int) -> dict:
+    """Every stage of the main job in order (each finds the earlier ones current)."""
+    stages = {stage: cli(workdir, dataset, f"stage={stage}") for stage in STAGES}
+    stages["explain"] = cli(workdir, dataset, "stage=explain", layers="[layer4]")
+    for row in stages.values():
+        row["images_per_s"] = n / row["seconds"]
+    bound = forward_pass(dataset, n)
+    beyond = sum(r["seconds"] for s, r in stages.items() if s != "explain") - bound["seconds"]
+    return {"images": n, "stages": stages, "forward_pass": bound,
+            "beyond_forward_share": beyond / bound["seconds"],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in stages.values()),
+            "workdir_bytes": directory_bytes(workdir)}
+
+
+def _label_copy(dataset: Path, copy: Path) -> Path:
+    """The dataset's CSVs and label PNGs copied (real files: the store decodes them)."""
+    if copy.exists():
+        shutil.rmtree(copy)
+    images = copy / "images"
+    images.mkdir(parents=True)
+    for path in dataset.glob("*.csv"):
+        shutil.copyfile(path, copy / path.name)
+    for path in (dataset / "images").resolve().rglob("*.png"):
+        target = images / path.relative_to((dataset / "images").resolve())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return copy
+
+
+def _decode(paths: list[Path], threads: int) -> float:
+    """Label PNGs per second that Pillow alone opens, decodes and converts to RGB."""
+    from PIL import Image
+
+    def one(path: Path) -> None:
+        with Image.open(path) as img:
+            np.asarray(img.convert("RGB"))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, paths, chunksize=64))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def rescore(workdir: Path, dataset: Path, n: int) -> dict:
+    """A new concept set and new rules on a cached layer, beside the classic loop."""
+    from benchmarks.baseline import baseline_tally
+    from pipeline.graph import Run
+    from pipeline.run import compose_config
+    from pipeline.workflow import GRAPH
+    from stages.concepts import ConceptsConfig, build_concept_store
+    from stages.tally.labels import label_space
+    from storage.activations import ActivationStore
+    from storage.arrays import load_thresholds
+    from storage.broden import read_broden
+    from storage.concepts import ConceptStore
+
+    layer4 = {"layers": "[layer4]"}
+    cli(workdir, dataset, "stage=iou", **layer4)  # the cache and thresholds, if not yet there
+    current = cli(workdir, dataset, "stage=iou", **layer4)
+    copy = _label_copy(dataset, workdir.parent / "labels_copy")
+    concepts = [f"concepts.path={copy}", "concepts.name=copy"]
+    new_set = cli(workdir, dataset, "stage=rescore", *concepts, **layer4)
+    new_rules = cli(workdir, dataset, "stage=rescore", *concepts, "scoring.union=global",
+                    **layer4)
+    cfg = compose_config([f"workdir={workdir}", f"dataset.path={dataset}", *MODEL,
+                          "model.layers=[layer4]", *concepts, "progress=false"])
+    run = Run(cfg, lambda: "threads", GRAPH)
+    store = ConceptStore(run.value("concept_set").path)
+    thresholds = load_thresholds(run.value("quantile")["layer4"].path)
+    acts = ActivationStore(run.value("extract").path)
+    start = time.perf_counter()
+    baseline_tally(acts, "layer4", store, thresholds, n, label_space(store, None))
+    loop = time.perf_counter() - start
+    ds = read_broden(copy)
+    paths = [copy / "images" / p for r in ds.images for v in r.planes.values() for p in v]
+    cores = os.cpu_count() or 1
+    decode = {"threads_1": _decode(paths, 1), f"threads_{cores}": _decode(paths, cores)}
+    again = workdir.parent / "store_alone.zarr"
+    shutil.rmtree(again, ignore_errors=True)
+    start = time.perf_counter()
+    build_concept_store(ConceptsConfig(copy, again, progress=False), "threads", ds)
+    build = time.perf_counter() - start
+    planes_per_image = len(paths) / n
+    beyond = {"new_concept_set": new_set["seconds"] - current["seconds"],
+              "new_rules": new_rules["seconds"] - current["seconds"]}
+    return {"images": n, "planes_per_image": planes_per_image, "current_run": current,
+            "new_concept_set": new_set, "new_rules": new_rules, "beyond_current_s": beyond,
+            "netdissect_lite_loop_s": loop,
+            "speedup_new_concept_set": loop / beyond["new_concept_set"],
+            "speedup_new_rules": loop / beyond["new_rules"],
+            "decode_images_per_s": {k: v / planes_per_image for k, v in decode.items()},
+            "store_build_s": build, "store_build_images_per_s": n / build,
+            "store_build_share_of_decode": n / build / (decode[f"threads_{cores}"]
+                                                        / planes_per_image)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000])
+    parser.add_argument("--rescore", type=int, default=3000, help="images (0: skip)")
+    parser.add_argument("--workdir", default="/tmp/bench_job")
+    parser.add_argument("--out", default="benchmarks/results/job.json")
+    args = parser.parse_args()
+    root = Path(args.workdir)
+    sizes = sorted(set(args.sizes) | ({args.rescore} - {0}))
+    data.ensure_dataset(root, sizes)
+    data.ensure_images(root, max(sizes))
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "jobs": []}
+    for n in sorted(args.sizes):
+        row = job(root / f"work_{n}", data.dataset_path(root, n), n)
+        results["jobs"].append(row)
+        print(json.dumps({"images": n, "beyond_forward_share": row["beyond_forward_share"],
+                          **{s: round(r["seconds"], 1) for s, r in row["stages"].items()}}))
+    if len(results["jobs"]) > 1:
+        small, large = results["jobs"][0], results["jobs"][-1]
+        results["rss_growth"] = {s: large["stages"][s]["peak_rss_mib"]
+                                 / small["stages"][s]["peak_rss_mib"] for s in small["stages"]}
+    if args.rescore:
+        results["rescore"] = rescore(root / f"work_{args.rescore}",
+                                     data.dataset_path(root, args.rescore), args.rescore)
+        print(json.dumps({k: v for k, v in results["rescore"].items()
+                          if isinstance(v, float | dict)}, default=str))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
