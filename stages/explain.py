@@ -11,6 +11,7 @@ from multiprocessing import get_context
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from stages.signatures.formulas import format_formula, formula_length
 from stages.signatures.optimal import Explanation, LayerTables, formula_of, optimal_search
@@ -56,8 +57,12 @@ def optimal_explanations(partial: SignaturePartial, names: list[str], max_length
 
 
 def _search_chunk(args) -> list[Explanation]:
+    """One process's units, its BLAS on one thread (the processes already fill the cores:
+    more threads each would only contend)."""
     partial, names, max_length, max_nodes, time_limit, units = args
-    return optimal_search(LayerTables(partial, names), max_length, max_nodes, time_limit, units)
+    with threadpool_limits(1):
+        return optimal_search(LayerTables(partial, names), max_length, max_nodes, time_limit,
+                              units)
 
 
 def _frame(found: list[Explanation], names: list[str]) -> pd.DataFrame:

@@ -109,3 +109,22 @@ def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("gpu_check: no GPU on this machine (nvidia-smi finds none); "
                                    "nothing to check")
+
+
+def test_job_benchmark_runs_every_stage_and_the_rescore(tmp_path):
+    """The whole-job benchmark on 16 Broden-geometry images with JPEGs: every stage of the
+    CLI job measured, then the rescore comparison (no timings asserted)."""
+    from benchmarks import bench_job
+    from benchmarks import broden_data as data
+
+    data.ensure_dataset(tmp_path, [16], progress=False)
+    data.ensure_images(tmp_path, 16, progress=False)
+    dataset = data.dataset_path(tmp_path, 16)
+    assert len(list((dataset / "images").rglob("*.jpg"))) == 16
+    row = bench_job.job(tmp_path / "work", dataset, 16)
+    assert list(row["stages"]) == [*bench_job.STAGES, "explain"]
+    assert all(r["seconds"] > 0 and r["peak_rss_mib"] > 0 for r in row["stages"].values())
+    assert row["stages"]["extract"]["bytes_added"] > 0 and row["forward_pass"]["seconds"] > 0
+    found = bench_job.rescore(tmp_path / "work", dataset, 16)
+    assert found["planes_per_image"] > 1 and found["netdissect_lite_loop_s"] > 0
+    assert found["store_build_images_per_s"] > 0 and len(found["decode_images_per_s"]) == 2
