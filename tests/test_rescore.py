@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.data
 import stages.demo_model
 import stages.extract
 import stages.network.models
@@ -115,7 +114,7 @@ def test_rescore_equals_fresh_run_without_the_model(probe, tmp_path, monkeypatch
         for name in ("build_model", "cached_model"):
             monkeypatch.setattr(module, name, forbidden)
     monkeypatch.setattr(stages.demo_model, "train_demo_model", forbidden)
-    monkeypatch.setattr(pipeline.data, "run_extract", forbidden)
+    monkeypatch.setattr(stages.extract, "run_extract", forbidden)  # imported when it builds
     frame = rescore(probe["workdir"], concepts=modified, dataset=probe["data"],
                     overrides=MODEL)
     after = {p: (t, (act / p).stat().st_size) for p, t in tree_mtimes(act).items()}

@@ -197,7 +197,6 @@ def test_unused_value_names_the_stage_that_reads_it(tmp_path):
 def test_iou_with_concepts_path_scores_that_set_from_the_cache(synthetic_root, tmp_path,
                                                                monkeypatch):
     """stage=iou concepts.path=DIR uses the cache and never loads the model once it exists."""
-    import pipeline.data
     import stages.extract
     import stages.network.models
 
@@ -211,7 +210,7 @@ def test_iou_with_concepts_path_scores_that_set_from_the_cache(synthetic_root, t
 
     for module in (stages.network.models, stages.extract):
         monkeypatch.setattr(module, "build_model", forbidden)
-    monkeypatch.setattr(pipeline.data, "run_extract", forbidden)
+    monkeypatch.setattr(stages.extract, "run_extract", forbidden)  # imported when it builds
     run(compose_config([*base, f"concepts.path={synthetic_root}", "concepts.name=again"]))
     iou = read_table(wd / "results", "iou")
     assert set(iou["concept_set"]) == {synthetic_root.name, "again"}
