@@ -203,8 +203,9 @@ def _check_listed(pixel: np.ndarray, plane_cat: np.ndarray, categories: list[str
         if allowed[pixel[chosen]].all():
             continue
         for i, slot, plane_path, rec in where:
-            present = np.unique(pixel[i, slot])
-            unknown = [int(v) for v in present if plane_cat[i, slot] == ci and not allowed[v]]
+            if plane_cat[i, slot] != ci:
+                continue
+            unknown = [int(v) for v in np.unique(pixel[i, slot]) if not allowed[v]]
             if unknown:
                 raise BrodenFormatError(
                     f"{plane_path} (index.csv line {rec.line}): label {unknown[0]} is not "
