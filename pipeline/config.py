@@ -295,9 +295,12 @@ def validate(cfg: Config) -> None:
     device = cfg.extract.device
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"extract.device={device!r}: choose auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not _has_gpu():
-        raise UserError(f"extract.device={device}: this machine has no CUDA device; use "
-                        "extract.device=auto (a GPU where there is one, else the CPU) or cpu")
+    if device.startswith("cuda"):
+        from stages.network.models import has_gpu  # torch: only when a GPU is asked for
+
+        if not has_gpu():
+            raise UserError(f"extract.device={device}: this machine has no CUDA device; use "
+                            "extract.device=auto (a GPU where there is one, else the CPU) or cpu")
     for key, value in (("dataset.path", cfg.dataset.path), ("concepts.path", cfg.concepts.path)):
         if value and not Path(value).expanduser().is_dir():
             raise UserError(f"{key}={value}: directory not found")
@@ -335,12 +338,6 @@ def _check_targets(path: Path) -> None:
     if missing:
         raise UserError(f"probe.targets={path}: no column {missing[0]!r} in its header "
                         "(give a CSV with columns image,class)")
-
-
-def _has_gpu() -> bool:
-    from stages.network.models import has_gpu  # torch: only when a GPU is asked for
-
-    return has_gpu()
 
 
 def _validate_transform(t: TransformOptions) -> None:
