@@ -276,3 +276,18 @@ def test_each_formula_is_searched_once():
     full.member = assignments
     for key, truth in full.formulas(3, distinct=False):
         assert truth.tobytes() in every or truth.tobytes() == empty, key
+
+
+@pytest.mark.parametrize("max_length,n_labels", [(3, 24), (4, 7)])
+def test_seeding_the_incumbent_changes_no_answer(monkeypatch, max_length, n_labels):
+    """The children of the best pairs scored first (``_SEED``) only raise the incumbent
+    early: every formula, IoU and certificate is the one the unseeded search finds."""
+    import stages.signatures.optimal as search
+
+    partial = random_partial(7, n_labels, 160 if n_labels > 10 else 45, 8)
+    layer = LayerTables(partial, [f"l{i}" for i in range(n_labels)])
+    seeded = optimal_search(layer, max_length)
+    monkeypatch.setattr(search, "_SEED", 0)
+    unseeded = optimal_search(layer, max_length)
+    assert [(e.key, e.iou, e.bound, e.optimal) for e in seeded] == [
+        (e.key, e.iou, e.bound, e.optimal) for e in unseeded]
