@@ -64,12 +64,12 @@ def dataset_file(images_dir: Path, rel: str, line: int | None = None) -> Path:
 def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:
     """Decode a label PNG to int32 label numbers (R + 256·G) and check its size."""
     where = f" (index.csv line {line})" if line is not None else ""
-    if not path.is_file():
-        raise MissingFileError(f"{path}: label image not found{where}")
     try:
         with Image.open(path) as img:  # Pillow decodes with the GIL released: threads scale
             img.load()
-            rgb = np.asarray(img.convert("RGB"))
+            rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise MissingFileError(f"{path}: label image not found{where}") from None
     except (OSError, ValueError) as exc:
         raise BrodenFormatError(f"{path}: not a readable image{where} ({exc})") from None
     if rgb.shape[:2] != tuple(shape):

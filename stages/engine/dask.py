@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import dask
@@ -116,6 +117,10 @@ def wait_with_workers(cluster: Cluster, futures: list,
                             "again")
 
 
+def _nth(func: Callable[[Any], Any], blocks: Sequence[Any], index: int) -> Any:
+    return func(blocks[index])
+
+
 def map_blocks(func: Callable[[Any], Any], blocks: Sequence[Any], scheduler: Any = "threads",
                desc: str = "blocks", progress: bool = True, unit_scale: int = 1,
                unit: str = "img") -> list[Any]:
@@ -128,7 +133,10 @@ def map_blocks(func: Callable[[Any], Any], blocks: Sequence[Any], scheduler: Any
         return []
     cluster = distributed_client(scheduler)
     if cluster is None:
-        tasks = [dask.delayed(func, pure=False)(b) for b in blocks]
+        # by position: dask would walk every record of every block item to look for
+        # collections in it (a tenth of a concept store build's time)
+        tasks = [dask.delayed(partial(_nth, func, blocks), pure=False)(i)
+                 for i in range(len(blocks))]
         return list(compute(*tasks, scheduler=scheduler, desc=desc, progress=progress,
                             unit=unit, unit_scale=unit_scale))
     futures = cluster.client.map(func, list(blocks), pure=False)
