@@ -12,7 +12,8 @@ V(g) = I(g) − b·W(g) > b·U (I inside the unit's masks, W outside, U the unit
 V is a sum over signatures; P(g), the sum of its positive terms, bounds V of every subset of
 g.  A node g with r steps left reaches sets inside g ∪ c₁ ∪ … ∪ c_r, so every formula below
 it has V ≤ max(P(g) + top_{r−1} P, V(g) + top_r P), P over single labels — an admissible
-bound that needs no expansion.  Ties go to the shorter formula, then to the smallest
+bound that needs no expansion.  The incumbent is seeded by scoring the children of the best
+two-label formulas first (:meth:`_Search._seed`).  Ties go to the shorter formula, then to the smallest
 (label, operator, label, …) sequence, operators ordered AND < OR < AND NOT.
 """
 
