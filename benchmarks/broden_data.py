@@ -260,10 +260,22 @@ def render_image(index: int, seed: int, table: LabelTable) -> np.ndarray:
     return np.clip(rgb + noise, 0, 255).astype(np.uint8)
 
 
+def _render_range(pool: Path, seed: int, start: int, stop: int) -> int:
+    from PIL import Image
+
+    table = label_table(seed)
+    for index in range(start, stop):
+        Image.fromarray(render_image(index, seed, table)).save(
+            pool / "images" / image_name(index), quality=90)
+    return stop - start
+
+
 def ensure_images(workdir: Path, n_images: int, seed: int = 0, progress: bool = True) -> None:
     """A 224-px JPEG for every image of the pool of ``n_images`` (what ``extract`` decodes;
-    the label pool itself writes none), made once."""
-    from PIL import Image
+    the label pool itself writes none), made once, on every core (each image is a function
+    of its index and the seed alone)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm.auto import tqdm
 
     pool = dataset_path(workdir, n_images).absolute()
@@ -271,11 +283,13 @@ def ensure_images(workdir: Path, n_images: int, seed: int = 0, progress: bool = 
                                           "quality": 90})
     if made.is_current():
         return
-    table = label_table(seed)
-    for index in tqdm(range(n_images), desc="broden images", unit="img",
-                      disable=None if progress else True):
-        path = pool / "images" / image_name(index)
-        Image.fromarray(render_image(index, seed, table)).save(path, quality=90)
+    starts = range(0, n_images, 500)
+    with ProcessPoolExecutor(os.cpu_count() or 1) as workers, tqdm(
+            total=n_images, desc="broden images", unit="img",
+            disable=None if progress else True) as bar:
+        for done in workers.map(_render_range, *zip(*[
+                (pool, seed, a, min(a + 500, n_images)) for a in starts], strict=True)):
+            bar.update(done)
     made.path.write_text(json.dumps({"images": n_images}) + "\n")
     made.commit(images=n_images)
 
