@@ -14,7 +14,8 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from stages.signatures.formulas import format_formula, formula_length
-from stages.signatures.optimal import Explanation, LayerTables, formula_of, optimal_search
+from stages.signatures.grammar import formula_of
+from stages.signatures.optimal import Explanation, LayerTables, optimal_search
 from stages.signatures.search import beam_search
 from stages.signatures.statistic import SignaturePartial
 from storage.tables import with_row_keys

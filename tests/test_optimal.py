@@ -8,15 +8,8 @@ import pytest
 
 from stages.explain import optimal_explanations
 from stages.signatures.formulas import format_formula
-from stages.signatures.optimal import (
-    AND,
-    AND_NOT,
-    OPERATORS,
-    OR,
-    LayerTables,
-    formula_of,
-    optimal_search,
-)
+from stages.signatures.grammar import AND, AND_NOT, OPERATORS, OR, formula_of
+from stages.signatures.optimal import LayerTables, optimal_search
 from stages.signatures.search import beam_search
 from stages.signatures.statistic import SignaturePartial
 
@@ -245,7 +238,7 @@ def test_each_formula_is_searched_once():
     formula of ≤ 3 labels of the full grammar."""
     import itertools
 
-    from stages.signatures.optimal import _START, _allowed, _next_state
+    from stages.signatures.grammar import START, canonical_labels, next_state
 
     n = 5
     assignments = np.array(list(itertools.product([False, True], repeat=n)))
@@ -260,12 +253,12 @@ def test_each_formula_is_searched_once():
         if len(key) == 5:
             return
         for op in OPERATORS:
-            for c in np.flatnonzero(_allowed(state, op, n)):
+            for c in np.flatnonzero(canonical_labels(state, op, n)):
                 if int(c) not in key[0::2]:
-                    walk(key + (op, int(c)), _next_state(state, op, int(c)))
+                    walk(key + (op, int(c)), next_state(state, op, int(c)))
 
     for a in range(n):
-        walk((a,), (_START, a, -1, a))
+        walk((a,), (START, a, -1, a))
     by_length = {}
     for key in canonical:
         by_length.setdefault(len(key), []).append(function(key))

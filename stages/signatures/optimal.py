@@ -1,20 +1,21 @@
 """Provably optimal compositional explanations (SEMANTICS.md §12) by branch and bound over
 the signature counts.
 
-The grammar is compexp's: left-deep formulas ``((a op b) op c) …`` with op in AND, OR,
-AND NOT, over distinct labels.  Every count a formula needs is an inclusion–exclusion sum
-of *co-occurrences* (pixels carrying every label of a set q), so a node keeps its Möbius
-coefficients μ(q) and |f ∧ c| for every label c at once is Σ_q μ(q)·C(q ∪ {c}): singles
-and pairs come from dense tables, larger sets from the few signatures that hold them.
+The grammar is compexp's (:mod:`stages.signatures.grammar`): left-deep formulas
+``((a op b) op c) …`` with op in AND, OR, AND NOT, over distinct labels.  Every count a
+formula needs is an inclusion–exclusion sum of *co-occurrences* (pixels carrying every label
+of a set q), so a node keeps its Möbius coefficients μ(q) and |f ∧ c| for every label c at
+once is Σ_q μ(q)·C(q ∪ {c}): singles and pairs come from dense tables, larger sets from the
+few signatures that hold them.
 
 Pruning is additive.  With b the incumbent's IoU, a formula beats it iff
 V(g) = I(g) − b·W(g) > b·U (I inside the unit's masks, W outside, U the unit's area), and
 V is a sum over signatures; P(g), the sum of its positive terms, bounds V of every subset of
 g.  A node g with r steps left reaches sets inside g ∪ c₁ ∪ … ∪ c_r, so every formula below
 it has V ≤ max(P(g) + top_{r−1} P, V(g) + top_r P), P over single labels — an admissible
-bound that needs no expansion.  The incumbent is seeded by scoring the children of the best
-two-label formulas first (:meth:`_Search._seed`).  Ties go to the shorter formula, then to the smallest
-(label, operator, label, …) sequence, operators ordered AND < OR < AND NOT.
+bound that needs no expansion.  The incumbent is seeded by scoring the children of the
+best two-label formulas first (:meth:`_Search._seed`).  Ties go to the shorter formula, then
+to the smallest (label, operator, label, …) sequence, operators ordered AND < OR < AND NOT.
 """
 
 from __future__ import annotations
@@ -26,11 +27,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stages.signatures.cooccurrence import LayerTables, UnitTables
-from stages.signatures.formulas import And, Formula, Label, Not, Or
-
-AND, OR, AND_NOT = 0, 1, 2
-OPERATORS = (AND, OR, AND_NOT)
-_Mobius = dict[tuple[int, ...], float]
+from stages.signatures.grammar import (
+    AND,
+    AND_NOT,
+    OPERATORS,
+    OR,
+    START,
+    Mobius,
+    State,
+    canonical_labels,
+    child_mobius,
+    next_state,
+)
 
 
 @dataclass
@@ -45,73 +53,20 @@ class Explanation:
     seconds: float
 
 
-def formula_of(key: tuple[int, ...], names: list[str]) -> Formula | None:
-    """The formula tree of a search key."""
-    if not key:
-        return None
-    formula: Formula = Label(names[key[0]])
-    for op, label in zip(key[1::2], key[2::2], strict=True):
-        leaf = Label(names[label])
-        formula = (And(formula, leaf) if op == AND else Or(formula, leaf) if op == OR
-                   else And(formula, Not(leaf)))
-    return formula
-
-
 @dataclass(order=True)
 class _Node:
     priority: float
     key: tuple[int, ...] = field(compare=True)
-    mobius: _Mobius = field(compare=False)
+    mobius: Mobius = field(compare=False)
     inter: float = field(compare=False)
     area: float = field(compare=False)
     pos: float = field(compare=False)
-    state: tuple[int, int, int, int] = field(compare=False)  # family, last +, last −, last OR
+    state: State = field(compare=False)  # family, last +, last −, last OR
     cover: tuple[int, ...] = field(compare=False)  # labels whose union holds the formula
 
 
-_START, _AND_RUN, _OR_RUN = 0, 1, 2
 _BATCH = 32  # nodes expanded together (one product each), at the incumbent before them
 _SEED = 64  # two-label formulas whose children are scored before the search (see _seed)
-
-
-def _allowed(state: tuple[int, int, int, int], op: int, n_labels: int) -> np.ndarray:
-    """Labels c for which ``node op c`` is the canonical writing of its formula: a run of
-    AND / AND NOT steps lists its positive labels first, each run in increasing order, and a
-    run of ORs in increasing order (the other orders are the same formula)."""
-    family, last_pos, last_neg, last_or = state
-    c = np.arange(n_labels)
-    if op == AND:
-        if family == _OR_RUN:
-            return np.ones(n_labels, bool)
-        return (c > last_pos) if last_neg < 0 else np.zeros(n_labels, bool)
-    if op == AND_NOT:
-        return np.ones(n_labels, bool) if family == _OR_RUN else c > last_neg
-    return np.ones(n_labels, bool) if family == _AND_RUN else c > last_or
-
-
-def _next_state(state: tuple[int, int, int, int], op: int, c: int) -> tuple[int, int, int, int]:
-    family, last_pos, last_neg, _ = state
-    fresh = family == _OR_RUN
-    if op == AND:
-        return (_AND_RUN, c, -1 if fresh else last_neg, -1)
-    if op == AND_NOT:
-        return (_AND_RUN, -1 if fresh else last_pos, c, -1)
-    return (_OR_RUN, -1, -1, c)
-
-
-def _child_mobius(mobius: _Mobius, op: int, c: int) -> _Mobius:
-    joined: _Mobius = {}
-    for q, v in mobius.items():
-        union = tuple(sorted(set(q) | {c}))
-        joined[union] = joined.get(union, 0.0) + v
-    if op == AND:
-        return joined
-    out = dict(mobius)
-    if op == OR:
-        out[(c,)] = out.get((c,), 0.0) + 1.0
-    for q, v in joined.items():
-        out[q] = out.get(q, 0.0) - v
-    return {q: v for q, v in out.items() if v != 0.0}
 
 
 def _iou(inter, area, unit_area):
@@ -247,9 +202,9 @@ class _Search:
                AND_NOT: t.pos[a] - t.pair_pos[a, c]}[op]
         cover = (a,) if op == AND_NOT else (a, c) if op == OR else (
             (a,) if t.most[False][0][a] <= t.most[False][0][c] else (c,))
-        return _Node(-value, (a, op, c), _child_mobius({(a,): 1.0}, op, c),
+        return _Node(-value, (a, op, c), child_mobius({(a,): 1.0}, op, c),
                      float(inter[a, c]), float(area[a, c]), float(pos),
-                     _next_state((_START, a, -1, a), op, c), cover)
+                     next_state((START, a, -1, a), op, c), cover)
 
     def _second_level(self, level) -> list[_Node]:
         """Every two-label formula whose subtree may hold a better one, as open nodes."""
@@ -363,7 +318,7 @@ class _Search:
         if depth < 3:  # a label used twice in ≤ 3 steps always gives a shorter formula
             for row, node in zip(fresh, nodes, strict=True):
                 row[list(node.key[0::2])] = False
-        allowed = {op: fresh & np.stack([_allowed(node.state, op, n) for node in nodes])
+        allowed = {op: fresh & np.stack([canonical_labels(node.state, op, n) for node in nodes])
                    for op in OPERATORS}
         inside, positive, low, high = self._and_part(nodes, steps > 0, count=False)
         loose = (low != high).any(axis=1)
@@ -399,9 +354,9 @@ class _Search:
                 cover = (node.cover + (c,) if op == OR else node.cover if op == AND_NOT
                          else min(node.cover, (c,), key=len))
                 heapq.heappush(heap, _Node(-float(value[i, c]), node.key + (op, c),
-                                           _child_mobius(node.mobius, op, c),
+                                           child_mobius(node.mobius, op, c),
                                            float(inter[i, c]), float(area[i, c]),
-                                           float(pos[i, c]), _next_state(node.state, op, c),
+                                           float(pos[i, c]), next_state(node.state, op, c),
                                            cover))
 
     def _survivors(self, value, pos, steps: int) -> np.ndarray:
