@@ -113,6 +113,31 @@ def test_labels_above_255_decode_r_plus_256g(tmp_path: Path, number: int) -> Non
     assert rgb[0, 0].tolist() == [number % 256, number // 256, 0]
 
 
+@pytest.mark.parametrize("mode", ["RGB", "P", "PA", "L", "LA", "RGBA", "I;16", "BMP", "TIFF"])
+def test_every_kind_of_plane_file_decodes_as_pillow_reads_it(tmp_path: Path, mode: str) -> None:
+    """libpng decodes 8-bit RGB PNGs; palettes, grey, alpha, 16-bit and other formats give
+    the label numbers of Pillow's RGB conversion, as before libpng was used."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 256, (SH, SW, 3), dtype=np.uint8)
+    image = Image.fromarray(labels)
+    if mode in ("P", "PA"):
+        image = image.quantize(16)
+        if mode == "PA":
+            image.info["transparency"] = 0
+    elif mode == "I;16":
+        image = Image.fromarray(labels[..., 0].astype(np.uint16) * 257)
+    elif mode not in ("BMP", "TIFF"):
+        image = image.convert(mode)
+    fmt = mode if mode in ("BMP", "TIFF") else "PNG"
+    path = tmp_path / "plane.png"
+    image.save(path, format=fmt)
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB")).astype(np.int32)
+    np.testing.assert_array_equal(decode_plane(path, (SH, SW)), rgb[..., 0] + 256 * rgb[..., 1])
+
+
 def test_labels_above_255_in_concept_store(tmp_path: Path) -> None:
     b = BrodenBuilder(tmp_path / "ds", ["object", "part"])
     b.label(2, "tree", object=0.3).label(256, "roof", part=0.1).label(1027, "sail", part=0.2)
