@@ -214,21 +214,24 @@ class _Search:
                   AND_NOT: cp[:, None] - pair_p}
         terms = self._pair_terms(level, pos_of)
         heap: list[_Node] = []
-        open_pairs = []
+        columns: list[list[np.ndarray]] = [[], [], [], [], []]  # op, a, c, bound, inter
         for op in OPERATORS:
             inter, area, allowed = level[op]
             value = self.bound(self.value(inter, area), pos_of[op], steps, terms[op])
             if self.trace is not None:
                 self.trace.extend(((int(a), op, int(c)), t.incumbent, float(value[a, c]))
                                   for a, c in np.argwhere(allowed))
-            open_pairs += [(op, int(a), int(c), float(value[a, c]))
-                           for a, c in np.argwhere(allowed & self.survives(value))]
-        for built, (op, a, c, value) in enumerate(open_pairs):
+            a, c = np.nonzero(allowed & self.survives(value))
+            for column, part in zip(columns, (np.full(a.size, op), a, c, value[a, c],
+                                              inter[a, c]), strict=True):
+                column.append(part)
+        ops, firsts, seconds, values, inters = (np.concatenate(x) for x in columns)
+        for built in range(ops.size):  # op by op, each pair table in row order
             if built % 4096 == 4095 and self._out_of_budget():  # the rest stay unbuilt
-                most = max(level[o][0][x, y] for o, x, y, _ in open_pairs[built:])
-                self.unbuilt = float(self.iou_bound(most, steps))
+                self.unbuilt = float(self.iou_bound(inters[built:].max(), steps))
                 break
-            heap.append(self._pair_node(level, op, a, c, value))
+            heap.append(self._pair_node(level, int(ops[built]), int(firsts[built]),
+                                        int(seconds[built]), float(values[built])))
         heapq.heapify(heap)
         return heap
 
