@@ -73,7 +73,7 @@ def _pillow_rgb(path: Path) -> np.ndarray:
 
 
 def _rgb_planes(path: Path) -> np.ndarray:
-    """The file's 8-bit RGB pixels: libpng through imagecodecs (about 2.5x Pillow on Broden's
+    """The file's 8-bit RGB pixels: libpng through imagecodecs (about 2x Pillow on Broden's
     planes, GIL released), Pillow for everything else it reads (palette with transparency,
     grey, 16-bit, other formats) and for the error a damaged file gets."""
     import imagecodecs
