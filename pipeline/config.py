@@ -129,7 +129,7 @@ class ExplainOptions:
     max_length: int = 3
     beam: int = 5  # width of search=beam
     max_nodes: int | None = None  # search=optimal: nodes per unit before it stops (null: none)
-    time_limit: float | None = None  # search=optimal: seconds per unit after its pairs (null: none)
+    time_limit: float | None = None  # search=optimal: seconds per unit, checked after its pairs (null: none)
     workers: int | None = None  # search=optimal: processes over units (null: every core)
 
 

@@ -4,6 +4,7 @@ read and written, RGB images read, and every path kept inside ``images/``."""
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -54,7 +55,7 @@ class ImagesFolder:
             real_parent = self._real_dirs[parent] = os.path.realpath(parent)
         real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_parent,
                                                                                name)
-        if not real.startswith(self._inside):
+        if real != self.real_root and not real.startswith(self._inside):
             where = f" (index.csv line {line})" if line is not None else ""
             raise UnsafePathError(f"{path}: a link to {real}, outside the dataset's images/ "
                                   f"folder{where}; copy the file into the dataset instead")
@@ -72,6 +73,22 @@ def _pillow_rgb(path: Path) -> np.ndarray:
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
+def _chunks_before_pixels_intact(data: bytes) -> bool:
+    """Do the chunks before the first IDAT pass their CRCs?  Pillow refuses a file where one
+    does not; libpng only warns about an ancillary one (a damaged tEXt, say)."""
+    view, pos = memoryview(data), 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        if view[pos + 4:pos + 8] == b"IDAT":
+            return True
+        end = pos + 8 + length
+        if end + 4 > len(data) or zlib.crc32(view[pos + 4:end]) != int.from_bytes(
+                view[end:end + 4], "big"):
+            return False
+        pos = end + 4
+    return False
+
+
 def _rgb_planes(path: Path) -> np.ndarray:
     """The file's 8-bit RGB pixels: libpng through imagecodecs (about 2x Pillow on Broden's
     planes, GIL released), Pillow for everything else it reads (palette with transparency,
@@ -79,6 +96,8 @@ def _rgb_planes(path: Path) -> np.ndarray:
     import imagecodecs
 
     data = path.read_bytes()
+    if not _chunks_before_pixels_intact(data):
+        return _pillow_rgb(path)
     try:
         rgb = imagecodecs.png_decode(data)
     except (RuntimeError, ValueError):

@@ -131,4 +131,4 @@ def test_job_benchmark_runs_every_stage_and_the_rescore(tmp_path):
     found = bench_job.rescore(tmp_path / "work", dataset, 16, "layer1")
     assert found["planes_per_image"] > 1 and found["netdissect_lite_loop_s"] > 0
     assert found["store_build_images_per_s"] > 0 and set(found["decode_images_per_s"]) == {
-        f"{decoder}_threads_{t}" for decoder in ("libpng", "pillow") for t in {1, os.cpu_count()}}
+        f"{decoder}_threads_{t}" for decoder in ("libpng", "pillow") for t in {1, os.cpu_count() or 1}}

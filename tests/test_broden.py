@@ -138,6 +138,51 @@ def test_every_kind_of_plane_file_decodes_as_pillow_reads_it(tmp_path: Path, mod
     np.testing.assert_array_equal(decode_plane(path, (SH, SW)), rgb[..., 0] + 256 * rgb[..., 1])
 
 
+def test_a_damaged_chunk_before_the_pixels_is_refused_as_pillow_refuses_it(tmp_path: Path):
+    """libpng only warns about a bad CRC in an ancillary chunk; the plane is still refused
+    (BrodenFormatError), as it was when Pillow decoded every plane."""
+    import io
+    import zlib
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("note", "label plane")
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((SH, SW, 3), np.uint8)).save(buffer, format="PNG", pnginfo=info)
+    data = bytearray(buffer.getvalue())
+    text = data.index(b"tEXt")
+    length = int.from_bytes(data[text - 4:text], "big")
+    crc = text + 4 + length
+    assert int.from_bytes(data[crc:crc + 4], "big") == zlib.crc32(data[text:crc])
+    data[crc] ^= 0xFF
+    path = tmp_path / "plane.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(BrodenFormatError, match="plane.png: not a readable image"):
+        decode_plane(path, (SH, SW))
+
+
+def test_links_are_followed_inside_images_and_refused_outside(tmp_path: Path) -> None:
+    """A link to a file inside images/ (or to images/ itself: then no file) is allowed; one
+    leading outside is refused with the link named."""
+    from storage.broden_images import ImagesFolder
+    from storage.errors import MissingFileError
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    save_plane(images / "sub" / "real.png", _plane(3, 0))
+    outside = save_plane(tmp_path / "outside.png", _plane(3, 0))
+    (images / "inside.png").symlink_to(images / "sub" / "real.png")
+    (images / "away.png").symlink_to(outside)
+    (images / "root.png").symlink_to(".")
+    folder = ImagesFolder(images)
+    np.testing.assert_array_equal(decode_plane(folder.file("inside.png"), (SH, SW)), _plane(3, 0))
+    with pytest.raises(UnsafePathError, match="away.png: a link to .*outside the dataset"):
+        folder.file("away.png", 4)
+    with pytest.raises(MissingFileError, match="root.png: label image not found"):
+        decode_plane(folder.file("root.png"), (SH, SW))
+
+
 def test_labels_above_255_in_concept_store(tmp_path: Path) -> None:
     b = BrodenBuilder(tmp_path / "ds", ["object", "part"])
     b.label(2, "tree", object=0.3).label(256, "roof", part=0.1).label(1027, "sail", part=0.2)
