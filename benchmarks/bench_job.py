@@ -99,8 +99,9 @@ def forward_pass(dataset: Path, n: int, last: str = LAYERS[-1], batch: int = 32)
 def job(workdir: Path, dataset: Path, n: int, time_limit: float = 2.0,
         forward_images: int | None = None, layers: tuple[str, ...] = LAYERS) -> dict:
     """Every stage of the main job in order (each finds the earlier ones current)."""
-    listed = f"[{','.join(layers)}]"
     from storage.tables import read_table
+
+    listed = f"[{','.join(layers)}]"
 
     stages = {}
     for stage in STAGES:  # each printed when done: a long run shows where it is

@@ -100,10 +100,11 @@ def _rgb_planes(path: Path) -> np.ndarray:
         return _pillow_rgb(path)
     try:
         rgb = imagecodecs.png_decode(data)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError):  # not a PNG libpng reads: Pillow's reading or error
         return _pillow_rgb(path)
-    return rgb if rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 else (
-        _pillow_rgb(path))
+    if rgb.dtype != np.uint8 or rgb.shape[2:] != (3,):  # grey, alpha, 16-bit
+        return _pillow_rgb(path)
+    return rgb
 
 
 def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:

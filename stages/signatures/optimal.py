@@ -214,7 +214,7 @@ class _Search:
                   AND_NOT: cp[:, None] - pair_p}
         terms = self._pair_terms(level, pos_of)
         heap: list[_Node] = []
-        columns: list[list[np.ndarray]] = [[], [], [], [], []]  # op, a, c, bound, inter
+        found = []  # per operator, its open pairs: op, a, c, bound, inter
         for op in OPERATORS:
             inter, area, allowed = level[op]
             value = self.bound(self.value(inter, area), pos_of[op], steps, terms[op])
@@ -222,10 +222,9 @@ class _Search:
                 self.trace.extend(((int(a), op, int(c)), t.incumbent, float(value[a, c]))
                                   for a, c in np.argwhere(allowed))
             a, c = np.nonzero(allowed & self.survives(value))
-            for column, part in zip(columns, (np.full(a.size, op), a, c, value[a, c],
-                                              inter[a, c]), strict=True):
-                column.append(part)
-        ops, firsts, seconds, values, inters = (np.concatenate(x) for x in columns)
+            found.append((np.full(a.size, op), a, c, value[a, c], inter[a, c]))
+        ops, firsts, seconds, values, inters = (np.concatenate(column)
+                                                for column in zip(*found, strict=True))
         for built in range(ops.size):  # op by op, each pair table in row order
             if built % 4096 == 4095 and self._out_of_budget():  # the rest stay unbuilt
                 self.unbuilt = float(self.iou_bound(inters[built:].max(), steps))
