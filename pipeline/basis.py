@@ -30,10 +30,11 @@ class Basis:
     activation: str = "none"
 
     def map(self) -> LinearMap | None:
-        from stages.bases.transforms import LinearMap
+        if self.artifact is None:
+            return None
+        from stages.bases.transforms import LinearMap  # torch: only where there is a transform
 
-        return None if self.artifact is None else LinearMap(str(self.artifact.path),
-                                                            self.activation)
+        return LinearMap(str(self.artifact.path), self.activation)
 
 
 def transform_text(t: TransformOptions) -> str:

@@ -59,6 +59,10 @@ class Layout:
         suffix = "" if dtype == "float32" else f"-{dtype}"
         return self.workdir / "activations" / dataset / f"{model_id}{suffix}.zarr"
 
+    def kernel_form(self, key: str) -> Path:
+        """The compiled tally form checked on one machine for one shape."""
+        return self.workdir / "kernels" / f"{key}.json"
+
     def statistic(self, kind: str, dataset: str, model_id: str, layer: str, key: str,
                   suffix: str) -> Path:
         """Per-layer statistics of a cache: thresholds, top images, signatures."""

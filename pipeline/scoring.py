@@ -3,6 +3,7 @@ once per run."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -14,7 +15,7 @@ from pipeline.basis import Basis
 from pipeline.concept_set import ConceptSet
 from pipeline.config import NullKind
 from pipeline.data import Activations
-from pipeline.graph import Run, Target
+from pipeline.graph import Run, Target, realize
 from storage.artifacts import Artifact, digest, scratch_path
 from storage.tables import partition_artifact, write_partition
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # the passes and their kernels load when a build runs, not to
 
     from stages.engine.blocks import LayerBlocks, ScoringBlocks
     from stages.iou import LayerPass
+    from stages.tally.compiled import VerifiedForm
     from stages.tally.labels import LabelSpace
     from stages.tally.statistic import TallyRule
 
@@ -158,13 +160,14 @@ class LayerContext:
             digest(fingerprint), ".npz"), fingerprint)
 
     def scoring_pass(self, run: Run, rule: TallyRule | None, signatures: bool,
-                     missing: list[Artifact], tops: int = 0) -> LayerPass:
+                     missing: list[Artifact], tops: int = 0,
+                     verified: tuple[VerifiedForm, ...] = ()) -> LayerPass:
         from stages.iou import scoring_pass
 
         return scoring_pass(self.source(run.cfg.extract.device), self.threshold_values,
                             self.space, rule, signatures, run.scheduler(),
                             f"{run.cfg.stage} {self.layer}", run.cfg.progress,
-                            scratch_path(missing), tops)
+                            scratch_path(missing), tops, verified)
 
     def positions(self) -> int:
         """Values per image of one unit: the §1 quantile's share of an image."""
@@ -185,6 +188,27 @@ def layer_contexts(run: Run) -> dict[str, LayerContext]:
 
 
 # ---------------------------------------------------------------- iou
+def verified_form(run: Run, shape: tuple[int, int, int, int]) -> VerifiedForm:
+    """Which compiled form equals torch's CPU upsampling for ``shape`` on this machine,
+    checked once (with torch) and recorded in the workdir, so that later tallies here need
+    no torch (:mod:`stages.tally.compiled`)."""
+    from stages.tally.compiled import VerifiedForm, machine_digest, machine_identity
+    from storage.artifacts import write_text_atomic
+
+    fingerprint = {"machine": machine_identity(), "shape": list(shape)}
+    artifact = Artifact(run.layout.kernel_form(digest(fingerprint)), fingerprint)
+
+    def build(missing: list[Artifact]) -> None:  # noqa: ARG001 - one artifact
+        from stages.tally.compiled import verified_variant
+
+        write_text_atomic(artifact.path, json.dumps({"variant": verified_variant(*shape)}))
+        artifact.commit()
+
+    realize("iou", [Target(f"compiled tally form {shape}", (artifact,), build)])
+    variant = json.loads(artifact.path.read_text())["variant"]
+    return VerifiedForm(machine_digest(), shape, int(variant))
+
+
 def evidence_params(run: Run) -> dict:
     """The columns that say which evidence (SEMANTICS.md §8) units and layers rows carry:
     every one in every row set, null where a setting does not apply (one schema for all)."""
@@ -200,7 +224,6 @@ def evidence_params(run: Run) -> dict:
 def evidence(run: Run, ctx: LayerContext, rule: TallyRule, found: LayerPass, frames: dict,
              missing: list[Artifact]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The units and layers rows with the bootstrap's and the null's evidence, as asked."""
-    from stages.evidence.bootstrap import candidate_labels, replicate_thresholds
     from stages.evidence.null import permuted_rows
     from stages.iou import (
         bootstrap_pass,
@@ -212,6 +235,8 @@ def evidence(run: Run, ctx: LayerContext, rule: TallyRule, found: LayerPass, fra
 
     s, units, layers = run.cfg.scoring, frames["units"], frames["layers"]
     if s.bootstrap:
+        from stages.evidence.bootstrap import candidate_labels, replicate_thresholds
+
         labels_of = candidate_labels(found.counts.iou(ctx.space), s.candidates)
         log.info("iou: %s: bootstrap, %d replicates", ctx.layer, s.bootstrap)
         thresholds = replicate_thresholds(found.tops, ctx.acts.store.n_images, ctx.positions(),
@@ -265,20 +290,24 @@ def iou_targets(run: Run) -> list[Target]:
         signature = ctx.signature_artifact(run) if run.cfg.concepts.formulas else None
 
         def build(missing: list[Artifact], ctx=ctx, tables=tables, signature=signature) -> None:
-            from stages.evidence.bootstrap import entries_needed
             from stages.iou import score_tables
             from stages.tally.statistic import TallyRule, describe_kernel
             from storage.arrays import save_arrays
 
             rule = TallyRule(str(s.union), str(s.planes))
             tally = any(a in missing for a in tables.values())
+            verified = (verified_form(run, ctx.shape()),) if tally else ()
             if tally:
-                log.info("iou: %s: tally by the %s", ctx.layer, describe_kernel(ctx.shape()))
+                log.info("iou: %s: tally by the %s", ctx.layer,
+                         describe_kernel(ctx.shape(), verified))
             rows = tables["units"] in missing or tables["layers"] in missing
-            tops = entries_needed(ctx.acts.store.n_images, ctx.positions(), s.quantile) if (
-                rows and s.bootstrap) else 0
+            tops = 0
+            if rows and s.bootstrap:
+                from stages.evidence.bootstrap import entries_needed
+
+                tops = entries_needed(ctx.acts.store.n_images, ctx.positions(), s.quantile)
             found = ctx.scoring_pass(run, rule if tally else None, signature in missing,
-                                     missing, tops)
+                                     missing, tops, verified)
             if found.signatures is not None:
                 save_arrays(signature, found.signatures.state_dict())
             if found.counts is None:

@@ -12,26 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from stages.engine.blocks import ScoringBlocks
 from stages.engine.reduction import Pass, reduce_blocks
-from stages.evidence.bootstrap import (
-    Bootstrap,
-    BootstrapCounts,
-    BootstrapSummary,
-    TopEntries,
-    TopEntryList,
-)
 from stages.evidence.null import p_values
 from stages.signatures.formulas import Formula
-from stages.signatures.statistic import SignatureCounts, SignaturePartial, Signatures
+from stages.tally.compiled import VerifiedForm
 from stages.tally.labels import LabelSpace
 from stages.tally.statistic import Tally, TallyCounts, TallyRule
 from storage.tables import with_row_keys
+
+if TYPE_CHECKING:  # written in torch: imported where asked for, so a bare tally needs no torch
+    from stages.evidence.bootstrap import BootstrapCounts, TopEntryList
+    from stages.signatures.statistic import SignatureCounts, SignaturePartial
 
 
 class LayerPass(NamedTuple):
@@ -46,12 +43,20 @@ class LayerPass(NamedTuple):
 def scoring_pass(source: ScoringBlocks, thresholds: np.ndarray, space: LabelSpace,
                  rule: TallyRule | None, signatures: bool, scheduler: Any = None,
                  desc: str = "iou", progress: bool = False, checkpoint: Path | None = None,
-                 tops: int = 0) -> LayerPass:
+                 tops: int = 0, verified: tuple[VerifiedForm, ...] = ()) -> LayerPass:
     """One read of every block of a layer: the tally (when ``rule`` is given), the signature
-    counts (when ``signatures``) and each unit's ``tops`` largest (value, row) entries."""
-    statistics = ([Tally(thresholds, space, rule)] if rule is not None else []) + (
-        [Signatures(thresholds, space)] if signatures else []) + (
-        [TopEntries(tops)] if tops else [])
+    counts (when ``signatures``) and each unit's ``tops`` largest (value, row) entries
+    (``verified``: the compiled tally forms recorded per machine)."""
+    statistics: list = ([Tally(thresholds, space, rule, verified=verified)]
+                        if rule is not None else [])
+    if signatures:
+        from stages.signatures.statistic import Signatures
+
+        statistics.append(Signatures(thresholds, space))
+    if tops:
+        from stages.evidence.bootstrap import TopEntries
+
+        statistics.append(TopEntries(tops))
     found = list(reduce_blocks(Pass(source, statistics), source.n_blocks(), scheduler, desc,
                                progress, checkpoint=checkpoint))
     return LayerPass(found.pop(0) if rule is not None else None,
@@ -141,6 +146,8 @@ def bootstrap_pass(source: ScoringBlocks, thresholds: np.ndarray, space: LabelSp
                    checkpoint: Path | None = None) -> BootstrapCounts:
     """One more read of every block: the candidates' counts under every replicate, at the
     replicate thresholds ``thresholds`` (K, R) of :func:`replicate_thresholds`."""
+    from stages.evidence.bootstrap import Bootstrap
+
     statistic = Bootstrap(thresholds, space, labels_of, seed, rule)
     (found,) = reduce_blocks(Pass(source, [statistic]), source.n_blocks(), scheduler, desc,
                              progress, checkpoint=checkpoint)
@@ -164,6 +171,8 @@ def with_bootstrap(units: pd.DataFrame, layers: pd.DataFrame, counts: BootstrapC
                    space: LabelSpace, labels_of: np.ndarray, level: float
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The units and layers rows with the bootstrap's intervals and probabilities."""
+    from stages.evidence.bootstrap import BootstrapSummary
+
     point = space.lut[units["label"].to_numpy(np.int64)]
     summary = BootstrapSummary.of(counts, space, labels_of, point)
     threshold = float(units["iou_threshold"].iloc[0])

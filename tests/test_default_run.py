@@ -4,8 +4,10 @@ every query of the README returns rows on it as written."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +128,40 @@ def test_a_current_run_and_help_start_without_the_model_libraries(default_run):
     done, loaded = _loaded("--help")
     assert done.returncode == 0 and "usage:" in done.stdout
     assert loaded == []
+
+
+def _global_rows(workdir: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """The iou rows counted with union=global, and the manifests of every table built so."""
+    manifests = [m for m in (workdir / "results" / ".artifacts").rglob("*.artifact.json")
+                 if json.loads(m.read_text())["fingerprint"]["params"]["union_mode"] == "global"]
+    iou = read_table(workdir / "results", "iou")
+    rows = iou[iou["union_mode"] == "global"].sort_values(["layer", "unit", "label"])
+    return rows.reset_index(drop=True), manifests
+
+
+def test_new_rules_on_the_cache_count_without_torch_and_as_a_check_with_torch(default_run,
+                                                                               tmp_path):
+    """The first run recorded which compiled form equals torch's upsampling on this machine
+    (kernels/); new rules on the cache then count by the compiled loop without importing
+    torch, and give the rows of a run that checks the form again with torch."""
+    workdir = tmp_path / "workdir"
+    shutil.copytree(default_run, workdir)
+    recorded = {p.name: json.loads(p.read_text())["variant"]
+                for p in (workdir / "kernels").glob("[!.]*.json")}
+    assert recorded  # one per (layer shape, mask size) tallied
+    command = (f"workdir={workdir}", "stage=iou", "scoring.union=global", "progress=false")
+    done, loaded = _loaded(*command)
+    assert done.returncode == 0, done.stderr
+    assert ("torch" in loaded) == (min(recorded.values()) < 0)  # -1: none is exact here
+    assert "numba" in loaded
+    without, manifests = _global_rows(workdir)
+    assert len(manifests) == 3 * without["layer"].nunique() > 0  # iou, units, layers
+    for manifest in manifests:
+        manifest.unlink()
+    shutil.rmtree(workdir / "kernels")
+    done, loaded = _loaded(*command)
+    assert done.returncode == 0, done.stderr
+    assert "torch" in loaded
+    assert recorded == {p.name: json.loads(p.read_text())["variant"]
+                        for p in (workdir / "kernels").glob("[!.]*.json")}
+    pd.testing.assert_frame_equal(_global_rows(workdir)[0], without)

@@ -491,3 +491,28 @@ def test_banded_masks_count_as_each_threshold_alone(shape, kernel):
                 np.testing.assert_array_equal(got.intersection[r], want.intersection[:, 1:])
                 np.testing.assert_array_equal(got.unit_area[r], want.unit_area)
                 np.testing.assert_array_equal(got.label_area[r][1:], want.label_area[1:])
+
+
+def test_a_recorded_form_is_taken_only_for_its_own_machine_and_shape(monkeypatch):
+    """A run records the compiled form it checked (:class:`VerifiedForm`); a block on the
+    same machine and shape takes it without checking again, any other record is ignored
+    and the form is checked here."""
+    import stages.tally.statistic as statistic
+    from stages.tally.compiled import VARIANTS, VerifiedForm, form_of, machine_digest
+
+    shape = (7, 7, 112, 112)
+    found = compiled_masks(*shape)
+    variant = next(v for v in range(len(VARIANTS)) if form_of(shape, v) is found)
+    other = (variant + 1) % len(VARIANTS)
+    foreign = (VerifiedForm("0" * 16, shape, other), VerifiedForm(machine_digest(),
+                                                                  (7, 7, 56, 56), other))
+    mine = VerifiedForm(machine_digest(), shape, variant)
+    monkeypatch.setattr(statistic, "compiled_masks", lambda *s: pytest.fail("checked again"))
+    assert statistic.mask_kernel("cpu", shape, "auto", (*foreign, mine)) is found
+    none_exact = VerifiedForm(machine_digest(), shape, -1)
+    assert statistic.mask_kernel("cpu", shape, "auto", (none_exact,)) is None
+    called = []
+    monkeypatch.setattr(statistic, "compiled_masks",
+                        lambda *s: called.append(s) or compiled_masks(*s))
+    assert statistic.mask_kernel("cpu", shape, "auto", foreign) is found
+    assert called == [shape]

@@ -8,17 +8,25 @@ re-opened when rebuilt, :meth:`storage.blocks.BlockStore.open`), not once per bl
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 
 from storage.activations import ActivationStore
 from storage.blocks import read_rows
 from storage.concepts import ConceptBlock, ConceptStore
 from storage.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+# a block's activations: an array on CPU without a transform (no torch needed), else a tensor
+Values = Union[np.ndarray, "torch.Tensor"]
 
 
 def damaged(path: str, what: str, start: int, stop: int, exc: Exception) -> UserError:
@@ -28,13 +36,42 @@ def damaged(path: str, what: str, start: int, stop: int, exc: Exception) -> User
                      "again to rebuild it")
 
 
-def non_finite_units(values: torch.Tensor) -> torch.Tensor:
+def non_finite_units(values: Values) -> Values:
     """Units (axis 1) with a NaN or infinite value.  One sum first: NaN and infinities make it
     non-finite, so the elementwise test (25x the cost on a resnet50 block) runs only then,
     or when finite values overflow the sum."""
+    if isinstance(values, np.ndarray):
+        if np.isfinite(values.sum()):
+            return np.zeros(0, np.int64)
+        return np.flatnonzero((~np.isfinite(values)).any(axis=(0, 2, 3)))
+    import torch
+
     if bool(torch.isfinite(values.sum())):
         return values.new_zeros(0, dtype=torch.int64)
     return torch.nonzero((~torch.isfinite(values)).any(dim=(0, 2, 3)))[:, 0]
+
+
+def as_tensor(values: Values) -> torch.Tensor:
+    """The values as a tensor (an array's memory, not a copy)."""
+    if isinstance(values, np.ndarray):
+        import torch
+
+        return torch.from_numpy(values)
+    return values
+
+
+@lru_cache(maxsize=1)
+def cuda_driver_loadable() -> bool:
+    """Can this process load the CUDA driver library?  Without it torch sees no GPU, so
+    "auto" is the CPU, known without importing torch; with it, torch decides."""
+    names = {"win32": ("nvcuda.dll",), "darwin": ()}.get(sys.platform, ("libcuda.so.1",))
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -46,11 +83,20 @@ class Block:
     that asks, reused by the others.
     """
 
-    acts: torch.Tensor  # (B, K, h, w) float32 on the pass's device (transformed if asked)
+    values: Values  # (B, K, h, w) float32 on the pass's device (transformed if asked)
     rows: np.ndarray  # (B,) activation-store rows of ``acts``
     labels: ConceptBlock | None = None  # the same images' labels (scoring passes)
     seg_size: tuple[int, int] | None = None
     derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def acts(self) -> torch.Tensor:
+        """The activations as a tensor, for the statistics written in torch."""
+        return as_tensor(self.values)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
 
     def shared(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """``make()``, computed once per block and key."""
@@ -69,9 +115,13 @@ class LayerBlocks:
     device: str = "cpu"  # "auto": cuda where the worker running the block has a GPU
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        if self.device != "auto":
+            return self.device
+        if not cuda_driver_loadable():
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def store(self) -> ActivationStore:
         return ActivationStore.open(self.store_path)
@@ -80,14 +130,20 @@ class LayerBlocks:
         return self.store().n_blocks()
 
     def read(self, block: int) -> Block:
-        values, start, stop = self.load_rows(block)
+        values, start, stop = self.read_values(block)
         return Block(values, np.arange(start, stop))
 
     def load(self, block: int) -> torch.Tensor:
         return self.load_rows(block)[0]
 
     def load_rows(self, block: int) -> tuple[torch.Tensor, int, int]:
-        """The block's values and its image rows [start, stop)."""
+        """The block's values as a tensor and its image rows [start, stop)."""
+        values, start, stop = self.read_values(block)
+        return as_tensor(values), start, stop
+
+    def read_values(self, block: int) -> tuple[Values, int, int]:
+        """The block's values and its image rows [start, stop): on CPU without a transform an
+        array, so that a pass whose statistics need no torch never imports it."""
         store = self.store()
         start, stop = store.block_range(block)
         array = store.array(self.layer)
@@ -95,10 +151,15 @@ class LayerBlocks:
             raw = read_rows(array, start, stop)
         except Exception as exc:  # noqa: BLE001 - codecs raise many kinds on damaged chunks
             raise damaged(self.store_path, f"layer {self.layer}", start, stop, exc) from None
-        values = torch.from_numpy(raw)
-        values = values.to(self.resolved_device()).float()
-        if self.transform is not None:
-            values = self.transform(values).float()
+        device = self.resolved_device()
+        if device == "cpu" and self.transform is None:
+            values = raw.astype(np.float32, copy=False)
+        else:
+            import torch
+
+            values = torch.from_numpy(raw).to(device).float()
+            if self.transform is not None:
+                values = self.transform(values).float()
         bad = non_finite_units(values)
         if len(bad):
             unit = int(bad[0])
@@ -128,7 +189,7 @@ class ScoringBlocks:
         return ConceptStore.open(self.concept_path)
 
     def read(self, block: int) -> Block:
-        acts, start, stop = self.layer.load_rows(block)
+        acts, start, stop = self.layer.read_values(block)
         store = self.concepts()
         seg = (store.sh, store.sw)
         wanted = np.arange(start, stop) if self.rows is None else self.rows[start:stop]
@@ -142,5 +203,5 @@ class ScoringBlocks:
             raise damaged(self.concept_path, "labels", start, stop, exc) from None
         if self.rows is None:
             return Block(acts, wanted, labels, seg)
-        kept = acts[torch.from_numpy(keep).to(acts.device)]
+        kept = acts[keep] if isinstance(acts, np.ndarray) else acts[as_tensor(keep).to(acts.device)]
         return Block(kept, np.arange(start, stop)[keep], labels, seg)

@@ -9,6 +9,7 @@ plain ``distributed.Client``.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -60,11 +61,13 @@ def parallelism(scheduler: Any) -> int:
 @contextmanager
 def one_torch_thread_per_task(scheduler: Any) -> Iterator[None]:
     """Dask's threaded scheduler already runs one block per core; torch's own intra-op
-    threads on top would oversubscribe the cores (measured: stalls of a waiting thread)."""
-    if scheduler != "threads":
+    threads on top would oversubscribe the cores (measured: stalls of a waiting thread).
+    A pass whose statistics need no torch (the compiled CPU tally) has not imported it, and
+    is not made to."""
+    torch = sys.modules.get("torch")
+    if scheduler != "threads" or torch is None:
         yield
         return
-    import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

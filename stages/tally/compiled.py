@@ -12,18 +12,22 @@ compiled, takes one of two forms depending on the output shape (measured on torc
 first, each step ``w0·a0 + w1·a1`` with one fused multiply-add; or four corner terms in one
 fused chain), so :func:`compiled_masks` tries the forms, fused or not, and keeps the one that
 equals ``F.interpolate`` bit for bit on every output pixel of test maps.  Where none does
-(another build or CPU), and on a GPU, the torch producer runs instead.
+(another build or CPU), and on a GPU, the torch producer runs instead.  The check needs torch;
+its answer depends only on the machine (:func:`machine_identity`), so a run records it
+(:class:`VerifiedForm`) and later runs on the same machine tally without importing torch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
@@ -305,11 +309,59 @@ class CompiledMasks:
             np.ascontiguousarray(bands, np.float32)))
 
 
+# the forms tried, in this order: (fused source index, four corner terms, fused sum)
+VARIANTS = tuple((fused_source, four, fused) for fused_source in (True, False)
+                 for four in (False, True) for fused in (True, False))
+Shape = tuple[int, int, int, int]  # (h, w) -> (sh, sw)
+
+
+class VerifiedForm(NamedTuple):
+    """Which of :data:`VARIANTS` equals torch's CPU upsampling for ``shape`` on the machine
+    whose :func:`machine_digest` is ``machine`` (-1: none does), as checked there."""
+
+    machine: str
+    shape: Shape
+    variant: int
+
+
+@lru_cache(maxsize=1)
+def machine_identity() -> dict:
+    """What torch's CPU kernel and this loop's arithmetic depend on, read without importing
+    torch: the torch and numba builds, the CPU and its features, torch's capability override."""
+    from importlib.metadata import version
+
+    import numba
+    from llvmlite import binding
+
+    return {"torch": version("torch"), "numba": numba.__version__,
+            "machine": platform.machine(), "cpu": binding.get_host_cpu_name(),
+            "features": binding.get_host_cpu_features().flatten(),
+            "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY")}
+
+
+@lru_cache(maxsize=1)
+def machine_digest() -> str:
+    return hashlib.sha256(json.dumps(machine_identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
 @lru_cache(maxsize=64)
-def compiled_masks(h: int, w: int, sh: int, sw: int) -> CompiledMasks | None:
-    """The variant of torch's CPU arithmetic that this build uses for (h, w) -> (sh, sw):
-    the first whose values equal ``F.interpolate`` on every pixel of maps of mixed magnitude,
-    sign and plateaus; None if none does."""
+def form_of(shape: Shape, variant: int) -> CompiledMasks | None:
+    """The compiled producer of one variant for ``shape`` (None for -1)."""
+    if variant < 0:
+        return None
+    h, w, sh, sw = shape
+    fused_source, four, fused = VARIANTS[variant]
+    return CompiledMasks.of(torch_axis(h, sh, fused_source), torch_axis(w, sw, fused_source),
+                            four, fused)
+
+
+@lru_cache(maxsize=64)
+def verified_variant(h: int, w: int, sh: int, sw: int) -> int:
+    """The first variant whose values equal ``F.interpolate`` on every pixel of maps of mixed
+    magnitude, sign and plateaus, on this machine; -1 if none does (imports torch)."""
+    import torch
+    import torch.nn.functional as F
+
     gen = torch.Generator().manual_seed(12345)
     scale = torch.tensor([1e-30, 1e-3, 1, 1, 10, 1e3, 1e5, 1e30, -1, 1]).view(10, 1, 1)
     maps = torch.randn((10, h, w), generator=gen) * scale
@@ -317,11 +369,20 @@ def compiled_masks(h: int, w: int, sh: int, sw: int) -> CompiledMasks | None:
     maps[9] = maps[9].abs().round()
     full = F.interpolate(maps[:, None], size=(sh, sw), mode="bilinear", align_corners=False)
     full = full[:, 0].numpy()
-    for fused_source in (True, False):
-        rows, cols = torch_axis(h, sh, fused_source), torch_axis(w, sw, fused_source)
-        for four in (False, True):
-            for fused in (True, False):
-                masks = CompiledMasks.of(rows, cols, four, fused)
-                if np.array_equal(masks.upsample(maps.numpy()), full):
-                    return masks
-    return None
+    for variant in range(len(VARIANTS)):
+        if np.array_equal(form_of((h, w, sh, sw), variant).upsample(maps.numpy()), full):
+            return variant
+    return -1
+
+
+def compiled_masks(h: int, w: int, sh: int, sw: int) -> CompiledMasks | None:
+    """The variant of torch's CPU arithmetic that this build uses for (h, w) -> (sh, sw),
+    checked here; None if none is exact."""
+    return form_of((h, w, sh, sw), verified_variant(h, w, sh, sw))
+
+
+def recorded_variant(shape: Shape, verified: tuple[VerifiedForm, ...]) -> int | None:
+    """This machine's recorded variant for ``shape`` among ``verified``; None if not there."""
+    mine = machine_digest() if verified else None
+    return next((form.variant for form in verified
+                 if form.machine == mine and tuple(form.shape) == tuple(shape)), None)

@@ -4,69 +4,87 @@ the signatures: every unit's mask pixels per pixel class.
 Per block: the pixel classes of its labels (:mod:`stages.tally.classes`), then one mask
 producer counts each unit's mask pixels per class — the compiled CPU loop where it is exact
 for the shape (:mod:`stages.tally.compiled`), the torch producer otherwise and on GPUs
-(:func:`stages.tally.masks.torch_mask_classes`).  :mod:`stages.tally.counts` reads the §4
+(:func:`stages.tally.torch_masks.torch_mask_classes`).  :mod:`stages.tally.counts` reads the §4
 counts out of that; :class:`stages.signatures.statistic.Signatures` reads the §6 signature
-counts out of the same product when both run in one pass.
+counts out of the same product when both run in one pass.  A CPU tally by the compiled loop
+on a machine whose form is recorded (:class:`~stages.tally.compiled.VerifiedForm`) imports no
+torch.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
 
-from stages.engine.blocks import Block
+from stages.engine.blocks import Block, Values, as_tensor
 from stages.engine.reduction import Partial, Statistic, summed
 from stages.tally.classes import PixelClasses, pixel_classes
-from stages.tally.compiled import CompiledMasks, compiled_masks
+from stages.tally.compiled import (
+    CompiledMasks,
+    Shape,
+    VerifiedForm,
+    compiled_masks,
+    form_of,
+    recorded_variant,
+)
 from stages.tally.counts import block_counts
 from stages.tally.labels import LabelSpace, block_labels
-from stages.tally.masks import MaskClasses, float32_below, skip_bound, torch_mask_classes
+from stages.tally.masks import MaskClasses, float32_below, skip_bound
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("netdissect")
 KERNELS = ("auto", "compiled", "torch")
 
 
-def mask_kernel(device: torch.device | str, shape: tuple[int, int, int, int],
-                kernel: str = "auto") -> CompiledMasks | None:
+def mask_kernel(device: torch.device | str, shape: Shape, kernel: str = "auto",
+                verified: tuple[VerifiedForm, ...] = ()) -> CompiledMasks | None:
     """The compiled producer for (h, w) -> (sh, sw) when ``kernel`` and the device let it
-    run (``auto``: on CPU where it is exact for the shape); None for the torch producer.
-    GPUs always take the torch producer."""
+    run (``auto``: on CPU where it is exact for the shape, as ``verified`` records for this
+    machine or as checked here); None for the torch producer.  GPUs always take the torch
+    producer."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown tally kernel {kernel!r}")
-    cpu = torch.device(device).type == "cpu"
-    compiled = compiled_masks(*shape) if cpu and kernel != "torch" else None
+    compiled = None
+    if str(device).split(":")[0] == "cpu" and kernel != "torch":
+        variant = recorded_variant(shape, verified)
+        compiled = compiled_masks(*shape) if variant is None else form_of(shape, variant)
     if kernel == "compiled" and compiled is None:
         raise ValueError(f"the compiled tally is not exact for {shape} on {device}")
     return compiled
 
 
-def describe_kernel(shape: tuple[int, int, int, int]) -> str:
+def describe_kernel(shape: Shape, verified: tuple[VerifiedForm, ...] = ()) -> str:
     """Which producer counts CPU blocks of this shape, in words (the run logs it once)."""
-    compiled = compiled_masks(*shape)
+    compiled = mask_kernel("cpu", shape, "auto", verified)
     if compiled is None:
         return ("torch kernel: no compiled form matches this torch's CPU arithmetic for "
                 f"{shape[0]}x{shape[1]} -> {shape[2]}x{shape[3]} (about 10x slower)")
     return f"compiled CPU loop ({compiled.describe()})"
 
 
-def mask_classes(acts: torch.Tensor, thresholds: np.ndarray, classes: PixelClasses,
-                 seg_size: tuple[int, int], kernel: str = "auto", pair_chunk: int = 1024
-                 ) -> MaskClasses:
-    """Every unit's mask pixels per pixel class of a block: acts (B, K, h, w) on any device,
-    thresholds (K,) float64, or (K, R) for R thresholds per unit: then per class and band of
-    :func:`ascending_thresholds` (:class:`MaskClasses`)."""
+def mask_classes(acts: Values, thresholds: np.ndarray, classes: PixelClasses,
+                 seg_size: tuple[int, int], kernel: str = "auto", pair_chunk: int = 1024,
+                 verified: tuple[VerifiedForm, ...] = ()) -> MaskClasses:
+    """Every unit's mask pixels per pixel class of a block: acts (B, K, h, w), an array or a
+    tensor on any device, thresholds (K,) float64, or (K, R) for R thresholds per unit: then
+    per class and band of :func:`ascending_thresholds` (:class:`MaskClasses`)."""
     thresholds = np.asarray(thresholds, np.float64)
     bands = ascending_thresholds(thresholds) if thresholds.ndim == 2 else None
     t32 = float32_below(thresholds) if bands is None else bands[:, 0]
-    compiled = mask_kernel(acts.device, (*acts.shape[2:], *seg_size), kernel)
+    device = "cpu" if isinstance(acts, np.ndarray) else acts.device
+    compiled = mask_kernel(device, (*acts.shape[2:], *seg_size), kernel, verified)
     if compiled is not None:
-        return compiled.mask_classes(acts.numpy(), t32, skip_bound(t32), classes, bands)
-    return torch_mask_classes(acts, t32, classes.pixel_class, classes.n_classes, seg_size,
-                              pair_chunk, bands)
+        array = acts if isinstance(acts, np.ndarray) else acts.numpy()
+        return compiled.mask_classes(array, t32, skip_bound(t32), classes, bands)
+    from stages.tally.torch_masks import torch_mask_classes
+
+    return torch_mask_classes(as_tensor(acts), t32, classes.pixel_class, classes.n_classes,
+                              seg_size, pair_chunk, bands)
 
 
 def ascending_thresholds(thresholds: np.ndarray) -> np.ndarray:
@@ -91,16 +109,17 @@ class ScoredBlock(NamedTuple):
 
 
 def scored_block(block: Block, thresholds: np.ndarray, space: LabelSpace,
-                 kernel: str = "auto") -> ScoredBlock:
+                 kernel: str = "auto", verified: tuple[VerifiedForm, ...] = ()) -> ScoredBlock:
     """The block's :class:`ScoredBlock`, made once per block for every statistic of the pass
-    that counts against the same thresholds and labels."""
+    that counts against the same thresholds and labels (``verified``: the recorded compiled
+    forms, which change how the kernel is found, not what it counts)."""
     thresholds = np.asarray(thresholds, np.float64)
     key = ("scored", kernel, thresholds.shape, thresholds.tobytes(), space.lut.tobytes(), space.categories)
 
     def make() -> ScoredBlock:
         classes = pixel_classes(block_labels(block.labels, space), space.lut)
-        return ScoredBlock(classes, mask_classes(block.acts, thresholds, classes,
-                                                 block.seg_size, kernel))
+        return ScoredBlock(classes, mask_classes(block.values, thresholds, classes,
+                                                 block.seg_size, kernel, verified=verified))
 
     return block.shared(key, make)
 
@@ -141,18 +160,19 @@ class Tally(Statistic):
     space: LabelSpace
     rule: TallyRule = TallyRule()
     kernel: str = "auto"
+    verified: tuple[VerifiedForm, ...] = ()  # compiled forms recorded for their machines
     partial_type = TallyCounts
 
     def chunk(self, block: Block) -> TallyCounts:
-        k = block.acts.shape[1]
+        k = block.shape[1]
         if block.labels is None:
             width, c = self.space.n_labels + 1, len(self.space.categories)
             return TallyCounts(np.zeros((k, width), np.int64), np.zeros((k, c), np.int64),
                                np.zeros(width, np.int64), np.zeros((), np.int64))
-        scored = scored_block(block, self.thresholds, self.space, self.kernel)
+        scored = scored_block(block, self.thresholds, self.space, self.kernel, self.verified)
         counts = block_counts(scored.masks, scored.classes, k, self.space.dense_category(),
                               len(self.space.categories), self.rule.planes, self.rule.union)
-        return TallyCounts(*counts, np.array(block.acts.shape[0], dtype=np.int64))
+        return TallyCounts(*counts, np.array(block.shape[0], dtype=np.int64))
 
     def combine(self, partials) -> TallyCounts:
         return TallyCounts(*(summed([getattr(p, f) for p in partials])
