@@ -4,6 +4,7 @@ set, and the NetDissect-Lite-style baseline counts what the pipeline counts (no 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -132,3 +133,12 @@ def test_job_benchmark_runs_every_stage_and_the_rescore(tmp_path):
     assert found["planes_per_image"] > 1 and found["netdissect_lite_loop_s"] > 0
     assert found["store_build_images_per_s"] > 0 and set(found["decode_images_per_s"]) == {
         f"{decoder}_threads_{t}" for decoder in ("libpng", "pillow") for t in {1, os.cpu_count() or 1}}
+    # a rerun times the builds again: the copy's store and every table scored against it
+    # are made anew (their manifests rewritten), the others are left as they were
+    manifests = list((tmp_path / "work").rglob("*.artifact.json"))
+    before = {m: m.stat().st_mtime_ns for m in manifests}
+    bench_job.rescore(tmp_path / "work", dataset, 16, "layer1")
+    remade = {m for m in manifests if m.stat().st_mtime_ns != before[m]}
+    copy = {m for m in manifests if "set-copy.zarr" in m.name or json.loads(
+        m.read_text())["fingerprint"].get("params", {}).get("concept_set") == "copy"}
+    assert len(copy) == 1 + 3 * 2 and remade == copy  # the store; both rules' three tables
