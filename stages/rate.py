@@ -25,7 +25,7 @@ import jinja2
 import pandas as pd
 
 from stages.pages.strips import ImageCache, render_tile, strip_image
-from stages.tally.masks import unit_mask
+from stages.tally.torch_masks import unit_mask
 from stages.thresholds.top_images import TopImages
 from storage.artifacts import Artifact
 from storage.tables import write_partition

@@ -80,7 +80,7 @@ class PageImages:
 def render_strips(pages: list[Page], images: Callable[[Page], PageImages], out: Path,
                   cfg: ReportConfig) -> None:
     """One strip per unit and page: its top images with the unit's mask."""
-    from stages.tally.masks import unit_mask
+    from stages.tally.torch_masks import unit_mask
 
     caches: dict[tuple, ImageCache] = {}
     for page in pages:

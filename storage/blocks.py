@@ -9,6 +9,8 @@ unset flag.  (A subgroup, so ``xarray.open_zarr`` of the store does not list it.
 
 from __future__ import annotations
 
+import os
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -48,6 +50,36 @@ def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
     out = np.empty((chunk, *array.shape[1:]), dtype=array.dtype.newbyteorder("<"))
     numcodecs.Zstd().decode(encoded, out=out)
     return out[: stop - start].astype(array.dtype, copy=False)
+
+
+def write_rows(array: zarr.Array, start: int, values: np.ndarray) -> None:
+    """``array[start:start + len(values)] = values`` along the image axis.
+
+    A write of exactly one chunk of a local array in the layout :func:`read_rows` reads
+    directly is encoded and written (atomically) in the calling thread, as zarr writes it:
+    the same bytes, without zarr's event loop, which writer threads otherwise queue on.  A
+    chunk of nothing but the fill value, and any other write, go through zarr (which does
+    not store such a chunk).
+    """
+    chunk, stop = array.chunks[0], start + len(values)
+    whole = start % chunk == 0 and stop == min(start + chunk, array.shape[0])
+    key = _chunk_file(array, start // chunk) if whole else None
+    fill = array.metadata.fill_value
+    if key is None or not (values != fill).any():
+        array[start:stop] = values
+        return
+    little = array.dtype.newbyteorder("<")
+    if len(values) == chunk:
+        padded = np.ascontiguousarray(values, dtype=little)
+    else:  # the last chunk: zarr stores it whole, the rest the fill value
+        padded = np.full((chunk, *array.shape[1:]), fill, dtype=little)
+        padded[: len(values)] = values
+    zstd = array.metadata.codecs[1]
+    encoded = numcodecs.Zstd(level=zstd.level, checksum=zstd.checksum).encode(padded)
+    key.parent.mkdir(parents=True, exist_ok=True)
+    partial = key.with_name(f"{key.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    partial.write_bytes(encoded)
+    partial.replace(key)
 
 
 def _chunk_file(array: zarr.Array, index: int) -> Path | None:
@@ -113,6 +145,20 @@ def _mtime(path: Path) -> int:
 @lru_cache(maxsize=16)
 def _open(cls: type[BlockStore], path: str, _mtime_ns: int) -> BlockStore:
     return cls(path)
+
+
+def open_for_writing(path: Path, names: tuple[str, ...]) -> tuple[zarr.Group, tuple[zarr.Array, ...]]:
+    """The store's group and its arrays ``names``, opened once per process and store (again
+    after it was rewritten): each open reads metadata through zarr's event loop, which the
+    writer threads would otherwise queue on for every block."""
+    return _open_for_writing(str(path), names, _mtime(Path(path)))
+
+
+@lru_cache(maxsize=16)
+def _open_for_writing(path: str, names: tuple[str, ...], _mtime_ns: int
+                      ) -> tuple[zarr.Group, tuple[zarr.Array, ...]]:
+    group = zarr.open_group(path, mode="r+")
+    return group, tuple(group[name] for name in names)
 
 
 def create_image_coordinate(group: zarr.Group, image_paths: list[str]) -> None:

@@ -48,6 +48,10 @@ class ImagesFolder:
     def file(self, rel: str, line: int | None = None) -> Path:
         """``images/rel``, refused when a symbolic link takes it outside ``images/`` (the
         relative path itself was already checked for ``..`` and absolute parts)."""
+        return Path(self.checked(rel, line))
+
+    def checked(self, rel: str, line: int | None = None) -> str:
+        """:meth:`file` as a string (a store build opens thousands: no pathlib)."""
         path = os.path.join(self.root, rel)
         parent, name = os.path.split(path)
         real_parent = self._real_dirs.get(parent)
@@ -59,7 +63,7 @@ class ImagesFolder:
             where = f" (index.csv line {line})" if line is not None else ""
             raise UnsafePathError(f"{path}: a link to {real}, outside the dataset's images/ "
                                   f"folder{where}; copy the file into the dataset instead")
-        return Path(path)
+        return path
 
 
 def dataset_file(images_dir: Path, rel: str, line: int | None = None) -> Path:
@@ -67,7 +71,7 @@ def dataset_file(images_dir: Path, rel: str, line: int | None = None) -> Path:
     return ImagesFolder(images_dir).file(rel, line)
 
 
-def _pillow_rgb(path: Path) -> np.ndarray:
+def _pillow_rgb(path: str | Path) -> np.ndarray:
     with Image.open(path) as img:
         img.load()
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
@@ -89,13 +93,14 @@ def _chunks_before_pixels_intact(data: bytes) -> bool:
     return False
 
 
-def _rgb_planes(path: Path) -> np.ndarray:
+def _rgb_planes(path: str | Path) -> np.ndarray:
     """The file's 8-bit RGB pixels: libpng through imagecodecs (about 2x Pillow on Broden's
     planes, GIL released), Pillow for everything else it reads (palette with transparency,
     grey, 16-bit, other formats) and for the error a damaged file gets."""
     import imagecodecs
 
-    data = path.read_bytes()
+    with open(path, "rb") as file:
+        data = file.read()
     if not _chunks_before_pixels_intact(data):
         return _pillow_rgb(path)
     try:
@@ -107,8 +112,8 @@ def _rgb_planes(path: Path) -> np.ndarray:
     return rgb
 
 
-def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:
-    """Decode a label PNG to int32 label numbers (R + 256·G) and check its size."""
+def plane_rgb(path: str | Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:
+    """A label PNG's 8-bit RGB pixels, its size checked."""
     where = f" (index.csv line {line})" if line is not None else ""
     try:
         rgb = _rgb_planes(path)
@@ -121,6 +126,12 @@ def decode_plane(path: Path, shape: tuple[int, int], line: int | None = None) ->
             f"{path}: size {rgb.shape[1]}x{rgb.shape[0]} (w x h) differs from index.csv "
             f"sw x sh = {shape[1]}x{shape[0]}{where}"
         )
+    return rgb
+
+
+def decode_plane(path: str | Path, shape: tuple[int, int], line: int | None = None) -> np.ndarray:
+    """Decode a label PNG to int32 label numbers (R + 256·G) and check its size."""
+    rgb = plane_rgb(path, shape, line)
     return np.left_shift(rgb[..., 1], 8, dtype=np.int32) | rgb[..., 0]
 
 

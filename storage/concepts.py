@@ -30,11 +30,12 @@ import zarr
 from storage import blocks
 from storage.artifacts import Artifact
 from storage.broden import BrodenDataset, ImageRecord, LabelInfo
-from storage.broden_images import ImagesFolder, decode_plane
+from storage.broden_images import ImagesFolder, plane_rgb
 from storage.errors import BrodenFormatError
 
 FORMAT_VERSION = 3
 PROGRESS = "blocks_done"
+ARRAYS = ("pixel_labels", "plane_category", "image_labels", "image_label_category")
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,11 @@ def decode_block(
     n_planes: int,
     n_scalars: int,
 ) -> ConceptBlock:
-    """Decode the label planes of ``records``; validates every label number."""
+    """Decode the label planes of ``records``; validates every label number: each must be
+    listed in its plane's c_<cat>.csv (0: unlabelled).  The first offending plane is named,
+    category by category, after every plane of the block has been read."""
+    from storage.label_planes import allowed_table, labels_into
+
     b = len(records)
     sh, sw = records[0].sh, records[0].sw
     pixel = np.zeros((b, n_planes, sh, sw), dtype=np.int32)
@@ -170,47 +175,31 @@ def decode_block(
     scal = np.zeros((b, n_scalars), dtype=np.int32)
     scal_cat = np.full((b, n_scalars), -1, dtype=np.int8)
     folder = ImagesFolder(images_dir)
-    where: list[tuple[int, int, Path, ImageRecord]] = []  # (image, slot, file, record)
+    allowed = [allowed_table(listed[cat]) for cat in categories]
+    unlisted: list[tuple[int, int, str, ImageRecord, int]] = []  # (category, ..., number)
     for i, rec in enumerate(records):
         slot = 0
         qslot = 0
         for ci, cat in enumerate(categories):
             for rel in rec.planes.get(cat, ()):
-                plane_path = folder.file(rel, rec.line)
-                pixel[i, slot] = decode_plane(plane_path, (rec.sh, rec.sw), rec.line)
+                plane_path = folder.checked(rel, rec.line)
+                rgb = plane_rgb(plane_path, (rec.sh, rec.sw), rec.line)
+                number = labels_into(rgb, pixel[i, slot], allowed[ci])
+                if number >= 0:
+                    unlisted.append((ci, len(unlisted), plane_path, rec, number))
                 plane_cat[i, slot] = ci
-                where.append((i, slot, plane_path, rec))
                 slot += 1
             for number in rec.scalars.get(cat, ()):
                 scal[i, qslot] = number
                 scal_cat[i, qslot] = ci
                 qslot += 1
-    _check_listed(pixel, plane_cat, categories, listed, where)
+    if unlisted:
+        ci, _, plane_path, rec, number = min(unlisted, key=lambda u: u[:2])
+        raise BrodenFormatError(
+            f"{plane_path} (index.csv line {rec.line}): label {number} is not "
+            f"in label.csv or not listed in c_{categories[ci]}.csv"
+        )
     return ConceptBlock(pixel, plane_cat, scal, scal_cat)
-
-
-def _check_listed(pixel: np.ndarray, plane_cat: np.ndarray, categories: list[str],
-                  listed: dict[str, frozenset[int]],
-                  where: list[tuple[int, int, Path, ImageRecord]]) -> None:
-    """Every pixel's label is listed in its plane's c_<cat>.csv (0: unlabelled), checked per
-    category over the whole block by a lookup table; the first offending plane is named."""
-    for ci, cat in enumerate(categories):
-        chosen = plane_cat == ci
-        if not chosen.any():
-            continue
-        allowed = np.zeros(65536, dtype=bool)
-        allowed[[0, *(n for n in listed[cat] if n < 65536)]] = True
-        if allowed[pixel[chosen]].all():
-            continue
-        for i, slot, plane_path, rec in where:
-            if plane_cat[i, slot] != ci:
-                continue
-            unknown = [int(v) for v in np.unique(pixel[i, slot]) if not allowed[v]]
-            if unknown:
-                raise BrodenFormatError(
-                    f"{plane_path} (index.csv line {rec.line}): label {unknown[0]} is not "
-                    f"in label.csv or not listed in c_{cat}.csv"
-                )
 
 
 def write_block(
@@ -225,20 +214,15 @@ def write_block(
     """Decode and write one image block, then mark it done. Returns the number of images.
     ``planes_hook(planes, rows)`` may rewrite the decoded pixel planes first (a geometric
     perturbation moving the labels with the images)."""
-    group = zarr.open_group(str(path), mode="r+")
-    n_planes = group["pixel_labels"].shape[1]
-    n_scalars = group["image_labels"].shape[1]
+    group, arrays = blocks.open_for_writing(path, ARRAYS)
+    n_planes, n_scalars = arrays[0].shape[1], arrays[2].shape[1]
     block = decode_block(images_dir, records, categories, listed, n_planes, n_scalars)
     if planes_hook is not None:
         rows = np.array([r.row for r in records])
         block = ConceptBlock(planes_hook(block.pixel_labels, rows), block.plane_category,
                              block.image_labels, block.image_label_category)
-    start = records[0].row
-    stop = start + len(records)
-    group["pixel_labels"][start:stop] = block.pixel_labels
-    group["plane_category"][start:stop] = block.plane_category
-    group["image_labels"][start:stop] = block.image_labels
-    group["image_label_category"][start:stop] = block.image_label_category
+    for name, array in zip(ARRAYS, arrays, strict=True):
+        blocks.write_rows(array, records[0].row, getattr(block, name))
     blocks.mark_block_done(group, PROGRESS, block_index)
     return len(records)
 

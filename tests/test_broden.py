@@ -665,3 +665,18 @@ def test_index_paths_fast_and_slow_agree() -> None:
             else:
                 with pytest.raises(want):
                     safe_relative_path(Path("index.csv"), 2, "image", text)
+
+
+def test_the_first_unlisted_plane_is_named_by_category_then_row(tmp_path: Path) -> None:
+    """Every plane of a block is read first; then the first category with an unlisted pixel
+    label names its first such plane and that plane's smallest unlisted label, whatever
+    image comes first."""
+    b = BrodenBuilder(tmp_path / "ds", ["object", "part"])
+    b.label(1, "car", object=0.5).label(300, "wheel", part=0.1)
+    b.image(planes={"object": [_plane(1, 0)], "part": [_plane(300, 88)]})
+    b.image(planes={"object": [_plane(1, 77, 55, 0)], "part": [_plane(300)]})
+    b.image(planes={"object": [_plane(1, 44)], "part": [_plane(300)]})
+    with pytest.raises(BrodenFormatError) as err:
+        _build(b, tmp_path, block_size=3)
+    assert "index.csv line 3" in str(err.value) and "label 55 " in str(err.value)
+    assert "c_object.csv" in str(err.value) and "0001_object_1.png" in str(err.value)

@@ -14,8 +14,9 @@ from stages.tally.classes import pixel_classes
 from stages.tally.compiled import compiled_masks
 from stages.tally.counts import block_counts, replicate_counts
 from stages.tally.labels import BlockLabels
-from stages.tally.masks import float32_below, masked_pixels, row_bands_exact, skip_bound
+from stages.tally.masks import float32_below, skip_bound
 from stages.tally.statistic import TallyRule, band_needed, mask_classes
+from stages.tally.torch_masks import masked_pixels, row_bands_exact
 from tests.passes import count_block
 
 PINNED_TORCH = "2.14.1"  # pyproject.toml's pin, whose CPU arithmetic the compiled loop knows

@@ -30,7 +30,7 @@ from pipeline.run import compose_config, run
 from stages.engine.blocks import LayerBlocks
 from stages.engine.reduction import reduce_with_dask
 from stages.pages.strips import OUTLINE, render_tile
-from stages.tally.masks import unit_mask
+from stages.tally.torch_masks import unit_mask
 from stages.thresholds.top_images import top_images
 from storage.activations import ActivationStore, create_store, mark_complete, write_block
 from storage.errors import UserError

@@ -4,16 +4,16 @@ M_k(x) = { p : bilinear(A_k(x))[p] > T_k }, in float32 with the float64 threshol
 mask producer compares with :func:`float32_below` (the exact float32 form of the strict
 comparison) and skips pairs and cells at or below :func:`skip_bound`.  Two producers count a
 block's mask pixels per pixel class (:class:`MaskClasses`): the compiled CPU loop
-(:mod:`stages.tally.compiled`) and :func:`torch_mask_classes` (:mod:`stages.tally.torch_masks`),
-on any device (GPUs, and CPUs where the compiled loop is not exact).  The report's outlines use
-:func:`unit_mask`.  This module imports no torch: a CPU tally by the compiled loop never
-loads it, and the torch producer's names are imported from here on first use.
+(:mod:`stages.tally.compiled`) and the torch producer (:mod:`stages.tally.torch_masks`), on
+any device (GPUs, and CPUs where the compiled loop is not exact), whose ``unit_mask`` draws
+the report's outlines.  This module imports no torch: a CPU tally by the compiled loop never
+loads it.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     import torch
 
 Thresholds = TypeVar("Thresholds", np.ndarray, "torch.Tensor")
-TORCH_PRODUCER = ("FULL_MAP_CHUNK", "masked_pixels", "row_bands", "row_bands_exact",
-                  "torch_mask_classes", "unit_mask", "upsample_masks")
 
 
 class MaskClasses(NamedTuple):
@@ -68,11 +66,3 @@ def skip_bound(t32: Thresholds) -> Thresholds:
     eps = np.finfo(np.float32).eps
     return t32 - 16 * eps * abs(t32)
 
-
-def __getattr__(name: str) -> Any:
-    """The torch producer's names (:mod:`stages.tally.torch_masks`), imported when asked."""
-    if name in TORCH_PRODUCER:
-        from stages.tally import torch_masks
-
-        return getattr(torch_masks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
