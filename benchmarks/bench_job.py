@@ -98,9 +98,11 @@ def forward_pass(dataset: Path, n: int, last: str = LAYERS[-1], batch: int = 32)
 
 def job(workdir: Path, dataset: Path, n: int, time_limit: float = 2.0,
         forward_images: int | None = None, layers: tuple[str, ...] = LAYERS) -> dict:
-    """Every stage of the main job in order (each finds the earlier ones current)."""
+    """Every stage of the main job in order (each finds the earlier ones current), from an
+    empty workdir: a rerun times the builds again."""
     from storage.tables import read_table
 
+    shutil.rmtree(workdir, ignore_errors=True)
     listed = f"[{','.join(layers)}]"
 
     stages = {}
