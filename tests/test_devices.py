@@ -63,3 +63,25 @@ def test_worker_environment_pins_thread_pools_and_quiets_dask():
     env = worker_env(3)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
     assert env["DASK_LOGGING__DISTRIBUTED"] == "critical"
+
+
+def test_auto_asks_torch_only_where_a_cuda_driver_loads(monkeypatch):
+    """Without a loadable CUDA driver "auto" is the CPU, decided without torch; with one,
+    torch decides (here it finds no GPU and says the CPU)."""
+    import ctypes
+
+    import stages.engine.blocks as blocks_mod
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: asked.append(1) or False)
+    for loads in (False, True):
+        def cdll(name, loads=loads):
+            if not loads:
+                raise OSError(f"{name}: cannot open shared object file")
+
+        monkeypatch.setattr(ctypes, "CDLL", cdll)
+        blocks_mod.cuda_driver_loadable.cache_clear()
+        assert blocks_mod.cuda_driver_loadable() is loads
+        assert LayerBlocks("x.zarr", "l", device="auto").resolved_device() == "cpu"
+        assert len(asked) == int(loads)
+    blocks_mod.cuda_driver_loadable.cache_clear()
