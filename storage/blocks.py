@@ -9,8 +9,6 @@ unset flag.  (A subgroup, so ``xarray.open_zarr`` of the store does not list it.
 
 from __future__ import annotations
 
-import os
-import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -20,6 +18,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Endian, ZstdCodec
 from zarr.storage import LocalStore
+
+from storage.artifacts import atomic_file
 
 
 def compressors() -> list:
@@ -76,10 +76,8 @@ def write_rows(array: zarr.Array, start: int, values: np.ndarray) -> None:
         padded[: len(values)] = values
     zstd = array.metadata.codecs[1]
     encoded = numcodecs.Zstd(level=zstd.level, checksum=zstd.checksum).encode(padded)
-    key.parent.mkdir(parents=True, exist_ok=True)
-    partial = key.with_name(f"{key.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    partial.write_bytes(encoded)
-    partial.replace(key)
+    with atomic_file(key) as partial:
+        partial.write_bytes(encoded)
 
 
 def _chunk_file(array: zarr.Array, index: int) -> Path | None:

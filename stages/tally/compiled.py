@@ -19,8 +19,6 @@ its answer depends only on the machine (:func:`machine_identity`), so a run reco
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from numba.extending import intrinsic
 
 from stages.tally.classes import PixelClasses
 from stages.tally.masks import MaskClasses
+from storage.artifacts import digest
 
 
 @intrinsic
@@ -341,7 +340,7 @@ def machine_identity() -> dict:
 
 @lru_cache(maxsize=1)
 def machine_digest() -> str:
-    return hashlib.sha256(json.dumps(machine_identity(), sort_keys=True).encode()).hexdigest()[:16]
+    return digest(machine_identity())
 
 
 @lru_cache(maxsize=64)
